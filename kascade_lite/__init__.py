@@ -1,0 +1,1 @@
+"""kascade-lite: Kascade sparse attention on real LLaMA weights, in JAX."""

@@ -1,0 +1,92 @@
+r"""Grouped-query attention (GQA) without expanding the KV heads.
+
+With :math:`H_q` query heads and :math:`H_{kv}` KV heads, query head :math:`h` reads KV head
+:math:`\lfloor h / g \rfloor` where :math:`g = H_q / H_{kv}`. Instead of repeating K and V :math:`g` times
+(a :math:`g\times` larger cache), we reshape the queries to ``[batch, seq, kv_heads, group, head_dim]`` and let one
+einsum broadcast each KV head over its group:
+
+.. math:: s_{b,h,j,q,k} = \frac{\langle Q_{b,q,h,j}, K_{b,k,h}\rangle}{\sqrt{d}}.
+
+Causality is positional: query ``i`` sits at absolute position ``q_offset + i`` and may read key ``j`` iff
+``j <= q_offset + i`` and ``j < kv_len`` (keys past ``kv_len`` are unused cache slots).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30  # finite: keeps fully masked rows NaN-free
+
+
+def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int]:
+    """Validate ``q: [batch, q_len, q_heads, head_dim]``, ``k, v: [batch, kv_len, kv_heads, head_dim]``.
+
+    Returns ``(kv_heads, group)``; raises ``ValueError`` naming the shapes otherwise."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"expected rank-4 q/k/v [batch, seq, heads, head_dim], got q{q.shape} k{k.shape} v{v.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"k{k.shape} and v{v.shape} must have the same shape")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"batch/head_dim mismatch: q{q.shape} vs k{k.shape}")
+    q_heads, kv_heads = q.shape[2], k.shape[2]
+    if q_heads % kv_heads:
+        raise ValueError(f"q heads {q_heads} not divisible by kv heads {kv_heads} (q{q.shape}, k{k.shape})")
+    return kv_heads, q_heads // kv_heads
+
+
+def causal_mask(q_len: int, kv_total: int, q_offset: jax.Array | int = 0,
+                kv_len: jax.Array | int | None = None) -> jax.Array:
+    """Boolean ``[q_len, kv_total]``: True where query ``i`` (position ``q_offset + i``) may read key ``j``."""
+    q_pos = jnp.arange(q_len)[:, None] + q_offset
+    k_pos = jnp.arange(kv_total)[None, :]
+    allowed = k_pos <= q_pos
+    if kv_len is not None:
+        allowed = allowed & (k_pos < kv_len)
+    return allowed
+
+
+def grouped_scores(q: jax.Array, k: jax.Array, scale: float | None = None) -> jax.Array:
+    """Scaled logits ``[batch, kv_heads, group, q_len, kv_len]`` (float32) without repeating K."""
+    kv_heads, group = check_qkv(q, k, k)
+    b, t, _, d = q.shape
+    qg = q.reshape(b, t, kv_heads, group, d)
+    scale = d ** -0.5 if scale is None else scale
+    return jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+
+
+def attention_probs(q: jax.Array, k: jax.Array, *, causal: bool = True, q_offset: jax.Array | int = 0,
+                    kv_len: jax.Array | int | None = None, scale: float | None = None) -> jax.Array:
+    """Post-softmax attention ``[batch, kv_heads, group, q_len, kv_len]`` in float32 (what Kascade's anchors pool)."""
+    s = grouped_scores(q, k, scale)
+    if causal or kv_len is not None:
+        mask = causal_mask(q.shape[1], k.shape[1], q_offset if causal else k.shape[1], kv_len)
+        s = jnp.where(mask, s, NEG_INF)
+    return jax.nn.softmax(s, axis=-1)
+
+
+def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+                  q_offset: jax.Array | int = 0, kv_len: jax.Array | int | None = None,
+                  scale: float | None = None) -> jax.Array:
+    """Dense grouped-query attention.
+
+    q: ``[batch, q_len, q_heads, head_dim]``; k, v: ``[batch, kv_total, kv_heads, head_dim]``.
+    ``q_offset`` is the absolute position of the first query (the cache length before this step in decode),
+    ``kv_len`` the number of valid cache entries. Returns ``[batch, q_len, q_heads, head_dim]`` in ``q.dtype``.
+    """
+    kv_heads, group = check_qkv(q, k, v)
+    p = attention_probs(q, k, causal=causal, q_offset=q_offset, kv_len=kv_len, scale=scale)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    b, t = q.shape[:2]
+    return out.reshape(b, t, kv_heads * group, q.shape[-1]).astype(q.dtype)
+
+
+def repeat_kv(x: jax.Array, group: int) -> jax.Array:
+    """The wasteful alternative: ``[b, s, kv_heads, d] -> [b, s, kv_heads * group, d]`` (for tests and the book)."""
+    return jnp.repeat(x, group, axis=2)
+
+
+def kv_cache_bytes(num_layers: int, kv_heads: int, head_dim: int, tokens: int, bytes_per_value: int = 2,
+                   batch: int = 1) -> int:
+    """Bytes of a K and V cache: ``2 * layers * batch * tokens * kv_heads * head_dim * bytes``."""
+    return 2 * num_layers * batch * tokens * kv_heads * head_dim * bytes_per_value

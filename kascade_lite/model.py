@@ -1,0 +1,288 @@
+"""A Llama-3.x decoder in Flax NNX that you can read in one sitting.
+
+Block: ``x += wo(attn(rope(wq·rms(x)), rope(wk·rms(x)), wv·rms(x)))``; ``x += w_down(silu(w_gate·rms(x)) * w_up·rms(x))``.
+
+Weights are stored ``[in, out]`` (so a projection is ``x @ w``) and K/V keep their ``num_kv_heads`` heads: the cache
+is ``[batch, max_len, kv_heads, head_dim]`` per layer, never expanded to the query heads.
+
+Attention is **pluggable per layer**: every block calls ``attention(layer, q, k, v, q_offset=, kv_len=, carry=)``
+and threads ``carry`` from layer to layer. The dense default ignores ``carry``; Kascade's anchor layers put their
+Top-k indices in it and the reuse layers that follow read them (see `sparse.py`).
+
+Tensor names (used by `convert.py` and `from_tensors`): ``embed [vocab, hidden]``, ``final_norm [hidden]``,
+``lm_head [hidden, vocab]`` (absent when tied), and per layer ``layers.{i}.attn_norm``, ``wq [hidden, H*d]``,
+``wk``/``wv [hidden, Hkv*d]``, ``wo [H*d, hidden]``, ``mlp_norm``, ``w_gate``/``w_up [hidden, inter]``,
+``w_down [inter, hidden]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .attention import gqa_attention
+from .config import LlamaConfig
+from .rope import apply_rope, inverse_frequencies, rope_cos_sin
+
+LAYER_TENSORS: dict[str, str] = {
+    # name: shape expression in terms of the config, used for validation
+    "attn_norm": "hidden", "wq": "hidden,q_dim", "wk": "hidden,kv_dim", "wv": "hidden,kv_dim",
+    "wo": "q_dim,hidden", "mlp_norm": "hidden", "w_gate": "hidden,inter", "w_up": "hidden,inter",
+    "w_down": "inter,hidden",
+}
+
+
+def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of the model with its ``[in, out]`` shape (the contract between convert and model)."""
+    dims = dict(hidden=cfg.hidden_size, q_dim=cfg.num_heads * cfg.head_dim,
+                kv_dim=cfg.num_kv_heads * cfg.head_dim, inter=cfg.intermediate_size)
+    shapes: dict[str, tuple[int, ...]] = {"embed": (cfg.vocab_size, cfg.hidden_size), "final_norm": (cfg.hidden_size,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (cfg.hidden_size, cfg.vocab_size)
+    for i in range(cfg.num_layers):
+        for name, expr in LAYER_TENSORS.items():
+            shapes[f"layers.{i}.{name}"] = tuple(dims[e] for e in expr.split(","))
+    return shapes
+
+
+# ------------------------------------------------------------------------------------------------ attention hook
+class AttentionFn(Protocol):
+    """Per-layer attention. q: ``[batch, q_len, heads, head_dim]`` (RoPE applied), k/v: ``[batch, kv_total,
+    kv_heads, head_dim]`` (the whole cache, valid up to ``kv_len``). Returns ``([batch, q_len, heads, head_dim],
+    carry)``. Must be hashable: it is a static argument of the jitted forward."""
+
+    def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
+                 kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]: ...
+
+
+def dense_attention(layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
+                    kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]:
+    """The default: exact causal GQA in every layer."""
+    return gqa_attention(q, k, v, causal=True, q_offset=q_offset, kv_len=kv_len), carry
+
+
+# ------------------------------------------------------------------------------------------------ KV cache
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Per-layer keys and values ``[batch, max_len, kv_heads, head_dim]`` and the number of filled positions."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    length: jax.Array  # int32 scalar
+
+    @classmethod
+    def empty(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> "KVCache":
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                   length=jnp.zeros((), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+
+# ------------------------------------------------------------------------------------------------ modules
+class RMSNorm(nnx.Module):
+    """``x / rms(x) * w``, computed in float32 (as the reference implementation does)."""
+
+    def __init__(self, dim: int, eps: float, param_dtype: Any):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * xf.astype(x.dtype)
+
+
+def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any) -> nnx.Param:
+    return nnx.Param(jax.random.normal(rngs.params(), shape, dtype) * 0.02)
+
+
+class Block(nnx.Module):
+    """One decoder layer: pre-norm GQA attention and a SwiGLU MLP, both residual."""
+
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, param_dtype: Any):
+        h, qd, kvd = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.cfg = cfg
+        self.attn_norm = RMSNorm(h, cfg.rms_norm_eps, param_dtype)
+        self.wq, self.wk, self.wv = (_init(rngs, (h, qd), param_dtype), _init(rngs, (h, kvd), param_dtype),
+                                     _init(rngs, (h, kvd), param_dtype))
+        self.wo = _init(rngs, (qd, h), param_dtype)
+        self.mlp_norm = RMSNorm(h, cfg.rms_norm_eps, param_dtype)
+        self.w_gate = _init(rngs, (h, cfg.intermediate_size), param_dtype)
+        self.w_up = _init(rngs, (h, cfg.intermediate_size), param_dtype)
+        self.w_down = _init(rngs, (cfg.intermediate_size, h), param_dtype)
+
+    def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Projections of ``x: [batch, seq, hidden]`` into rotated q ``[b, s, H, d]``, rotated k and v ``[b, s, Hkv, d]``."""
+        c, (b, s, _) = self.cfg, x.shape
+        y = self.attn_norm(x)
+        q = (y @ self.wq[...].astype(x.dtype)).reshape(b, s, c.num_heads, c.head_dim)
+        k = (y @ self.wk[...].astype(x.dtype)).reshape(b, s, c.num_kv_heads, c.head_dim)
+        v = (y @ self.wv[...].astype(x.dtype)).reshape(b, s, c.num_kv_heads, c.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def mlp(self, x: jax.Array) -> jax.Array:
+        y = self.mlp_norm(x)
+        gate = jax.nn.silu(y @ self.w_gate[...].astype(x.dtype))
+        return (gate * (y @ self.w_up[...].astype(x.dtype))) @ self.w_down[...].astype(x.dtype)
+
+
+class Llama(nnx.Module):
+    """The whole decoder. ``param_dtype`` is how weights are stored, ``dtype`` how activations are computed."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs | None = None, param_dtype: Any = jnp.float32,
+                 dtype: Any = jnp.float32):
+        rngs = rngs or nnx.Rngs(0)
+        self.cfg, self.dtype = cfg, dtype
+        self.embed = _init(rngs, (cfg.vocab_size, cfg.hidden_size), param_dtype)
+        self.layers = nnx.List([Block(cfg, rngs, param_dtype) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else _init(rngs, (cfg.hidden_size, cfg.vocab_size), param_dtype)
+        self.inv_freq = nnx.Variable(jnp.asarray(inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)))
+
+    # -------------------------------------------------------------------------------------------- weights
+    def tensors(self) -> Iterator[tuple[str, nnx.Variable]]:
+        """``(name, variable)`` for every weight, in the naming of the module docstring."""
+        yield "embed", self.embed
+        yield "final_norm", self.final_norm.weight
+        if self.lm_head is not None:
+            yield "lm_head", self.lm_head
+        for i, blk in enumerate(self.layers):
+            for name in LAYER_TENSORS:
+                var = getattr(blk, name)
+                yield f"layers.{i}.{name}", var.weight if isinstance(var, RMSNorm) else var
+
+    def load_tensors(self, tensors: Mapping[str, np.ndarray], *, strict: bool = True) -> None:
+        """Copy arrays into the model, checking names and shapes. ``strict`` also demands every tensor."""
+        variables = dict(self.tensors())
+        extra = sorted(set(tensors) - set(variables))
+        if extra:
+            raise ValueError(f"unexpected tensors {extra[:5]}{'...' if len(extra) > 5 else ''}")
+        missing = sorted(set(variables) - set(tensors))
+        if strict and missing:
+            raise ValueError(f"missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        for name, arr in tensors.items():
+            var = variables[name]
+            current = var.get_value()  # an array, or a ShapeDtypeStruct inside `from_tensors`
+            if tuple(arr.shape) != tuple(current.shape):
+                raise ValueError(f"tensor {name}: shape {tuple(arr.shape)} != expected {tuple(current.shape)}")
+            var.set_value(jnp.asarray(arr, current.dtype))
+
+    @classmethod
+    def from_tensors(cls, cfg: LlamaConfig, tensors: Mapping[str, np.ndarray], *, param_dtype: Any = jnp.float32,
+                     dtype: Any = jnp.float32) -> "Llama":
+        """Build a model directly from named ``[in, out]`` arrays, without allocating random weights first."""
+        model = nnx.eval_shape(lambda: cls(cfg, param_dtype=param_dtype, dtype=dtype))
+        model.inv_freq.set_value(jnp.asarray(inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)))
+        model.load_tensors(tensors)
+        return model
+
+    # -------------------------------------------------------------------------------------------- forward
+    def __call__(self, tokens: jax.Array, *, cache: KVCache | None = None, attention: AttentionFn = dense_attention,
+                 carry: Any = None, collect: bool = False) -> tuple[jax.Array, KVCache | None, Any]:
+        """Run ``tokens: [batch, seq]`` (int) after the ``cache.length`` positions already in ``cache``.
+
+        Returns ``(logits [batch, seq, vocab] float32, updated cache or None, aux)``. ``aux`` is the final attention
+        ``carry``, or with ``collect=True`` a dict ``{"carry", "residual", "attn_out"}`` where the two lists hold,
+        per layer, the block input and the attention output ``[batch, seq, hidden]`` (for layer importance).
+        """
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+        b, s = tokens.shape
+        offset = jnp.zeros((), jnp.int32) if cache is None else cache.length
+        if cache is not None and isinstance(cache.max_len, int) and s > cache.max_len:
+            raise ValueError(f"{s} tokens do not fit a cache of max_len={cache.max_len}")
+        if s > self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {s} tokens exceeds max_position_embeddings={self.cfg.max_position_embeddings}")
+        cos, sin = rope_cos_sin(offset + jnp.arange(s), self.inv_freq[...])
+        x = self.embed[...].astype(self.dtype)[tokens]
+        new_k, new_v, residual, attn_outs = [], [], [], []
+        kv_len = offset + s
+        for i, blk in enumerate(self.layers):
+            q, k, v = blk.qkv(x, cos, sin)
+            if cache is not None:
+                k = jax.lax.dynamic_update_slice_in_dim(cache.k[i], k.astype(cache.k[i].dtype), offset, axis=1)
+                v = jax.lax.dynamic_update_slice_in_dim(cache.v[i], v.astype(cache.v[i].dtype), offset, axis=1)
+                new_k.append(k)
+                new_v.append(v)
+            o, carry = attention(i, q, k.astype(q.dtype), v.astype(q.dtype), q_offset=offset, kv_len=kv_len,
+                                 carry=carry)
+            attn_out = o.reshape(b, s, -1) @ blk.wo[...].astype(x.dtype)
+            if collect:
+                residual.append(x)
+                attn_outs.append(attn_out)
+            x = x + attn_out
+            x = x + blk.mlp(x)
+        x = self.final_norm(x)
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        logits = jnp.einsum("bsh,hv->bsv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+        new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), kv_len.astype(jnp.int32))
+        aux = dict(carry=carry, residual=residual, attn_out=attn_outs) if collect else carry
+        return logits, new_cache, aux
+
+
+# ------------------------------------------------------------------------------------------------ jitted entry points
+@nnx.jit(static_argnames=("attention", "collect"))
+def forward(model: Llama, tokens: jax.Array, cache: KVCache | None = None, attention: AttentionFn = dense_attention,
+            collect: bool = False) -> tuple[jax.Array, KVCache | None, Any]:
+    """Jitted ``model(tokens, cache=cache, attention=attention)``; recompiles per attention function and shape."""
+    return model(tokens, cache=cache, attention=attention, collect=collect)
+
+
+def sample_next(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top_p: float = 1.0) -> jax.Array:
+    """Next token ``[batch]`` from the last-position logits ``[batch, vocab]``: greedy when ``temperature == 0``,
+    otherwise nucleus sampling (smallest set of tokens whose probability reaches ``top_p``)."""
+    if temperature <= 0:
+        return jnp.argmax(logits, axis=-1)
+    logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        cutoff_idx = jnp.sum(cum < top_p, axis=-1, keepdims=True)  # keep tokens up to and including this one
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1)
+
+
+def generate(model: Llama, prompt: jax.Array | np.ndarray, max_new_tokens: int, *, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, attention: AttentionFn = dense_attention,
+             eos_token_id: int | None = None, cache_dtype: Any = None,
+             progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Prefill ``prompt: [batch, prompt_len]`` then decode one token at a time with the KV cache.
+
+    Returns ``[batch, prompt_len + n]`` token ids (``n <= max_new_tokens``; stops early when every row emitted
+    ``eos_token_id``).
+    """
+    prompt = jnp.asarray(prompt, jnp.int32)
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt must be [batch, prompt_len>0], got shape {prompt.shape}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    b, t = prompt.shape
+    cache = KVCache.empty(model.cfg, b, t + max_new_tokens, cache_dtype or model.dtype)
+    logits, cache, _ = forward(model, prompt, cache, attention)
+    key = jax.random.PRNGKey(seed)
+    out, done = [prompt], jnp.zeros((b,), bool)
+    for step in range(max_new_tokens):
+        key, sub = jax.random.split(key)
+        nxt = sample_next(logits[:, -1], sub, temperature, top_p).astype(jnp.int32)
+        out.append(nxt[:, None])
+        if progress is not None:
+            progress(step)
+        if eos_token_id is not None:
+            done = done | (nxt == eos_token_id)
+            if bool(done.all()):
+                break
+        if step + 1 < max_new_tokens:
+            logits, cache, _ = forward(model, nxt[:, None], cache, attention)
+    return np.asarray(jnp.concatenate(out, axis=1))
