@@ -45,3 +45,34 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def provenance(command: str) -> dict[str, Any]:
+    """What made a results file: the command, the machine (CPU model, cores, JAX backend/devices), date, versions."""
+    import datetime
+    import platform
+
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    devices = jax.devices()
+    versions = {"python": platform.python_version(), "jax": jax.__version__}
+    for mod in ("jaxlib", "flax", "numpy", "transformers", "torch"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return {
+        "command": command,
+        "machine": f"{cpu}, {os.cpu_count()} cores, jax backend {jax.default_backend()} "
+                   f"({devices[0].device_kind} x{len(devices)})",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions,
+    }
