@@ -89,4 +89,9 @@ def repeat_kv(x: jax.Array, group: int) -> jax.Array:
 def kv_cache_bytes(num_layers: int, kv_heads: int, head_dim: int, tokens: int, bytes_per_value: int = 2,
                    batch: int = 1) -> int:
     """Bytes of a K and V cache: ``2 * layers * batch * tokens * kv_heads * head_dim * bytes``."""
+    positive = dict(num_layers=num_layers, kv_heads=kv_heads, head_dim=head_dim, bytes_per_value=bytes_per_value,
+                    batch=batch)
+    bad = [f"{name}={n}" for name, n in positive.items() if n <= 0] + ([f"tokens={tokens}"] if tokens < 0 else [])
+    if bad:
+        raise ValueError(f"kv_cache_bytes: sizes must be positive (tokens may be 0), got {', '.join(bad)}")
     return 2 * num_layers * batch * tokens * kv_heads * head_dim * bytes_per_value

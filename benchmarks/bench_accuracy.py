@@ -1,0 +1,236 @@
+"""Accuracy of Kascade and the baselines on SmolLM2-135M, in one harness.
+
+* ``ppl``: WikiText-2 (raw, test) perplexity at 512 tokens (query/key tiles of 16; 10 % of 512 is below the
+  128-key floor, so both "10 % with the floor" — 8 of 32 tiles — and "10 % without it" are measured) and at 2048
+  tokens (tiles of 32), budgets 10/20/30 %.
+* ``retrieval``: the synthetic needle-in-a-haystack task of `kascade_lite.tasks` at 2k/4k/8k tokens.
+
+Every configuration is written to the JSON as soon as it finishes (atomically, with provenance), so a run stopped by
+``--time-budget`` keeps what it measured and lists what it skipped. Full size (hours on a 2-core CPU)::
+
+    python benchmarks/bench_accuracy.py ppl --windows-512 64 --windows-2048 16 --time-budget 0
+    python benchmarks/bench_accuracy.py retrieval --cases 2048:100,4096:100,8192:100 --time-budget 0
+
+``--smoke`` runs a tiny random model with the SmolLM2 tokenizer (seconds; for tests and CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from kascade_lite.baselines import (BASELINES, DenseAttention, QuestAttention, SinkWindowAttention, all_heads_pooled,
+                                    kascade_no_remap, omnikv, oracle_topk)
+from kascade_lite.bench import default_schedule
+from kascade_lite.config import LlamaConfig
+from kascade_lite.data import REPO_ROOT, load_tokenizer, token_windows, wikitext_windows
+from kascade_lite.eval import nll_per_window
+from kascade_lite.files import provenance, write_json_atomic
+from kascade_lite.model import Llama
+from kascade_lite.schedule import Schedule
+from kascade_lite.sparse import KascadeAttention
+from kascade_lite.tasks import make_cases, run_retrieval
+
+MODEL = "smollm2-135m"
+SCHEDULE_DIR = REPO_ROOT / "data" / "schedules"
+
+Config = dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------------------ model + schedules
+def load_model(smoke: bool) -> Llama:
+    """SmolLM2-135M (float32), or with ``smoke`` a tiny random Llama with the same vocabulary and head layout."""
+    if smoke:
+        cfg = LlamaConfig(vocab_size=49152, hidden_size=48, intermediate_size=96, num_layers=4, num_heads=9,
+                          num_kv_heads=3, head_dim=16, max_position_embeddings=8192, tie_word_embeddings=True)
+        return Llama(cfg)
+    from kascade_lite.convert import load_smollm2
+
+    return load_smollm2()
+
+
+def kascade_schedules(model: Llama) -> dict[str, Schedule]:
+    """Calibrated schedules from ``data/schedules`` (DP for each K, greedy) when present; otherwise (or for a model
+    they do not fit) an evenly spaced 5-anchor schedule with the identity head map."""
+    cfg = model.cfg
+    found = {}
+    for path in sorted(SCHEDULE_DIR.glob(f"{MODEL}_*.json")):
+        sched = Schedule.load(path)
+        if sched.num_layers == cfg.num_layers and sched.num_kv_heads == cfg.num_kv_heads:
+            found[path.stem.removeprefix(f"{MODEL}_")] = sched
+    if not found:
+        anchors = min(5, cfg.num_layers)
+        found["evenly_k%d" % anchors] = default_schedule(MODEL, cfg.num_layers, cfg.num_kv_heads, anchors, 32, 0.1)
+    return found
+
+
+def main_schedule(schedules: dict[str, Schedule]) -> str:
+    """The schedule used for the budget sweep and the ablations: DP with 5 anchors if present, else the first."""
+    for name in ("dp_k5", "dp_k4", "dp_k6"):
+        if name in schedules:
+            return name
+    return next(iter(schedules))
+
+
+def policy(method: str, sched: Schedule, *, num_layers: int, kv_heads: int, budget: float, min_keys: int,
+           tile: int, granularity: str = "tile") -> Any:
+    """The attention function of ``method`` (a `baselines.BASELINES` name) at one budget setting."""
+    opts = dict(tile_size=tile, budget=budget, min_keys=min_keys, granularity=granularity)
+    return {
+        "dense": lambda: DenseAttention(),
+        "kascade": lambda: KascadeAttention(sched, **opts),
+        "kascade_no_remap": lambda: kascade_no_remap(sched, **opts),
+        "all_heads_pooled": lambda: all_heads_pooled(sched, **opts),
+        "omnikv": lambda: omnikv(sched, **opts),
+        "oracle": lambda: oracle_topk(num_layers, kv_heads, budget=budget, min_keys=min_keys),
+        "sink_window": lambda: SinkWindowAttention(budget=budget, min_keys=min_keys),
+        "quest": lambda: QuestAttention(budget=budget, min_keys=min_keys),
+    }[method]()
+
+
+# ------------------------------------------------------------------------------------------------ runner
+class Recorder:
+    """Collects result rows and rewrites the JSON after each one; stops starting new work after ``time_budget``."""
+
+    def __init__(self, out: Path, command: str, settings: dict[str, Any], time_budget: float):
+        self.out, self.start, self.time_budget = out, time.monotonic(), time_budget
+        self.doc: dict[str, Any] = {"provenance": provenance(command), "settings": settings, "results": [],
+                                    "skipped": []}
+
+    def out_of_time(self) -> bool:
+        return self.time_budget > 0 and time.monotonic() - self.start > self.time_budget
+
+    def add(self, row: dict[str, Any], key: str = "results") -> None:
+        self.doc[key].append(row)
+        self.doc["elapsed_s"] = round(time.monotonic() - self.start, 1)
+        write_json_atomic(self.out, self.doc)
+        print({k: v for k, v in row.items() if k != "cases"}, flush=True)
+
+
+def ppl_configs(schedules: dict[str, Schedule], main: str, seq_len: int) -> Iterator[Config]:
+    """What to measure at one window length, most important first."""
+    tile = 16 if seq_len <= 512 else 32
+    base = dict(seq_len=seq_len, tile_size=tile, granularity="tile")
+    yield dict(base, method="dense", schedule=None, budget=1.0, min_keys=0)
+    floor_settings = [(0.1, 128), (0.1, 0)] if seq_len <= 512 else [(0.1, 128)]
+    for budget, min_keys in floor_settings:
+        yield dict(base, method="kascade", schedule=main, budget=budget, min_keys=min_keys)
+    main_floor = 0 if seq_len <= 512 else 128
+    for budget in (0.2, 0.3):
+        yield dict(base, method="kascade", schedule=main, budget=budget, min_keys=main_floor)
+    for method in ("kascade_no_remap", "all_heads_pooled", "omnikv", "sink_window", "quest", "oracle"):
+        yield dict(base, method=method, schedule=main if "kascade" in method or method in ("all_heads_pooled",
+                   "omnikv") else None, budget=0.1, min_keys=main_floor)
+    for name in schedules:
+        if name != main:
+            yield dict(base, method="kascade", schedule=name, budget=0.1, min_keys=main_floor)
+    yield dict(base, method="kascade", schedule=main, budget=0.1, min_keys=main_floor, granularity="position")
+
+
+def run_ppl(args: argparse.Namespace, command: str) -> None:
+    model = load_model(args.smoke)
+    schedules = kascade_schedules(model)
+    main = main_schedule(schedules)
+    lengths = {128: args.windows_512} if args.smoke else {512: args.windows_512, 2048: args.windows_2048}
+    windows = {}
+    for seq_len, n in lengths.items():
+        windows[seq_len] = (token_windows(np.random.default_rng(0).integers(0, model.cfg.vocab_size, seq_len * n),
+                                          seq_len, n) if args.smoke else wikitext_windows("test", seq_len, n))
+    settings = dict(model=MODEL if not args.smoke else "tiny-random (smoke)", dataset="wikitext-2-raw-v1 test",
+                    windows={str(k): int(v) for k, v in lengths.items()}, batch_size=args.batch_size,
+                    main_schedule=main, schedules={k: v.to_dict() for k, v in schedules.items()},
+                    methods=BASELINES)
+    rec = Recorder(Path(args.out), command, settings, args.time_budget)
+    configs = [c for seq_len in lengths for c in ppl_configs(schedules, main, seq_len)]
+    if args.smoke:
+        configs = [c for c in configs if c["method"] in ("dense", "kascade", "quest")][:4]
+    dense_ppl: dict[int, float] = {}
+    for cfg in configs:
+        if rec.out_of_time():
+            rec.add(cfg, "skipped")
+            continue
+        attn = policy(cfg["method"], schedules[cfg["schedule"] or main], num_layers=model.cfg.num_layers,
+                      kv_heads=model.cfg.num_kv_heads, budget=cfg["budget"], min_keys=cfg["min_keys"],
+                      tile=cfg["tile_size"], granularity=cfg["granularity"])
+        t0 = time.monotonic()
+        nll = nll_per_window(model, windows[cfg["seq_len"]], attention=attn, batch_size=args.batch_size,
+                             progress=False)
+        ppl = float(np.exp(nll.mean()))
+        if cfg["method"] == "dense":
+            dense_ppl[cfg["seq_len"]] = ppl
+        ref = dense_ppl.get(cfg["seq_len"])
+        rec.add(dict(cfg, ppl=ppl, nll_per_window=[round(float(x), 5) for x in nll],
+                     delta_vs_dense_pct=None if ref is None else round(100 * (ppl / ref - 1), 3),
+                     seconds=round(time.monotonic() - t0, 1)))
+
+
+def parse_cases(spec: str) -> dict[int, int]:
+    """``"2048:8,4096:4"`` -> ``{2048: 8, 4096: 4}``."""
+    try:
+        return {int(a): int(b) for a, b in (part.split(":") for part in spec.split(","))}
+    except ValueError as e:
+        raise ValueError(f"--cases must look like 2048:8,4096:4, got {spec!r}") from e
+
+
+def run_retrieval_bench(args: argparse.Namespace, command: str) -> None:
+    model = load_model(args.smoke)
+    schedules = kascade_schedules(model)
+    main = main_schedule(schedules)
+    cases = {256: 2} if args.smoke else parse_cases(args.cases)
+    methods = args.methods.split(",")
+    tok = load_tokenizer()
+    settings = dict(model=MODEL if not args.smoke else "tiny-random (smoke)", task="single needle, RULER noise "
+                    "haystack, 7-digit value, exact match of greedy continuation", cases=cases,
+                    budget=0.1, min_keys=128, tile_size=32, batch_size=args.batch_size, main_schedule=main,
+                    schedule=schedules[main].to_dict(), methods={m: BASELINES[m] for m in methods}, seed=args.seed)
+    rec = Recorder(Path(args.out), command, settings, args.time_budget)
+    batches = {length: make_cases(length, n, seed=args.seed, tokenizer=tok) for length, n in cases.items()}
+    # dense and Kascade at every length first, then the baselines (a time budget cuts the baselines first)
+    order = [(length, m) for first in (True, False) for length in cases for m in methods
+             if (m in ("dense", "kascade")) == first]
+    for length, method in order:
+        n, batch = cases[length], batches[length]
+        if rec.out_of_time():
+            rec.add(dict(length=length, method=method, n_cases=n), "skipped")
+            continue
+        attn = policy(method, schedules[main], num_layers=model.cfg.num_layers, kv_heads=model.cfg.num_kv_heads,
+                      budget=0.1, min_keys=128, tile=32, granularity="position")
+        t0 = time.monotonic()
+        res = run_retrieval(model, batch, attention=attn, batch_size=args.batch_size, tokenizer=tok)
+        correct = sum(r["correct"] for r in res)
+        rec.add(dict(length=length, method=method, n_cases=len(res), n_correct=correct,
+                     accuracy=correct / len(res), seconds=round(time.monotonic() - t0, 1),
+                     cases=[{k: r[k] for k in ("answer", "output", "correct", "depth")} for r in res]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("task", choices=["ppl", "retrieval"])
+    p.add_argument("--smoke", action="store_true", help="tiny random model, tiny sizes (seconds)")
+    p.add_argument("--out", help="JSON path (default data/accuracy_<task>.json)")
+    p.add_argument("--windows-512", type=int, default=8)
+    p.add_argument("--windows-2048", type=int, default=2)
+    p.add_argument("--cases", default="2048:4,4096:2,8192:1", help="length:count pairs")
+    p.add_argument("--methods", default="dense,kascade,omnikv,quest,sink_window",
+                   help="retrieval methods (names of baselines.BASELINES)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-budget", type=float, default=1200, help="seconds; 0 = no limit")
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = str(REPO_ROOT / "data" / f"accuracy_{args.task}.json")
+    if args.smoke:
+        args.windows_512 = min(args.windows_512, 2)
+    command = "python benchmarks/bench_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    (run_ppl if args.task == "ppl" else run_retrieval_bench)(args, command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Build the book, executing every chapter, and fail loudly if any chapter did not execute cleanly.
+
+Usage (from anywhere): ``python book/build.py``. Output: ``book/_build/html``. Sizes follow ``KASCADE_SMOKE``
+(``1``: tiny CI sizes). myst-nb writes one ``reports/<docname>.err.log`` per notebook whose execution failed; this
+script removes stale reports first, then lists the new ones and exits non-zero naming the failing notebooks.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HTML = REPO / "book" / "_build" / "html"
+REPORTS = HTML / "reports"
+
+
+def chapter_notebooks() -> list[Path]:
+    """The chapter notebooks the TOC glob picks up (``notebooks/NN_name.ipynb``)."""
+    return sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def failed_notebooks() -> dict[str, str]:
+    """``{docname: error log}`` for every notebook whose execution failed in the last build."""
+    return {p.relative_to(REPORTS).with_suffix("").with_suffix("").as_posix(): p.read_text(errors="replace")
+            for p in sorted(REPORTS.rglob("*.err.log"))} if REPORTS.is_dir() else {}
+
+
+def missing_pages() -> list[str]:
+    """Chapter notebooks that have no HTML page after the build."""
+    return [nb.name for nb in chapter_notebooks() if not (HTML / "notebooks" / f"{nb.stem}.html").is_file()]
+
+
+def build() -> int:
+    shutil.rmtree(REPORTS, ignore_errors=True)
+    cmd = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()", "build", str(REPO), "--config", "book/_config.yml",
+           "--toc", "book/_toc.yml", "--path-output", "book", "--all"]
+    code = subprocess.run(cmd, cwd=REPO).returncode
+    if code:
+        print(f"book/build.py: jupyter-book exited with {code}", file=sys.stderr)
+        return code
+    failures, missing = failed_notebooks(), missing_pages()
+    for docname, log in failures.items():
+        print(f"\n=== {docname}.ipynb failed to execute ===\n{log[-3000:]}", file=sys.stderr)
+    if missing:
+        print(f"book/build.py: no HTML page for {', '.join(missing)}", file=sys.stderr)
+    if failures or missing:
+        print(f"book/build.py: FAILED notebooks: {', '.join(failures) or '-'}", file=sys.stderr)
+        return 1
+    print(f"book/build.py: {len(chapter_notebooks())} chapters executed; open {HTML / 'index.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(build())

@@ -1,0 +1,124 @@
+"""A RULER-style synthetic retrieval task ("needle in a haystack"), generated offline from a seed.
+
+Each case is a chat prompt of exactly ``length`` tokens (SmolLM2 chat template): a haystack of plain filler
+sentences (RULER's "noise" haystack) holding one needle ``The special magic number for <key> is <7 digits>.`` —
+optionally with distractor needles for other keys — then the question, and the assistant's answer already started
+with ``The special magic number for <key> is``. The model's greedy continuation is scored by exact match of the
+first 7-digit number it writes.
+
+Prompts are assembled from token ids (template pieces, filler and needles tokenised separately), so every case of a
+given length has the same shape: one compilation per (length, attention) and cases batch together.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .data import load_tokenizer
+from .model import AttentionFn, Llama, dense_attention, generate
+
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+KEYS = ("apple", "river", "candle", "garden", "mirror", "pencil", "window", "forest", "button", "rocket", "basket",
+        "violin", "anchor", "saddle", "harbor", "lantern", "meadow", "pepper", "castle", "ribbon")
+QUESTION = "What is the special magic number for {key} mentioned in the text above?"
+ANSWER_PREFIX = "The special magic number for {key} is"
+NEEDLE = " The special magic number for {key} is {value}. "
+SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+MAX_NEW_TOKENS = 9  # " " + 7 digits + "."
+
+
+@dataclass(frozen=True)
+class RetrievalCase:
+    """One prompt ``ids: [length]`` int32 and its expected 7-digit ``answer``; ``depth`` is where the needle sits
+    (0 = start of the haystack, 1 = end)."""
+
+    ids: np.ndarray
+    key: str
+    answer: str
+    depth: float
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _template(tokenizer: Any, key: str) -> tuple[list[int], list[int]]:
+    """Token ids before and after the haystack: system + user turn opening; question + assistant answer prefix."""
+    marker = "\x00HAYSTACK\x00"
+    text = tokenizer.apply_chat_template(
+        [{"role": "system", "content": SYSTEM},
+         {"role": "user", "content": marker + "\n\n" + QUESTION.format(key=key)}],
+        tokenize=False, add_generation_prompt=True) + ANSWER_PREFIX.format(key=key)
+    before, after = text.split(marker)
+    return _ids(tokenizer, before), _ids(tokenizer, after)
+
+
+def make_case(length: int, rng: np.random.Generator, *, num_distractors: int = 0, tokenizer: Any = None,
+              filler: str = FILLER) -> RetrievalCase:
+    """One case of exactly ``length`` tokens: a random key and 7-digit value, the needle at a random sentence
+    boundary, ``num_distractors`` needles for other keys at other boundaries."""
+    tok = tokenizer or load_tokenizer()
+    keys = rng.choice(len(KEYS), size=1 + num_distractors, replace=False)
+    key = KEYS[keys[0]]
+    values = [str(v) for v in rng.integers(1_000_000, 10_000_000, size=len(keys))]
+    before, after = _template(tok, key)
+    needles = [_ids(tok, NEEDLE.format(key=KEYS[k], value=v)) for k, v in zip(keys, values)]
+    n_fill = length - len(before) - len(after) - sum(map(len, needles))
+    if n_fill < 16:
+        raise ValueError(f"length={length} tokens is too short for the template and {len(needles)} needle(s)")
+    sentence = _ids(tok, filler)
+    fill = (sentence * (n_fill // len(sentence) + 1))[:n_fill]
+    boundaries = [i + 1 for i, t in enumerate(fill) if tok.decode([t]).strip().endswith(".")]
+    spots = sorted(rng.choice(boundaries, size=len(needles), replace=False).tolist())
+    order = rng.permutation(len(needles))  # which needle goes to which spot
+    hay, last = [], 0
+    for spot, j in zip(spots, order):
+        hay += fill[last:spot] + needles[j]
+        last = spot
+    hay += fill[last:]
+    ids = np.asarray(before + hay + after, np.int32)
+    assert ids.shape == (length,), ids.shape
+    depth = spots[list(order).index(0)] / n_fill
+    return RetrievalCase(ids=ids, key=key, answer=values[0], depth=float(depth))
+
+
+def make_cases(length: int, num: int, seed: int = 0, **kw: Any) -> list[RetrievalCase]:
+    """``num`` reproducible cases of ``length`` tokens (seeded by ``(seed, length)``)."""
+    rng = np.random.default_rng([seed, length])
+    return [make_case(length, rng, **kw) for _ in range(num)]
+
+
+def extract_answer(text: str) -> str | None:
+    """The first 7-digit number in ``text`` (the model's continuation), or None."""
+    m = re.search(r"(?<!\d)(\d{7})(?!\d)", text)
+    return m.group(1) if m else None
+
+
+def run_retrieval(model: Llama, cases: Sequence[RetrievalCase], *, attention: AttentionFn = dense_attention,
+                  batch_size: int = 1, tokenizer: Any = None,
+                  progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    """Greedy-decode every case (prefill + KV-cache decode with ``attention``) and score exact match.
+
+    Returns one dict per case: ``key``, ``answer``, ``output`` (decoded continuation), ``correct``, ``depth``.
+    """
+    tok = tokenizer or load_tokenizer()
+    lengths = {len(c.ids) for c in cases}
+    if len(lengths) > 1:
+        raise ValueError(f"cases of one run must share a length, got {sorted(lengths)}")
+    results = []
+    for start in range(0, len(cases), batch_size):
+        batch = cases[start:start + batch_size]
+        prompt = np.stack([c.ids for c in batch])
+        out = generate(model, prompt, MAX_NEW_TOKENS, attention=attention)[:, prompt.shape[1]:]
+        for case, row in zip(batch, out):
+            text = tok.decode(row.tolist(), skip_special_tokens=True)
+            results.append(dict(key=case.key, answer=case.answer, output=text, depth=case.depth,
+                                correct=extract_answer(text) == case.answer))
+        if progress is not None:
+            progress(len(results))
+    return results

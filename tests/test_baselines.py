@@ -1,0 +1,145 @@
+"""Baselines: each is hashable and runs in the jitted model; each keeps its defining invariant (window + sinks,
+Quest's bound really bounds q·k, oracle/all-heads/OmniKV selection shapes), and a full budget is dense."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kascade_lite.attention import causal_mask, gqa_attention
+from kascade_lite.baselines import (BASELINES, DenseAttention, QuestAttention, SinkWindowAttention, all_heads_pooled,
+                                    kascade_no_remap, oracle_topk, omnikv, page_min_max, quest_upper_bound,
+                                    sink_window_mask)
+from kascade_lite.config import LlamaConfig
+from kascade_lite.model import Llama, forward, generate
+from kascade_lite.schedule import Schedule
+from kascade_lite.sparse import KascadeAttention, budget_keys, selection_mask
+
+KV_HEADS, GROUP, D, LAYERS = 2, 3, 8, 4
+
+
+def qkv(rng: np.random.Generator, q_len: int, kv_total: int):
+    q = jnp.asarray(rng.standard_normal((1, q_len, KV_HEADS * GROUP, D)), jnp.float32) * 2
+    k = jnp.asarray(rng.standard_normal((1, kv_total, KV_HEADS, D)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((1, kv_total, KV_HEADS, D)), jnp.float32)
+    return q, k, v
+
+
+def sched(**kw) -> Schedule:
+    return Schedule.from_anchors("test", LAYERS, KV_HEADS, [2], head_map=[[0, 1], [1, 0], [0, 1], [1, 1]], **kw)
+
+
+def all_policies(budget, min_keys: int = 0) -> dict[str, object]:
+    s = sched(tile_size=4, budget=budget if isinstance(budget, float) else 1.0, min_keys=min_keys)
+    opts = {} if isinstance(budget, float) else {"budget": budget}
+    return {
+        "dense": DenseAttention(),
+        "kascade": KascadeAttention(s, **opts),
+        "oracle": oracle_topk(LAYERS, KV_HEADS, budget=budget, min_keys=min_keys),
+        "kascade_no_remap": kascade_no_remap(s, **opts),
+        "all_heads_pooled": all_heads_pooled(s, **opts),
+        "sink_window": SinkWindowAttention(budget=budget, min_keys=min_keys),
+        "quest": QuestAttention(budget=budget, min_keys=min_keys, page_size=4),
+        "omnikv": omnikv(s, **opts),
+    }
+
+
+def run(policy, q, k, v, q_offset: int, kv_len: int):
+    carry, outs = None, []
+    for layer in range(LAYERS):
+        out, carry = policy(layer, q, k, v, q_offset=jnp.int32(q_offset), kv_len=jnp.int32(kv_len), carry=carry)
+        outs.append(out)
+    return outs, carry
+
+
+def test_every_baseline_is_described() -> None:
+    assert set(all_policies(0.5)) == set(BASELINES)
+    assert all("20" in line for line in BASELINES.values())  # each cites a year
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_full_budget_is_dense(name, rng) -> None:
+    q, k, v = qkv(rng, 9, 14)
+    policy = all_policies(1.0)[name]
+    outs, _ = run(policy, q, k, v, 5, 14)
+    dense = gqa_attention(q, k, v, q_offset=5, kv_len=14)
+    for out in outs:
+        np.testing.assert_allclose(out, dense, atol=1e-6)
+
+
+def test_sink_window_mask() -> None:
+    """Each query sees the 4 sinks plus the most recent keys, budget_keys(kv_len) in all, never a future key."""
+    mask = np.asarray(sink_window_mask(40, 40, 0, 40, budget=10, min_keys=0, sinks=4))
+    assert not (mask & ~np.tril(np.ones((40, 40), bool))).any()
+    for i in range(40):
+        allowed = set(np.flatnonzero(mask[i]))
+        expected = set(range(min(4, i + 1))) | set(range(max(0, i - 5), i + 1))
+        assert allowed == expected, i
+        assert len(allowed) <= 10
+
+
+def test_quest_bound_is_an_upper_bound(rng) -> None:
+    q, k, _ = qkv(rng, 5, 37)
+    kmin, kmax = page_min_max(k, 8, 37)
+    bound = np.asarray(quest_upper_bound(q, kmin, kmax))         # [b, kv_heads, group, q, pages]
+    qg = np.asarray(q).reshape(1, 5, KV_HEADS, GROUP, D)
+    exact = np.einsum("bqhgd,bkhd->bhgqk", qg, np.asarray(k)) / np.sqrt(D)
+    for page in range(5):
+        page_max = exact[..., page * 8:(page + 1) * 8].max(-1)
+        assert (bound[..., page] >= page_max - 1e-5).all()
+    # unused cache slots never enter a page's min/max
+    kmin2, kmax2 = page_min_max(k.at[:, 30:].set(100.0), 8, 30)
+    np.testing.assert_array_equal(kmax2[:, :3], kmax[:, :3])
+    assert np.isneginf(np.asarray(kmax2[:, 4])).all()
+
+
+def test_quest_keeps_budget_pages_per_query_head(rng) -> None:
+    q, k, v = qkv(rng, 1, 64)
+    quest = QuestAttention(budget=16, min_keys=0, page_size=4, dense_layers=())
+    out, _ = quest(1, q, k, v, q_offset=jnp.int32(63), kv_len=jnp.int32(64), carry=None)
+    kmin, kmax = page_min_max(k, 4, 64)
+    bound = np.asarray(quest_upper_bound(q, kmin, kmax))[0, :, :, 0, :15]     # pages strictly before the query's
+    assert out.shape == q.shape
+    assert bound.shape == (KV_HEADS, GROUP, 15)
+
+
+def test_selection_sharing(rng) -> None:
+    """Oracle: one set per query head; all-heads pooled: one set shared by every KV head; OmniKV: filter layers
+    are dense and their set is shared too."""
+    q, k, v = qkv(rng, 16, 16)
+    pols = all_policies(0.25)
+    _, carry = run(pols["oracle"], q, k, v, 0, 16)
+    assert carry[1].idx.shape[2] == GROUP and carry[1].q_tile == 1
+    _, carry = run(pols["all_heads_pooled"], q, k, v, 0, 16)
+    np.testing.assert_array_equal(carry[2].idx[:, 0], carry[2].idx[:, 1])
+    outs, carry = run(pols["omnikv"], q, k, v, 0, 16)
+    np.testing.assert_allclose(outs[2], gqa_attention(q, k, v), atol=1e-6)
+    np.testing.assert_array_equal(carry[2].idx[:, 0], carry[2].idx[:, 1])
+    mask = selection_mask(carry[2], 16, 16)
+    assert not np.asarray(mask).all(-1)[..., 8:].any()    # the budget really cut keys
+
+
+def test_sparse_baselines_respect_budget(rng) -> None:
+    q, k, v = qkv(rng, 1, 200)
+    kv_len = 200
+    budget = budget_keys(kv_len, 0.1, 0)
+    mask = np.asarray(sink_window_mask(1, 200, 199, kv_len, budget=0.1, min_keys=0))
+    assert mask.sum() == budget
+    _, carry = run(all_policies(0.1)["oracle"], q, k, v, 199, kv_len)
+    assert int(np.asarray(selection_mask(carry[3], 1, 200, 199, kv_len)).sum(-1).max()) <= budget + 1
+    assert causal_mask(1, 200, 199, kv_len).sum() == 200
+
+
+def test_baselines_run_in_jitted_model() -> None:
+    cfg = LlamaConfig(vocab_size=50, hidden_size=24, intermediate_size=48, num_layers=LAYERS,
+                      num_heads=KV_HEADS * GROUP, num_kv_heads=KV_HEADS, head_dim=D, max_position_embeddings=64)
+    model = Llama(cfg)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 50, (1, 24)), jnp.int32)
+    dense, _, _ = forward(model, tokens)
+    for name, policy in all_policies(0.25, min_keys=2).items():
+        assert hash(policy) == hash(policy)
+        logits, _, _ = forward(model, tokens, None, policy)
+        assert np.isfinite(np.asarray(logits)).all(), name
+        assert generate(model, tokens[:, :10], 3, attention=policy).shape == (1, 13)
+    np.testing.assert_allclose(forward(model, tokens, None, DenseAttention())[0], dense, atol=1e-6)

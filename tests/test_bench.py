@@ -1,0 +1,98 @@
+"""Benchmark harness: timing bookkeeping, results files, cost model, and the kernel policy inside the model."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kascade_lite import bench as B
+from kascade_lite.config import LlamaConfig
+from kascade_lite.model import KVCache, Llama, forward
+
+CFG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+                  head_dim=8, rope_theta=10_000.0)
+
+
+def test_compare_runs_every_candidate_warmup_plus_reps_times():
+    calls = {"a": 0, "b": 0}
+
+    def make(name):
+        def fn():
+            calls[name] += 1
+            return jnp.ones(3)
+        return fn
+
+    out = B.compare({"a": make("a"), "b": make("b")}, reps=3, warmup=2)
+    assert calls == {"a": 5, "b": 5}
+    for row in out.values():
+        assert len(row["times_s"]) == 3 and row["min_s"] <= row["median_s"] and row["compile_s"] > 0
+    assert B.speedup({"median_s": 2.0}, {"median_s": 0.5}) == 4.0
+    with pytest.raises(ValueError):
+        B.compare({"a": make("a")}, reps=0)
+
+
+def test_results_round_trip_with_provenance(tmp_path):
+    path = tmp_path / "r.json"
+    B.write_results(path, "python x.py", {"tile": 32}, [{"context": 1}])
+    doc = B.load_results(path)
+    assert doc["results"] == [{"context": 1}] and doc["provenance"]["command"] == "python x.py"
+    assert "machine" in doc["provenance"] and "jax" in doc["provenance"]["versions"]
+    path.write_text(json.dumps({"results": []}))
+    with pytest.raises(ValueError, match="lacks keys"):
+        B.load_results(path)
+    with pytest.raises(ValueError, match="cannot read"):
+        B.load_results(tmp_path / "missing.json")
+
+
+def test_cost_model():
+    kw = dict(q_heads=32, kv_heads=8, head_dim=128)
+    dense = B.attention_cost("decode", "dense", 32768, 3296, **kw)
+    reuse = B.attention_cost("decode", "reuse", 32768, 3296, **kw)
+    assert dense["bytes"] == 2 * 8 * 128 * 32768 * 4
+    assert reuse["flops"] / dense["flops"] == pytest.approx(3296 / 32768)
+    with pytest.raises(ValueError):
+        B.attention_cost("decode", "bogus", 1, 1, **kw)
+
+
+def test_whole_model_time_and_default_schedule():
+    sched = B.default_schedule("llama-3.1-8b", 32, 8, 5, 32, 0.1)
+    assert sched.layer_types.count("anchor") == 4 and sched.layer_types[0] == "dense"
+    assert B.whole_model_time(sched, 10.0, 5.0, 1.0) == 10 + 4 * 5 + 27 * 1
+
+
+def _model_and_tokens():
+    model = Llama(CFG, rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (1, 40)), jnp.int32)
+    return model, tokens
+
+
+@pytest.mark.parametrize("policy", ["flash", "kascade"])
+def test_policies_match_dense_when_everything_is_kept(policy):
+    """With every tile kept, Kascade through the gather kernels is exact: same logits as dense, prefill and decode."""
+    model, tokens = _model_and_tokens()
+    tile = 8
+    sched = B.default_schedule("tiny", CFG.num_layers, CFG.num_kv_heads, 2, tile, 1.0)
+    pol = B.flash_dense_attention if policy == "flash" else B.KernelKascadeAttention(sched, keep=6)
+    empty = KVCache.empty(CFG, 1, 48)  # 6 tiles of 8
+    ref_logits, ref_cache, _ = forward(model, tokens, empty)
+    logits, cache, _ = forward(model, tokens, empty, pol)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4)
+    step = tokens[:, -1:]
+    np.testing.assert_allclose(forward(model, step, cache, pol)[0], forward(model, step, ref_cache)[0], atol=1e-4)
+
+
+def test_kascade_policy_is_sparse_and_carries_tiles():
+    model, tokens = _model_and_tokens()
+    sched = B.default_schedule("tiny", CFG.num_layers, CFG.num_kv_heads, 2, 8, 0.25)
+    pol = B.KernelKascadeAttention(sched, keep=2)
+    assert hash(pol) == hash(B.KernelKascadeAttention(sched, keep=2))
+    logits, cache, carry = forward(model, tokens, KVCache.empty(CFG, 1, 48), pol)
+    assert set(carry) == set(sched.anchors) and carry[0].shape == (1, CFG.num_kv_heads, 5, 2)
+    dense_logits = forward(model, tokens, KVCache.empty(CFG, 1, 48))[0]
+    assert np.isfinite(np.asarray(logits)).all() and not np.allclose(logits, dense_logits, atol=1e-4)
+    _, _, carry = forward(model, tokens[:, -1:], cache, pol)
+    assert carry[0].shape == (1, CFG.num_kv_heads, 2)

@@ -1,0 +1,139 @@
+"""Schedules: the DP is optimal (against brute force), the greedy rule does what it says, schedules built from a
+calibration are valid (head maps in range) and round-trip through JSON, and broken files fail with clear messages."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kascade_lite.calibrate import COVERAGE_FRACTIONS, Calibration
+from kascade_lite.schedule import (Schedule, anchors_score, dp_anchors, dp_schedule, greedy_anchors, greedy_schedule,
+                                   write_schedules)
+
+
+def fake_calibration(seed: int, layers: int = 6, heads: int = 3) -> Calibration:
+    """Random but well-formed statistics: similarity in [0, 1] for a <= b with self-similarity 1."""
+    rng = np.random.default_rng(seed)
+    sim = rng.random((layers, layers, heads, heads)).astype(np.float32)
+    for a in range(layers):
+        sim[a, a][np.diag_indices(heads)] = 1.0
+    sim[np.tril_indices(layers, k=-1)] = 0.0
+    F = len(COVERAGE_FRACTIONS)
+    return Calibration(similarity=sim, importance=rng.random(layers).astype(np.float32),
+                       coverage=np.sort(rng.random((layers, heads, F)), axis=-1).astype(np.float32),
+                       coverage_fractions=np.asarray(COVERAGE_FRACTIONS, np.float32),
+                       tile_coverage=rng.random((layers, heads)).astype(np.float32),
+                       settings=dict(model="fake", tile_size=16, budget=0.2, num_sequences=1))
+
+
+def brute_force(weights: np.ndarray, k: int) -> float:
+    L = weights.shape[0]
+    return max(anchors_score(weights, (0, *rest)) for rest in itertools.combinations(range(1, L), k - 1))
+
+
+@pytest.mark.parametrize("layers", [1, 2, 5, 8])
+def test_dp_is_optimal_against_brute_force(layers: int, rng: np.random.Generator) -> None:
+    for _ in range(5):
+        weights = rng.random((layers, layers))
+        for k in range(1, layers + 1):
+            anchors, score = dp_anchors(weights, k)
+            assert len(anchors) == k and anchors[0] == 0 and list(anchors) == sorted(set(anchors))
+            assert score == pytest.approx(anchors_score(weights, anchors))
+            assert score == pytest.approx(brute_force(weights, k))
+
+
+@given(st.integers(2, 7), st.integers(0, 10_000))
+def test_dp_optimal_property(layers: int, seed: int) -> None:
+    weights = np.random.default_rng(seed).normal(size=(layers, layers))  # negative weights too
+    k = 1 + seed % layers
+    assert dp_anchors(weights, k)[1] == pytest.approx(brute_force(weights, k))
+
+
+def test_dp_prefers_the_obvious_boundary() -> None:
+    """Two blocks of mutually similar layers: the second anchor goes where the second block starts."""
+    sim = np.full((6, 6), 0.1)
+    sim[:3, :3] = sim[3:, 3:] = 1.0
+    assert dp_anchors(sim, 2)[0] == (0, 3)
+
+
+def test_dp_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="num_anchors=0"):
+        dp_anchors(np.ones((4, 4)), 0)
+    with pytest.raises(ValueError, match="square"):
+        dp_anchors(np.ones((4, 3)), 2)
+    with pytest.raises(ValueError, match="include layer 0"):
+        anchors_score(np.ones((4, 4)), (1, 2))
+
+
+def test_greedy_rules() -> None:
+    ones = np.ones((12, 12))
+    assert greedy_anchors(ones, max_reuse_dist=4, threshold=0.1) == (0, 5, 10)   # distance limit
+    assert greedy_anchors(ones, max_reuse_dist=20, threshold=0.1) == (0,)
+    low = ones.copy()
+    low[0, 2] = 0.05                                                            # below threshold: new anchor
+    assert greedy_anchors(low, max_reuse_dist=4, threshold=0.1) == (0, 2, 7)
+    with pytest.raises(ValueError, match="max_reuse_dist"):
+        greedy_anchors(ones, max_reuse_dist=0)
+
+
+def test_schedules_from_calibration_use_argmax_head_maps() -> None:
+    calib = fake_calibration(0)
+    sched = dp_schedule(calib, 3)
+    assert sched.method == "dp" and len(sched.anchors) == 3 and sched.layer_types[0] == "dense"
+    assert (sched.tile_size, sched.budget, sched.min_keys, sched.model) == (16, 0.2, 128, "fake")
+    for b, (t, a) in enumerate(zip(sched.layer_types, sched.anchor_of)):
+        want = calib.similarity[a, b].argmax(axis=-1).tolist() if t == "reuse" else [0, 1, 2]
+        assert list(sched.head_map[b]) == want
+    greedy = greedy_schedule(calib, max_reuse_dist=2)
+    assert greedy.method == "greedy" and all(b - a <= 2 for b, a in enumerate(greedy.anchor_of))
+
+
+@given(st.integers(0, 10_000), st.integers(1, 4), st.integers(1, 8))
+def test_head_maps_always_in_range(seed: int, heads: int, k: int) -> None:
+    calib = fake_calibration(seed, layers=8, heads=heads)
+    for sched in (dp_schedule(calib, k), greedy_schedule(calib, threshold=0.5)):
+        assert all(0 <= h < heads for row in sched.head_map for h in row)
+        assert Schedule.from_dict(sched.to_dict()) == sched
+
+
+def test_write_schedules_round_trip(tmp_path) -> None:
+    calib = fake_calibration(3, layers=10)
+    paths = write_schedules(calib, tmp_path, anchor_counts=(2, 3), command="pytest")
+    assert [p.name for p in paths] == ["fake_dp_k2.json", "fake_dp_k3.json", "fake_greedy.json"]
+    for path in paths:
+        loaded = Schedule.load(path)
+        assert loaded == (dp_schedule(calib, int(path.stem[-1])) if "dp" in path.stem else greedy_schedule(calib))
+        assert json.loads(path.read_text())["meta"]["provenance"]["command"] == "pytest"
+
+
+def valid_dict() -> dict:
+    return Schedule.from_anchors("m", 4, 2, [2], head_map=[[0, 1], [1, 0], [0, 1], [1, 1]]).to_dict()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(version=2), "version 2 is not supported"),
+    (dict(anchor_of=[0, 2, 2, 2]), "reuse layer 1 points at anchor_of=2"),
+    (dict(layer_types=["dense", "reuse", "reuse", "reuse"], anchor_of=[0, 0, 1, 0]),
+     "reuse layer 2 points at anchor_of=1"),
+    (dict(head_map=[[0, 1], [1, 2], [0, 1], [1, 1]]), r"head_map\[1\]=\[1, 2\] must hold 2 heads in \[0, 2\)"),
+    (dict(num_layers=5), "layer_types has 4 entries, expected num_layers=5"),
+    (dict(layer_types=["anchor", "reuse", "anchor", "reuse"]), "layer 0 must be 'dense'"),
+])
+def test_validation_errors_are_clear(tmp_path, change: dict, message: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(valid_dict() | change))
+    with pytest.raises(ValueError, match=message) as err:
+        Schedule.load(path)
+    assert str(path) in str(err.value)
+
+
+def test_unreadable_schedule(tmp_path) -> None:
+    path = tmp_path / "broken.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read schedule JSON"):
+        Schedule.load(path)

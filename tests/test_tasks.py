@@ -1,0 +1,75 @@
+"""The synthetic retrieval task: exact lengths, reproducible from the seed, the needle and question in place,
+scoring by exact match; the accuracy benchmark's smoke mode writes JSON with provenance."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kascade_lite.data import load_tokenizer
+from kascade_lite.tasks import KEYS, extract_answer, make_case, make_cases, run_retrieval
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.mark.parametrize("length", [300, 1024])
+def test_cases_have_exact_length_and_hold_the_needle(length, tok) -> None:
+    cases = make_cases(length, 3, seed=1, tokenizer=tok)
+    for case in cases:
+        assert case.ids.shape == (length,) and case.ids.dtype == np.int32
+        text = tok.decode(case.ids.tolist())
+        assert f"The special magic number for {case.key} is {case.answer}." in text
+        assert text.rstrip().endswith(f"The special magic number for {case.key} is")
+        assert text.count(case.answer) == 1 and 0 <= case.depth <= 1
+        assert text.startswith("<|im_start|>system")
+
+
+def test_cases_are_reproducible(tok) -> None:
+    a, b = make_cases(400, 2, seed=3, tokenizer=tok), make_cases(400, 2, seed=3, tokenizer=tok)
+    c = make_cases(400, 2, seed=4, tokenizer=tok)
+    assert all(np.array_equal(x.ids, y.ids) for x, y in zip(a, b))
+    assert not np.array_equal(a[0].ids, c[0].ids)
+
+
+def test_distractors_use_other_keys(tok) -> None:
+    case = make_case(600, np.random.default_rng(0), num_distractors=3, tokenizer=tok)
+    text = tok.decode(case.ids.tolist())
+    assert text.count("The special magic number for") == 4 + 1            # 4 needles + the answer prefix
+    assert sum(text.count(f"number for {k} is") for k in KEYS if k != case.key) == 3
+
+
+def test_too_short_raises(tok) -> None:
+    with pytest.raises(ValueError, match="too short"):
+        make_case(60, np.random.default_rng(0), tokenizer=tok)
+
+
+def test_extract_answer() -> None:
+    assert extract_answer(" 1234567.") == "1234567"
+    assert extract_answer(" 12345678") is None
+    assert extract_answer("It is 7654321, I think") == "7654321"
+    assert extract_answer("no number") is None
+
+
+def test_run_retrieval_and_smoke_benchmark(tmp_path, tok) -> None:
+    """A tiny random model will not find the needle, but the loop runs and the benchmark JSON is complete."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_accuracy", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_accuracy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = bench.load_model(smoke=True)
+    res = run_retrieval(model, make_cases(200, 2, tokenizer=tok), batch_size=2, tokenizer=tok)
+    assert [sorted(r) for r in res] == [["answer", "correct", "depth", "key", "output"]] * 2
+    out = tmp_path / "ret.json"
+    bench.main(["retrieval", "--smoke", "--out", str(out), "--methods", "dense,kascade"])
+    doc = json.loads(out.read_text())
+    assert doc["provenance"]["command"].startswith("python benchmarks/bench_accuracy.py retrieval")
+    assert [r["method"] for r in doc["results"]] == ["dense", "kascade"]
+    assert all(r["n_cases"] == 2 and 0 <= r["accuracy"] <= 1 for r in doc["results"])
