@@ -61,9 +61,9 @@ def run_context(model, tokens: jax.Array, schedule, *, reps_prefill: int, reps_d
                                    **{f"vs_{n}": B.speedup(times[n], times["kascade"]) for n in ("dense", "flash")
                                       if n in times}}
     row["decode_tokens_per_s"] = {n: 1.0 / t["median_s"] for n, t in decode_times.items()}
-    print(f"context {context:5d}: prefill x{row['prefill_speedup']['vs_best']:.2f} vs {row['prefill_speedup']['best_dense']}"
-          f", decode x{row['decode_speedup']['vs_best']:.2f} vs {row['decode_speedup']['best_dense']} "
-          f"({row['decode_tokens_per_s']['kascade']:.1f} tok/s)", flush=True)
+    pre, dec = row["prefill_speedup"], row["decode_speedup"]
+    print(f"context {context:5d}: prefill x{pre['vs_best']:.2f} vs {pre['best_dense']}, decode x{dec['vs_best']:.2f} "
+          f"vs {dec['best_dense']} ({row['decode_tokens_per_s']['kascade']:.1f} tok/s)", flush=True)
     return row
 
 

@@ -167,7 +167,8 @@ class KernelKascadeAttention:
 
     def _decode(self, layer: int, kind: str, q: jax.Array, k: jax.Array, v: jax.Array, kv_len: jax.Array,
                 carry: dict) -> tuple[jax.Array, Any]:
-        tile, q1, keep = self.tile, q[:, 0], min(self.keep, k.shape[1] // tile)
+        tile, q1 = self.tile, q[:, 0]
+        keep = min(self.keep, k.shape[1] // tile)
         if kind == "reuse":
             idx = K.reuse_tile_indices(carry[self.schedule.anchor_of[layer]], self.schedule.head_map[layer])
             out = K.sparse_decode_attention(q1, k, v, idx, kv_len, tile=tile, layout="seq")

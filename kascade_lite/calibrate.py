@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,7 +149,7 @@ def attention_maps(model: Llama, tokens: np.ndarray, layers: tuple[int, ...]) ->
     return np.stack([np.asarray(maps[order[layer]][0]) for layer in layers])
 
 
-# ------------------------------------------------------------------------------------------------ per-sequence statistics
+# ------------------------------------------------------------------------------------------------ per-sequence stats
 def cross_layer_similarity(prev: jax.Array, own: jax.Array, mask: jax.Array) -> jax.Array:
     """Similarity ``[layers_a, layers_b, heads_b, heads_a]`` summed over the batch (min over tiles per sequence).
 
@@ -179,12 +180,12 @@ def sequence_stats(model: Llama, tokens: jax.Array, hook: CalibrationHook) -> di
     _, _, aux = model(tokens, attention=hook, carry=(), collect=True)
     layers = aux["carry"]
     prev, own, mask = (jnp.stack([s[name] for s in layers]) for name in ("prev", "own", "mask"))
-    batch, tile_mass = tokens.shape[0], (prev.sum(-1) + own)
+    kept = ((prev * mask).sum(-1) + own) / (prev.sum(-1) + own)                     # [L, batch, H, tiles]
     return dict(
         similarity=cross_layer_similarity(prev, own, mask),
         importance=layer_importance(aux["residual"], aux["attn_out"]),
-        coverage=jnp.stack([s["coverage"] for s in layers]) * batch,
-        tile_coverage=(((prev * mask).sum(-1) + own) / tile_mass).mean(axis=-1).sum(axis=1),
+        coverage=jnp.stack([s["coverage"] for s in layers]) * tokens.shape[0],
+        tile_coverage=kept.mean(axis=-1).sum(axis=1),
     )
 
 
@@ -355,9 +356,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-keys", type=int, default=0, help="floor on the number of keys kept")
     parser.add_argument("--out-dir", default=str(CALIBRATION_DIR))
     args = parser.parse_args(argv)
-    command = "python -m kascade_lite.calibrate " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    command = " ".join(["python -m kascade_lite.calibrate", *(sys.argv[1:] if argv is None else argv)])
     cal = run(args.model, args.num_sequences, args.seq_len, args.tile_size, args.budget, args.min_keys,
-              args.out_dir, command.strip())
+              args.out_dir, command)
     print(json.dumps({k: v for k, v in cal.summary().items() if k != "coverage_per_layer"}, indent=2))
 
 

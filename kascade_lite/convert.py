@@ -274,21 +274,23 @@ class TorchFile:
 
     def __init__(self, path: Path):
         self.path = path
-        self._state: dict | None = None
-        self.state  # noqa: B018 - fail early on a damaged file
+        self._state: dict | None = self._load()  # fail early on a damaged file
+
+    def _load(self) -> dict:
+        import torch  # only needed for torch checkpoints
+
+        try:
+            state = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # torch raises many types for a damaged zip/pickle
+            raise ValueError(f"{self.path}: cannot read torch checkpoint ({type(e).__name__}: {e})") from e
+        if not isinstance(state, dict):
+            raise ValueError(f"{self.path}: expected a dict of tensors, found {type(state).__name__}")
+        return state
 
     @property
     def state(self) -> dict:
         if self._state is None:
-            import torch  # only needed for torch checkpoints
-
-            try:
-                state = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
-            except Exception as e:  # torch raises many types for a damaged zip/pickle
-                raise ValueError(f"{self.path}: cannot read torch checkpoint ({type(e).__name__}: {e})") from e
-            if not isinstance(state, dict):
-                raise ValueError(f"{self.path}: expected a dict of tensors, found {type(state).__name__}")
-            self._state = state
+            self._state = self._load()
         return self._state
 
     def release(self) -> None:

@@ -122,7 +122,8 @@ def _decode_cache_shape(cache: jax.Array, layout: Layout, tile: int) -> tuple[in
     """``(kv_heads, tiles)`` of a decode cache in ``layout``."""
     if layout == "heads":
         if cache.ndim != 5 or cache.shape[3] != tile:
-            raise ValueError(f"head-major cache must be [batch, kv_heads, tiles, tile={tile}, head_dim], got {cache.shape}")
+            raise ValueError(f"head-major cache must be [batch, kv_heads, tiles, tile={tile}, head_dim], "
+                             f"got {cache.shape}")
         return cache.shape[1], cache.shape[2]
     if layout == "seq":
         if cache.ndim != 4 or cache.shape[1] % tile:

@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", default=str(SCHEDULES_DIR))
     parser.add_argument("--min-keys", type=int, default=128, help="inference-time floor on kept keys")
     args = parser.parse_args(argv)
-    argv = argv if argv is not None else __import__("sys").argv[1:]
+    argv = sys.argv[1:] if argv is None else argv
     calib = Calibration.load(args.calibration)
     for path in write_schedules(calib, args.out_dir, min_keys=args.min_keys,
                                 command=" ".join(["python -m kascade_lite.schedule", *argv])):

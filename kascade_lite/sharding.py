@@ -14,8 +14,9 @@ rows, so each pair needs one all-reduce and nothing in between::
 
 The KV cache ``[batch, max_len, kv_heads, head_dim]`` is ``P("data", None, "model", None)``: each device keeps the
 keys and values of its own KV heads for its own sequences. Kascade's Top-k indices are kept per KV head, so they
-are sharded the same way, and a reuse layer whose head map stays inside a device's heads reads them without any
-communication. `cross_device_reads` lists the head-map entries that would leave a device and `localize_head_map`
+are sharded the same way. `ShardedKascade` runs the policy per device under `jax.shard_map`, so a reuse layer whose
+head map stays inside a device's heads reads them without any communication. `cross_device_reads` lists the
+head-map entries that leave a device (those layers all-gather the small index tensor) and `localize_head_map`
 removes them by renumbering the KV heads of reuse layers (a per-layer permutation that leaves outputs unchanged).
 
 The second half of the module is arithmetic: `memory_plan` sizes weights, the dense KV cache and Kascade's per-step
@@ -29,6 +30,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -39,9 +41,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from .attention import kv_cache_bytes
 from .config import LLAMA_3_1_8B, LlamaConfig, RopeScaling
+from .data import REPO_ROOT
 from .model import KVCache, Llama, dense_attention, expected_shapes, forward
 from .schedule import Schedule
-from .sparse import KascadeAttention, Selection
+from .sparse import KascadeAttention, Selection, budget_keys
 
 DATA, MODEL = "data", "model"
 
@@ -165,14 +168,13 @@ def shard_tokens(tokens: jax.Array | np.ndarray, mesh: Mesh) -> jax.Array:
     return jax.device_put(tokens, NamedSharding(mesh, P(batch_axis(mesh, tokens.shape[0]), None)))
 
 
-@nnx.jit(static_argnames=("attention", "mesh"))
-def sharded_forward(model: Llama, tokens: jax.Array, cache: KVCache, attention: Any = dense_attention,
-                    mesh: Mesh | None = None) -> tuple[jax.Array, KVCache]:
+@nnx.jit(static_argnames=("mesh", "attention"))
+def sharded_forward(model: Llama, tokens: jax.Array, cache: KVCache, mesh: Mesh,
+                    attention: Any = dense_attention) -> tuple[jax.Array, KVCache]:
     """`kascade_lite.model.forward` on a mesh: returns ``(logits [batch, seq, vocab], cache)`` with the output
     shardings pinned to `logits_spec` and `cache_shardings` (so every decode step gets the layout it started with).
+    ``model`` is placed by `shard_model`; for Kascade pass ``attention=shard_attention(policy, mesh)``.
     """
-    if mesh is None:
-        raise ValueError("sharded_forward needs mesh=")
     logits, cache, _ = model(tokens, cache=cache, attention=attention)
     b = tokens.shape[0]
     logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, logits_spec(mesh, model.cfg, b)))
@@ -197,7 +199,7 @@ def greedy_logits(model: Llama, prompt: jax.Array | np.ndarray, steps: int, *, m
     else:
         cache = empty_sharded_cache(model.cfg, mesh, b, t + steps, model.dtype)
         prompt, attention = shard_tokens(prompt, mesh), shard_attention(attention, mesh)
-        step = lambda toks, c: sharded_forward(model, toks, c, attention, mesh)  # noqa: E731
+        step = lambda toks, c: sharded_forward(model, toks, c, mesh, attention)  # noqa: E731
     logits, cache = step(prompt, cache)
     tokens, last = [np.asarray(prompt)], [np.asarray(logits[:, -1])]
     for _ in range(steps):
@@ -252,9 +254,7 @@ def localize_head_map(schedule: Schedule, model_size: int) -> tuple[Schedule, di
     `cross_device_reads`: there XLA gathers the small index tensor across devices.
     """
     rows, perms = [list(r) for r in schedule.head_map], {}
-    for layer, kind in enumerate(schedule.layer_types):
-        if kind != "reuse" or not any(lay == layer for lay, _, _ in cross_device_reads(schedule, model_size)):
-            continue
+    for layer in sorted({layer for layer, _, _ in cross_device_reads(schedule, model_size)}):
         perm = local_permutation(schedule.head_map[layer], schedule.num_kv_heads, model_size)
         if perm is not None:
             perms[layer] = perm
@@ -322,7 +322,7 @@ class ShardedKascade:
         sched, p = self.attention.schedule, self.heads_per_device
         first = jax.lax.axis_index(MODEL) * p
         rows = jax.lax.dynamic_slice_in_dim(jnp.asarray(sched.head_map[layer], jnp.int32), first, p)
-        if any(lay == layer for lay, _, _ in cross_device_reads(sched, self.mesh.shape[MODEL])):
+        if layer in {lay for lay, _, _ in cross_device_reads(sched, self.mesh.shape[MODEL])}:
             gather = lambda x: jax.lax.all_gather(x, MODEL, axis=1, tiled=True)  # noqa: E731
             sel = dataclasses.replace(sel, idx=gather(sel.idx), keep=gather(sel.keep))
             return sel.remap(rows)
@@ -383,11 +383,6 @@ def weight_bytes(cfg: LlamaConfig, model_size: int = 1, bytes_per_param: float =
     return total * bytes_per_param
 
 
-def kascade_keys(tokens: int, budget: float, min_keys: int) -> int:
-    """Keys a reuse layer reads per KV head: ``clip(ceil(budget * tokens), min_keys, tokens)``."""
-    return min(tokens, max(min_keys, math.ceil(budget * tokens)))
-
-
 def memory_plan(cfg: LlamaConfig, tokens: int, *, batch: int = 1, model_size: int = 1, num_anchor_layers: int,
                 budget: float = 0.1, min_keys: int = 128, bytes_per_param: float = 2,
                 kv_bytes: float = 2) -> dict[str, float]:
@@ -396,7 +391,8 @@ def memory_plan(cfg: LlamaConfig, tokens: int, *, batch: int = 1, model_size: in
     * ``weights``: resident weights (`weight_bytes`); ``kv_cache``: the full dense cache, which Kascade keeps too.
     * ``dense_read`` / ``kascade_read``: bytes one decode step reads from memory (weights + K/V). Dense attention
       reads every key and value in every layer; Kascade's ``num_anchor_layers`` (layer 0 included) read them all
-      as well, the other layers read only `kascade_keys` keys and values per KV head.
+      as well, the other layers read only ``sparse.budget_keys(tokens, budget, min_keys)`` keys and values per KV
+      head (``max(min_keys, ceil(budget * tokens))``, at most ``tokens``).
     * ``index_bytes``: the int32 Top-k indices one anchor layer hands to its reuse layers (per step, per device).
     """
     if not 1 <= num_anchor_layers <= cfg.num_layers:
@@ -405,7 +401,7 @@ def memory_plan(cfg: LlamaConfig, tokens: int, *, batch: int = 1, model_size: in
         raise ValueError(f"model_size={model_size} does not divide num_kv_heads={cfg.num_kv_heads}")
     heads = cfg.num_kv_heads // model_size
     per_layer_full = kv_cache_bytes(1, heads, cfg.head_dim, tokens, kv_bytes, batch)
-    keys = kascade_keys(tokens, budget, min_keys)
+    keys = budget_keys(tokens, budget, min_keys)
     per_layer_sparse = kv_cache_bytes(1, heads, cfg.head_dim, keys, kv_bytes, batch)
     weights = weight_bytes(cfg, model_size, bytes_per_param)
     kv = per_layer_full * cfg.num_layers
@@ -454,7 +450,7 @@ DEFAULT_PLAN_MODELS: dict[str, LlamaConfig] = {"llama-3.1-8b": LLAMA_3_1_8B, "ll
 DEFAULT_PLAN_TOKENS = (8192, 32_768, 131_072)
 
 
-def write_memory_plan(path: str = "data/memory_plan.json", anchor_every: int = 8, budget: float = 0.1,
+def write_memory_plan(path: str | Path = REPO_ROOT / "data" / "memory_plan.json", anchor_every: int = 8, budget: float = 0.1,
                       min_keys: int = 128) -> dict[str, Any]:
     """Write the chapter's plan tables (bf16 weights and cache, batch 1) with provenance. ``anchor_every``: an
     assumed schedule with ``num_layers // anchor_every`` full-attention layers (layer 0 included)."""
@@ -481,7 +477,7 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="Write data/memory_plan.json (Kascade memory plan tables).")
-    parser.add_argument("--out", default="data/memory_plan.json")
+    parser.add_argument("--out", default=str(REPO_ROOT / "data" / "memory_plan.json"))
     parser.add_argument("--anchor-every", type=int, default=8)
     parser.add_argument("--budget", type=float, default=0.1)
     parser.add_argument("--min-keys", type=int, default=128)

@@ -131,6 +131,7 @@ def test_sparse_baselines_respect_budget(rng) -> None:
     assert causal_mask(1, 200, 199, kv_len).sum() == 200
 
 
+@pytest.mark.slow
 def test_baselines_run_in_jitted_model() -> None:
     cfg = LlamaConfig(vocab_size=50, hidden_size=24, intermediate_size=48, num_layers=LAYERS,
                       num_heads=KV_HEADS * GROUP, num_kv_heads=KV_HEADS, head_dim=D, max_position_embeddings=64)
@@ -141,5 +142,6 @@ def test_baselines_run_in_jitted_model() -> None:
         assert hash(policy) == hash(policy)
         logits, _, _ = forward(model, tokens, None, policy)
         assert np.isfinite(np.asarray(logits)).all(), name
-        assert generate(model, tokens[:, :10], 3, attention=policy).shape == (1, 13)
+        if name in ("quest", "sink_window"):  # the decode-specific baselines also generate with a KV cache
+            assert generate(model, tokens[:, :10], 3, attention=policy).shape == (1, 13)
     np.testing.assert_allclose(forward(model, tokens, None, DenseAttention())[0], dense, atol=1e-6)

@@ -4,13 +4,15 @@ deterministic and survive a save/load round trip."""
 
 from __future__ import annotations
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kascade_lite.attention import attention_probs
-from kascade_lite.calibrate import (Calibration, CalibrationHook, attention_maps, calibrate, cross_layer_similarity, pool_tiles,
-                                    query_coverage, topk_keys, topk_mask)
+from kascade_lite.calibrate import (Calibration, CalibrationHook, attention_maps, calibrate, cross_layer_similarity,
+                                    pool_tiles, query_coverage, topk_keys, topk_mask)
 from kascade_lite.config import LlamaConfig
 from kascade_lite.model import Llama, forward
 
@@ -154,7 +156,6 @@ def test_save_load_round_trip(calib: Calibration, tmp_path) -> None:
     for name in ("similarity", "importance", "coverage", "coverage_fractions", "tile_coverage"):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(calib, name))
     assert loaded.settings == calib.settings
-    import json
     doc = json.loads(meta.read_text())
     assert doc["provenance"]["command"] == "pytest" and "coverage_mean" in doc["summary"]
 

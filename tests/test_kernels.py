@@ -48,6 +48,8 @@ def test_anchor_decode_all_tiles_equals_dense(rng, layout):
     out, idx = K.anchor_decode_attention(q[:, 0], cache_k, cache_v, kv_len, keep=8, tile=TILE, layout=layout)
     ref = gqa_attention(q, k, v, causal=True, q_offset=kv_len - 1, kv_len=kv_len)[:, 0]
     np.testing.assert_allclose(out, ref, atol=ATOL)
+    dense = K.dense_decode_attention(q[:, 0], cache_k, cache_v, kv_len, tile=TILE, layout=layout)
+    np.testing.assert_allclose(dense, ref, atol=ATOL)
     assert sorted(np.asarray(idx[0, 0]).tolist()) == list(range(8))
 
 

@@ -137,3 +137,13 @@ def test_unreadable_schedule(tmp_path) -> None:
     path.write_text("{not json")
     with pytest.raises(ValueError, match="cannot read schedule JSON"):
         Schedule.load(path)
+
+
+def test_schedule_command_line(tmp_path, capsys) -> None:
+    from kascade_lite.schedule import main
+
+    fake_calibration(5, layers=9).save(tmp_path / "fake", command="pytest")
+    main(["--calibration", str(tmp_path / "fake.safetensors"), "--out-dir", str(tmp_path / "out")])
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == [f"fake_dp_k{k}.json" for k in range(2, 9)] + ["fake_greedy.json"]
+    assert "anchors [0" in capsys.readouterr().out
