@@ -450,8 +450,8 @@ DEFAULT_PLAN_MODELS: dict[str, LlamaConfig] = {"llama-3.1-8b": LLAMA_3_1_8B, "ll
 DEFAULT_PLAN_TOKENS = (8192, 32_768, 131_072)
 
 
-def write_memory_plan(path: str | Path = REPO_ROOT / "data" / "memory_plan.json", anchor_every: int = 8, budget: float = 0.1,
-                      min_keys: int = 128) -> dict[str, Any]:
+def write_memory_plan(path: str | Path = REPO_ROOT / "data" / "memory_plan.json", anchor_every: int = 8,
+                      budget: float = 0.1, min_keys: int = 128) -> dict[str, Any]:
     """Write the chapter's plan tables (bf16 weights and cache, batch 1) with provenance. ``anchor_every``: an
     assumed schedule with ``num_layers // anchor_every`` full-attention layers (layer 0 included)."""
     from .files import provenance, write_json_atomic

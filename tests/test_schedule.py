@@ -85,6 +85,7 @@ def test_schedules_from_calibration_use_argmax_head_maps() -> None:
     calib = fake_calibration(0)
     sched = dp_schedule(calib, 3)
     assert sched.method == "dp" and len(sched.anchors) == 3 and sched.layer_types[0] == "dense"
+    hash(sched)  # a static argument of the jitted forward: meta (dicts) must not enter the hash
     assert (sched.tile_size, sched.budget, sched.min_keys, sched.model) == (16, 0.2, 128, "fake")
     for b, (t, a) in enumerate(zip(sched.layer_types, sched.anchor_of)):
         want = calib.similarity[a, b].argmax(axis=-1).tolist() if t == "reuse" else [0, 1, 2]
