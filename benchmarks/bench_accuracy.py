@@ -9,6 +9,7 @@ Every configuration is written to the JSON as soon as it finishes (atomically, w
 ``--time-budget`` keeps what it measured and lists what it skipped. Full size (hours on a 2-core CPU)::
 
     python benchmarks/bench_accuracy.py ppl --windows-512 64 --windows-2048 16 --time-budget 0
+    python benchmarks/bench_accuracy.py ppl --resume ...   # continue a run that its time budget cut
     python benchmarks/bench_accuracy.py retrieval --cases 2048:100,4096:100,8192:100 --time-budget 0
 
 ``--smoke`` runs a tiny random model with the SmolLM2 tokenizer (seconds; for tests and CI).
@@ -17,13 +18,12 @@ Every configuration is written to the JSON as soon as it finishes (atomically, w
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from kascade_lite.baselines import (BASELINES, DenseAttention, QuestAttention, SinkWindowAttention, all_heads_pooled,
@@ -99,10 +99,26 @@ def policy(method: str, sched: Schedule, *, num_layers: int, kv_heads: int, budg
 class Recorder:
     """Collects result rows and rewrites the JSON after each one; stops starting new work after ``time_budget``."""
 
-    def __init__(self, out: Path, command: str, settings: dict[str, Any], time_budget: float):
+    def __init__(self, out: Path, command: str, settings: dict[str, Any], time_budget: float, resume: bool = False,
+                 free: tuple[str, ...] = ()):
         self.out, self.start, self.time_budget = out, time.monotonic(), time_budget
         self.doc: dict[str, Any] = {"provenance": provenance(command), "settings": settings, "results": [],
                                     "skipped": []}
+        if resume and out.is_file():  # keep what an earlier run measured; record this run as a continuation
+            old = json.loads(out.read_text())
+            new = json.loads(json.dumps(settings))
+            fixed = lambda d: {k: v for k, v in d.items() if k not in free}  # noqa: E731
+            if fixed(old.get("settings", {})) != fixed(new):
+                raise ValueError(f"{out}: --resume needs the same settings as the run that wrote it")
+            for key in free:  # e.g. more cases or methods: merge the mappings
+                old["settings"][key] = {**old["settings"][key], **new[key]}
+            old["resumed_by"] = old.get("resumed_by", []) + [self.doc["provenance"]]
+            old["skipped"] = []
+            self.doc = old
+
+    def done(self, cfg: dict[str, Any]) -> dict[str, Any] | None:
+        """The earlier result row of exactly this configuration, if any."""
+        return next((r for r in self.doc["results"] if all(r.get(k) == v for k, v in cfg.items())), None)
 
     def out_of_time(self) -> bool:
         return self.time_budget > 0 and time.monotonic() - self.start > self.time_budget
@@ -149,12 +165,16 @@ def run_ppl(args: argparse.Namespace, command: str) -> None:
                     windows={str(k): int(v) for k, v in lengths.items()}, batch_size=args.batch_size,
                     main_schedule=main, schedules={k: v.to_dict() for k, v in schedules.items()},
                     methods=BASELINES)
-    rec = Recorder(Path(args.out), command, settings, args.time_budget)
+    rec = Recorder(Path(args.out), command, settings, args.time_budget, resume=args.resume)
     configs = ppl_configs(schedules, main, list(lengths))
     if args.smoke:
         configs = [c for c in configs if c["method"] in ("dense", "kascade", "quest")][:4]
     dense_ppl: dict[int, float] = {}
     for cfg in configs:
+        if (earlier := rec.done(cfg)) is not None:
+            if cfg["method"] == "dense":
+                dense_ppl[cfg["seq_len"]] = earlier["ppl"]
+            continue
         if rec.out_of_time():
             rec.add(cfg, "skipped")
             continue
@@ -192,13 +212,15 @@ def run_retrieval_bench(args: argparse.Namespace, command: str) -> None:
                     "haystack, 7-digit value, exact match of greedy continuation", cases=cases,
                     budget=0.1, min_keys=128, tile_size=32, batch_size=args.batch_size, main_schedule=main,
                     schedule=schedules[main].to_dict(), methods={m: BASELINES[m] for m in methods}, seed=args.seed)
-    rec = Recorder(Path(args.out), command, settings, args.time_budget)
+    rec = Recorder(Path(args.out), command, settings, args.time_budget, resume=args.resume, free=("cases", "methods"))
     batches = {length: make_cases(length, n, seed=args.seed, tokenizer=tok) for length, n in cases.items()}
     # dense and Kascade at every length first, then the baselines (a time budget cuts the baselines first)
     order = [(length, m) for first in (True, False) for length in cases for m in methods
              if (m in ("dense", "kascade")) == first]
     for length, method in order:
         n, batch = cases[length], batches[length]
+        if rec.done(dict(length=length, method=method, n_cases=n)) is not None:
+            continue
         if rec.out_of_time():
             rec.add(dict(length=length, method=method, n_cases=n), "skipped")
             continue
@@ -225,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-budget", type=float, default=1200, help="seconds; 0 = no limit")
+    p.add_argument("--resume", action="store_true", help="keep the results already in --out, run the rest")
     args = p.parse_args(argv)
     if args.out is None:
         args.out = str(REPO_ROOT / "data" / f"accuracy_{args.task}.json")

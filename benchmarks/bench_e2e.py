@@ -3,7 +3,7 @@
     python benchmarks/bench_e2e.py            # contexts 512, 2k, 8k; ~10 min on 2 CPU cores
     python benchmarks/bench_e2e.py --smoke    # one tiny context (CI), writes to a temporary folder unless --out
 
-Policies (all through `kascade_lite.model.forward`, float32): ``dense`` (the model's default `gqa_attention`,
+Policies (all through the model's forward, `bench.compiled_forward`, float32): ``dense`` (the model's default `gqa_attention`,
 materialising the scores), ``flash`` (`kernels.flash_attention`) and ``kascade``
 (`bench.KernelKascadeAttention`: the gather kernels, a schedule with layer 0 dense + 4 evenly spaced anchors,
 tile 32, budget 10 %). Prefill = one forward of ``context`` WikiText-2 tokens into an empty cache; decode = one
@@ -26,12 +26,12 @@ from kascade_lite import bench as B
 from kascade_lite import kernels as K
 from kascade_lite.convert import load_smollm2
 from kascade_lite.data import REPO_ROOT, wikitext_windows
-from kascade_lite.model import KVCache, dense_attention, forward
+from kascade_lite.model import KVCache, dense_attention
 
 TILE, BUDGET, ANCHORS = 32, 0.1, 5
 
 
-def policies(model, context: int, schedule) -> dict[str, Any]:
+def policies(context: int, schedule) -> dict[str, Any]:
     """Attention policies for one context size (Kascade's ``keep`` is static, so one policy per size)."""
     keep = K.num_keep_tiles(context, TILE, BUDGET)
     return {"dense": dense_attention, "flash": B.flash_dense_attention,
@@ -43,14 +43,15 @@ def run_context(model, tokens: jax.Array, schedule, *, reps_prefill: int, reps_d
     """Prefill and decode timings of every policy at ``context = tokens.shape[1]``."""
     context = tokens.shape[1]
     max_len = context + TILE  # room for the decoded token; a multiple of the tile
-    pols = policies(model, context, schedule)
+    pols = policies(context, schedule)
+    fwd = {name: B.compiled_forward(model, pol) for name, pol in pols.items()}
     empty = KVCache.empty(model.cfg, 1, max_len)
-    prefill = {name: (lambda pol=pol: forward(model, tokens, empty, pol)) for name, pol in pols.items()
+    prefill = {name: (lambda f=f: f(tokens, empty)) for name, f in fwd.items()
                if name != "dense" or context <= dense_prefill_limit}
     prefill_times = B.compare(prefill, reps=reps_prefill)
-    _, cache, _ = forward(model, tokens, empty, B.flash_dense_attention)  # the same cache for every decode policy
+    _, cache, _ = fwd["flash"](tokens, empty)  # the same cache for every decode policy
     nxt = tokens[:, -1:]
-    decode = {name: (lambda pol=pol: forward(model, nxt, cache, pol)[0]) for name, pol in pols.items()}
+    decode = {name: (lambda f=f: f(nxt, cache)[0]) for name, f in fwd.items()}
     decode_times = B.compare(decode, reps=reps_decode)
     row = {"context": context, "keep_tiles": pols["kascade"].keep, "prefill": prefill_times, "decode": decode_times,
            "skipped": {} if "dense" in prefill else

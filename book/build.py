@@ -1,12 +1,14 @@
 """Build the book, executing every chapter, and fail loudly if any chapter did not execute cleanly.
 
 Usage (from anywhere): ``python book/build.py``. Output: ``book/_build/html``. Sizes follow ``KASCADE_SMOKE``
-(``1``: tiny CI sizes). myst-nb writes one ``reports/<docname>.err.log`` per notebook whose execution failed; this
-script removes stale reports first, then lists the new ones and exits non-zero naming the failing notebooks.
+(``1``: tiny CI sizes). The previous HTML is removed first, so no stale page can pass for a built one. myst-nb
+writes one ``reports/<docname>.err.log`` per notebook whose execution failed; this script lists them and exits
+non-zero naming the failing notebooks.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 HTML = REPO / "book" / "_build" / "html"
 REPORTS = HTML / "reports"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes in the execution logs
 
 
 def chapter_notebooks() -> list[Path]:
@@ -24,8 +27,11 @@ def chapter_notebooks() -> list[Path]:
 
 def failed_notebooks() -> dict[str, str]:
     """``{docname: error log}`` for every notebook whose execution failed in the last build."""
-    return {p.relative_to(REPORTS).with_suffix("").with_suffix("").as_posix(): p.read_text(errors="replace")
-            for p in sorted(REPORTS.rglob("*.err.log"))} if REPORTS.is_dir() else {}
+    failed = {}
+    for log in sorted(REPORTS.rglob("*.err.log")):
+        docname = log.relative_to(REPORTS).as_posix().removesuffix(".err.log")
+        failed[docname] = ANSI.sub("", log.read_text(errors="replace"))
+    return failed
 
 
 def missing_pages() -> list[str]:
@@ -34,9 +40,11 @@ def missing_pages() -> list[str]:
 
 
 def build() -> int:
-    shutil.rmtree(REPORTS, ignore_errors=True)
-    cmd = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()", "build", str(REPO), "--config", "book/_config.yml",
-           "--toc", "book/_toc.yml", "--path-output", "book", "--all"]
+    """Build into ``book/_build/html``; return 0 only if every chapter executed and has a page."""
+    shutil.rmtree(HTML, ignore_errors=True)
+    jupyter_book = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()"]
+    cmd = [*jupyter_book, "build", str(REPO), "--config", "book/_config.yml", "--toc", "book/_toc.yml",
+           "--path-output", "book", "--all"]
     code = subprocess.run(cmd, cwd=REPO).returncode
     if code:
         print(f"book/build.py: jupyter-book exited with {code}", file=sys.stderr)

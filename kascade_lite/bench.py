@@ -180,6 +180,24 @@ class KernelKascadeAttention:
         return out[:, None], carry
 
 
+def compiled_forward(model: Any, attention: Any = None) -> Callable[..., tuple[jax.Array, Any, Any]]:
+    """``f(tokens, cache) -> (logits, cache, carry)``: `model.Llama.__call__` under one ``jax.jit``.
+
+    The module is split into graph and state once, so a call costs only the compiled computation
+    (`model.forward`'s ``nnx.jit`` re-walks the module graph in Python on every call, which on a small model
+    costs more than its attention)."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    kwargs = {} if attention is None else {"attention": attention}
+
+    @jax.jit
+    def run(state: Any, tokens: jax.Array, cache: Any) -> tuple[jax.Array, Any, Any]:
+        return nnx.merge(graphdef, state)(tokens, cache=cache, **kwargs)
+
+    return lambda tokens, cache: run(state, tokens, cache)
+
+
 def schedule_summary(schedule: Schedule) -> dict[str, Any]:
     """The parts of a schedule a benchmark JSON records."""
     d = dataclasses.asdict(schedule)

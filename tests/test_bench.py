@@ -70,6 +70,7 @@ def _model_and_tokens():
     return model, tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["flash", "kascade"])
 def test_policies_match_dense_when_everything_is_kept(policy):
     """With every tile kept, Kascade through the gather kernels is exact: same logits as dense, prefill and decode."""
@@ -83,8 +84,10 @@ def test_policies_match_dense_when_everything_is_kept(policy):
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4)
     step = tokens[:, -1:]
     np.testing.assert_allclose(forward(model, step, cache, pol)[0], forward(model, step, ref_cache)[0], atol=1e-4)
+    np.testing.assert_allclose(B.compiled_forward(model, pol)(tokens, empty)[0], logits, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_kascade_policy_is_sparse_and_carries_tiles():
     model, tokens = _model_and_tokens()
     sched = B.default_schedule("tiny", CFG.num_layers, CFG.num_kv_heads, 2, 8, 0.25)

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -35,6 +36,7 @@ window.addEventListener("load", () => {
   document.body.appendChild(out);
 });
 </script>"""
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 TRACEBACK = re.compile(r"Traceback \(most recent call last\)|class=\"[^\"]*\btraceback\b")
 
 pytestmark = pytest.mark.slow
@@ -44,16 +46,33 @@ def existing_chapters() -> list[str]:
     return [name for name in CHAPTERS if (REPO / "notebooks" / f"{name}.ipynb").is_file()]
 
 
+@dataclass
+class Build:
+    """Result of the one smoke build: the HTML folder, book/build.py's exit code and output, failed notebooks."""
+
+    html: Path
+    returncode: int
+    output: str
+    failed: dict[str, str]  # chapter name -> its execution error log (ANSI colours removed)
+
+
 @pytest.fixture(scope="session")
-def built_book() -> Path:
-    """Run ``book/build.py`` once with smoke sizes; return the HTML folder."""
+def built_book() -> Build:
+    """Run ``book/build.py`` once with smoke sizes (this executes every chapter notebook)."""
     env = {**os.environ, "KASCADE_SMOKE": "1", "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
     proc = subprocess.run([sys.executable, str(REPO / "book" / "build.py")], cwd=REPO, env=env,
                           capture_output=True, text=True)
-    failed = sorted(p.name.removesuffix(".err.log") for p in (HTML / "reports").rglob("*.err.log"))
-    assert not failed, f"notebooks failed to execute: {failed}\n{proc.stderr[-6000:]}"
-    assert proc.returncode == 0, f"book build failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return HTML
+    failed = {p.name.removesuffix(".err.log"): ANSI.sub("", p.read_text(errors="replace"))
+              for p in sorted((HTML / "reports").rglob("*.err.log"))}
+    output = f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    if not (HTML / "index.html").is_file():
+        pytest.fail(f"the book did not build (exit {proc.returncode}):\n{output}")
+    return Build(HTML, proc.returncode, output, failed)
+
+
+def test_book_builds_and_every_notebook_executes(built_book: Build) -> None:
+    assert not built_book.failed, f"notebooks failed to execute: {sorted(built_book.failed)}"
+    assert built_book.returncode == 0, f"book/build.py exited with {built_book.returncode}:\n{built_book.output}"
 
 
 def chromium(*args: str) -> subprocess.CompletedProcess:
@@ -90,8 +109,10 @@ def test_every_notebook_is_a_known_chapter() -> None:
 
 
 @pytest.mark.parametrize("chapter", existing_chapters())
-def test_chapter_page_renders(built_book: Path, chapter: str) -> None:
-    page = built_book / "notebooks" / f"{chapter}.html"
+def test_chapter_page_renders(built_book: Build, chapter: str) -> None:
+    if chapter in built_book.failed:
+        pytest.fail(f"notebooks/{chapter}.ipynb failed to execute:\n{built_book.failed[chapter][-4000:]}")
+    page = built_book.html / "notebooks" / f"{chapter}.html"
     assert page.is_file(), f"chapter page {page} was not built"
     text = page.read_text()
     assert not TRACEBACK.search(text), f"{page} shows a Python traceback"

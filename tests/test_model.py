@@ -69,6 +69,7 @@ def decode_token_by_token(model: Llama, tokens: np.ndarray, prefill: int) -> np.
     return np.concatenate(steps, axis=1)
 
 
+@pytest.mark.slow
 def test_kv_cache_decode_equals_full_forward_smollm2(smollm2, prompt_128):
     tokens = prompt_128[:, :52]  # prefill 32 + 20 steps: the shapes `generate` compiled in the test above
     full = np.asarray(forward(smollm2, jnp.asarray(tokens))[0])

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kascade_lite.attention import gqa_attention
+from kascade_lite.attention import causal_mask, gqa_attention
 from kascade_lite.config import LlamaConfig
 from kascade_lite.model import KVCache, Llama, forward, generate
 from kascade_lite.schedule import Schedule
@@ -69,18 +69,24 @@ def test_budget_keys() -> None:
        granularity=st.sampled_from(["tile", "position"]), pool=st.sampled_from(["group", "all", "head"]),
        rolling=st.booleans())
 def test_full_budget_is_dense_exactly(q_len, past, spare, tile, granularity, pool, rolling) -> None:
-    """budget=1.0 keeps every preceding key, so every layer type reproduces dense attention bit for bit
-    (prefill from an offset and decode against a partially filled cache included)."""
+    """budget=1.0 keeps every preceding key: every selection (anchors', and the remapped one a reuse layer reads)
+    is exactly the causal mask, and every layer type reproduces dense attention (bit for bit eagerly; to float32
+    rounding here, where XLA fuses the masked and the dense graph differently) — prefill from an offset and decode
+    against a partially filled cache included."""
     rng = np.random.default_rng(q_len * 100 + past)
-    kv_len = past + q_len
-    q, k, v = qkv(rng, q_len, kv_len + spare)
+    kv_len, kv_total = past + q_len, past + q_len + spare
+    q, k, v = qkv(rng, q_len, kv_total)
     hm = [[0, 1, 2], [0, 1, 2], [0, 1, 2], [2, 0, 1]]
     policy = KascadeAttention(schedule(head_map=hm, tile_size=tile, budget=1.0, min_keys=0),
                               granularity=granularity, pool=pool, rolling=rolling)
-    outs, _ = run_layers(policy, q, k, v, past, kv_len, 4)
+    outs, carry = run_layers(policy, q, k, v, past, kv_len, 4)
+    causal = np.broadcast_to(np.asarray(causal_mask(q_len, kv_total, past, kv_len)), (2, KV_HEADS, 1, q_len, kv_total))
+    for sel in (carry[0], carry[2], carry[2].remap(hm[3])):
+        mask = np.asarray(selection_mask(sel, q_len, kv_total, past, kv_len))
+        np.testing.assert_array_equal(mask, np.broadcast_to(causal[:, :, :1], mask.shape))
     dense = gqa_attention(q, k, v, q_offset=past, kv_len=kv_len)
     for out in outs:
-        np.testing.assert_array_equal(np.asarray(out), np.asarray(dense))
+        np.testing.assert_allclose(np.asarray(out), np.asarray(dense), rtol=0, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ brute force
