@@ -120,6 +120,11 @@ class Recorder:
         """The earlier result row of exactly this configuration, if any."""
         return next((r for r in self.doc["results"] if all(r.get(k) == v for k, v in cfg.items())), None)
 
+    def note(self, text: str | None) -> None:
+        """Record a remark about the run (e.g. a configuration the machine could not hold in memory)."""
+        if text:
+            self.doc.setdefault("notes", []).append(text)
+
     def out_of_time(self) -> bool:
         return self.time_budget > 0 and time.monotonic() - self.start > self.time_budget
 
@@ -166,6 +171,7 @@ def run_ppl(args: argparse.Namespace, command: str) -> None:
                     main_schedule=main, schedules={k: v.to_dict() for k, v in schedules.items()},
                     methods=BASELINES)
     rec = Recorder(Path(args.out), command, settings, args.time_budget, resume=args.resume)
+    rec.note(args.note)
     configs = ppl_configs(schedules, main, list(lengths))
     if args.smoke:
         configs = [c for c in configs if c["method"] in ("dense", "kascade", "quest")][:4]
@@ -213,6 +219,7 @@ def run_retrieval_bench(args: argparse.Namespace, command: str) -> None:
                     budget=0.1, min_keys=128, tile_size=32, batch_size=args.batch_size, main_schedule=main,
                     schedule=schedules[main].to_dict(), methods={m: BASELINES[m] for m in methods}, seed=args.seed)
     rec = Recorder(Path(args.out), command, settings, args.time_budget, resume=args.resume, free=("cases", "methods"))
+    rec.note(args.note)
     batches = {length: make_cases(length, n, seed=args.seed, tokenizer=tok) for length, n in cases.items()}
     # dense and Kascade at every length first, then the baselines (a time budget cuts the baselines first)
     order = [(length, m) for first in (True, False) for length in cases for m in methods
@@ -248,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-budget", type=float, default=1200, help="seconds; 0 = no limit")
     p.add_argument("--resume", action="store_true", help="keep the results already in --out, run the rest")
+    p.add_argument("--note", help="a remark to store in the JSON's notes")
     args = p.parse_args(argv)
     if args.out is None:
         args.out = str(REPO_ROOT / "data" / f"accuracy_{args.task}.json")

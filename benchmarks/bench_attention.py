@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", choices=("attention", "headline"), help="run one of the two parts")
     args = p.parse_args(argv)
     out = args.out or (Path(tempfile.mkdtemp()) if args.smoke else REPO_ROOT / "data")
-    command = "python benchmarks/bench_attention.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = ("python benchmarks/bench_attention.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
     cfg, tile, budget = LLAMA_3_1_8B, 32, 0.1
     schedule = B.default_schedule("llama-3.1-8b", cfg.num_layers, cfg.num_kv_heads, 5, tile, budget)
     if args.only != "headline":

@@ -3,8 +3,8 @@
     python benchmarks/bench_e2e.py            # contexts 512, 2k, 8k; ~10 min on 2 CPU cores
     python benchmarks/bench_e2e.py --smoke    # one tiny context (CI), writes to a temporary folder unless --out
 
-Policies (all through the model's forward, `bench.compiled_forward`, float32): ``dense`` (the model's default `gqa_attention`,
-materialising the scores), ``flash`` (`kernels.flash_attention`) and ``kascade``
+Policies (all through the model's forward, `bench.compiled_forward`, float32): ``dense`` (the model's default
+`gqa_attention`, materialising the scores), ``flash`` (`kernels.flash_attention`) and ``kascade``
 (`bench.KernelKascadeAttention`: the gather kernels, a schedule with layer 0 dense + 4 evenly spaced anchors,
 tile 32, budget 10 %). Prefill = one forward of ``context`` WikiText-2 tokens into an empty cache; decode = one
 forward of a single token after ``context`` cached tokens (tokens/s = 1 / median step time).
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, help="output folder (default: data/, or a temporary folder with --smoke)")
     args = p.parse_args(argv)
     out = args.out or (Path(tempfile.mkdtemp()) if args.smoke else REPO_ROOT / "data")
-    command = "python benchmarks/bench_e2e.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = ("python benchmarks/bench_e2e.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
     contexts = [256] if args.smoke else [512, 2048, 8192]
     model = load_smollm2()
     cfg = model.cfg

@@ -24,11 +24,15 @@ sequence, mean over sequences; defined for ``a <= b`` (zero below the diagonal).
 ``1 - cos(x, x + attn_out)`` with ``x`` the block input, mean over tokens and sequences.
 
 Memory is bounded: one sequence at a time; the per-sequence statistics are small arrays accumulated as running sums.
+Given a ``partial`` path, `calibrate` saves those sums (float64) and the number of sequences done there, atomically,
+every ``save_every`` sequences; a rerun with the same model, sequences and settings continues from them and gives
+bit-identical results. The partial file is deleted once the calibration finishes.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -293,26 +297,85 @@ class Calibration:
         return cal
 
 
+def check_sequences(model: Llama, sequences: Iterable[np.ndarray] | np.ndarray) -> np.ndarray:
+    """``sequences`` as ``[num, seq_len]`` int32 token ids, or ``ValueError`` naming what is wrong: not 2-D, empty,
+    ids outside ``[0, vocab_size)`` (JAX would silently clamp them), or longer than ``max_position_embeddings``."""
+    seqs = np.asarray(sequences)
+    if seqs.ndim != 2 or seqs.shape[0] == 0 or seqs.shape[1] == 0:
+        raise ValueError(f"sequences must be [num, seq_len] token ids with num, seq_len > 0, got shape {seqs.shape}")
+    if not np.issubdtype(seqs.dtype, np.integer):
+        raise ValueError(f"sequences must be integer token ids, got dtype {seqs.dtype}")
+    vocab, max_pos = model.cfg.vocab_size, model.cfg.max_position_embeddings
+    if seqs.min() < 0 or seqs.max() >= vocab:
+        raise ValueError(f"sequences hold token ids in [{seqs.min()}, {seqs.max()}], outside the model's vocabulary "
+                         f"[0, {vocab})")
+    if seqs.shape[1] > max_pos:
+        raise ValueError(f"seq_len={seqs.shape[1]} exceeds the model's max_position_embeddings={max_pos}")
+    return seqs.astype(np.int32)
+
+
+def _fingerprint(model: Llama, seqs: np.ndarray, hook: CalibrationHook, settings: dict[str, Any]) -> str:
+    """What a partial calibration must match to be resumed: model config and name, settings, the token ids."""
+    h = hashlib.sha256(json.dumps([model.cfg.to_dict(), settings, list(hook.fractions), hook.k_prev],
+                                  sort_keys=True).encode())
+    h.update(np.ascontiguousarray(seqs).tobytes())
+    return h.hexdigest()
+
+
+def _load_partial(path: Path | None, fingerprint: str) -> tuple[dict[str, np.ndarray], int]:
+    """Running sums and sequences done from a partial file of the same run; nothing if absent or of another run."""
+    if path is None or not path.is_file():
+        return {}, 0
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            if meta.get("fingerprint") != fingerprint:
+                return {}, 0
+            return {name: f.get_tensor(name) for name in f.keys()}, int(meta["done"])
+    except Exception as e:  # a damaged partial file is not worth failing for: say so and start afresh
+        print(f"calibrate: ignoring unreadable partial file {path} ({e})", file=sys.stderr)
+        return {}, 0
+
+
+def _save_partial(path: Path, sums: dict[str, np.ndarray], done: int, fingerprint: str) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in sums.items()}, str(tmp),
+                  metadata={"fingerprint": fingerprint, "done": str(done)})
+
+
 def calibrate(model: Llama, sequences: Iterable[np.ndarray] | np.ndarray, *, tile_size: int = 32,
               budget: float = 0.1, min_keys: int = 0, fractions: tuple[float, ...] = COVERAGE_FRACTIONS,
-              model_name: str = "model", dataset: str = "", progress: bool = True) -> Calibration:
+              model_name: str = "model", dataset: str = "", progress: bool = True,
+              partial: str | Path | None = None, save_every: int = 10) -> Calibration:
     """Run the calibration pass over ``sequences: [num, seq_len]`` token ids, one sequence at a time.
 
-    ``seq_len`` must be a multiple of ``tile_size``. Returns the statistics averaged over sequences."""
-    seqs = np.asarray(sequences, dtype=np.int32)
-    if seqs.ndim != 2 or seqs.shape[0] == 0:
-        raise ValueError(f"sequences must be [num, seq_len] token ids, got shape {seqs.shape}")
+    ``seq_len`` must be a multiple of ``tile_size``. Returns the statistics averaged over sequences. With
+    ``partial`` (a ``.safetensors`` path) the running sums are saved there every ``save_every`` sequences and an
+    interrupted run of the same model, sequences and settings resumes from them (see the module docstring)."""
+    seqs = check_sequences(model, sequences)
     num, seq_len = seqs.shape
+    if save_every < 1:
+        raise ValueError(f"save_every={save_every} must be >= 1")
     hook = CalibrationHook(tile_size=tile_size, k_prev=topk_keys(seq_len, tile_size, budget, min_keys),
                            fractions=tuple(float(f) for f in fractions))
-    sums: dict[str, np.ndarray] = {}
-    for row in tqdm(seqs, desc=f"calibrating {model_name}", unit="seq", disable=not progress):
+    settings = dict(model=model_name, num_sequences=int(num), seq_len=int(seq_len), tile_size=tile_size,
+                    budget=budget, min_keys=min_keys, k_prev=hook.k_prev, dataset=dataset)
+    partial = Path(partial) if partial is not None else None
+    fingerprint = _fingerprint(model, seqs, hook, settings)
+    sums, done = _load_partial(partial, fingerprint)
+    for row in tqdm(seqs[done:], desc=f"calibrating {model_name}", unit="seq", disable=not progress,
+                    initial=done, total=num):
         stats = sequence_stats(model, jnp.asarray(row[None, :]), hook)
         for name, value in stats.items():
             sums[name] = sums.get(name, 0.0) + np.asarray(value, dtype=np.float64)
+        done += 1
+        if partial is not None and done % save_every == 0 and done < num:
+            _save_partial(partial, sums, done, fingerprint)
     mean = {name: (value / num).astype(np.float32) for name, value in sums.items()}
-    settings = dict(model=model_name, num_sequences=int(num), seq_len=int(seq_len), tile_size=tile_size,
-                    budget=budget, min_keys=min_keys, k_prev=hook.k_prev, dataset=dataset)
+    if partial is not None:
+        partial.unlink(missing_ok=True)
     return Calibration(coverage_fractions=np.asarray(fractions, np.float32), settings=settings, **mean)
 
 
@@ -330,11 +393,17 @@ def run(model_name: str = "smollm2-135m", num_sequences: int = 100, seq_len: int
     model = load_smollm2(dtype=jnp.float32)
     windows = wikitext_windows("validation", seq_len, num_sequences)
     cal = calibrate(model, windows, tile_size=tile_size, budget=budget, min_keys=min_keys, model_name=model_name,
-                    dataset=f"wikitext-2-v1 validation, {num_sequences} x {seq_len} tokens")
+                    dataset=f"wikitext-2-v1 validation, {num_sequences} x {seq_len} tokens",
+                    partial=partial_path(out_dir, model_name))
     cal.save(Path(out_dir) / model_name, command=command)
     if Path(out_dir).resolve() == CALIBRATION_DIR.resolve():
         write_coverage_json(cal, REPO_ROOT / "data" / "coverage.json", command)
     return cal
+
+
+def partial_path(out_dir: str | Path, model_name: str) -> Path:
+    """Where an unfinished calibration of ``model_name`` keeps its running sums: ``<out_dir>/<model>.partial.safetensors``."""
+    return Path(out_dir) / f"{model_name}.partial.safetensors"
 
 
 def write_coverage_json(cal: Calibration, path: str | Path, command: str) -> None:

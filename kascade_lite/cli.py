@@ -77,10 +77,13 @@ def ensure_converted(spec: ModelSpec, cache: str | None, progress: bool = True) 
 
 
 def load_model(spec: ModelSpec, cache: str | None):
-    """The converted model as a `model.Llama` (float32 activations; weights as converted, cast to float32)."""
+    """The converted model as a `model.Llama`: weights kept in the converted dtype, float32 activations."""
+    import jax.numpy as jnp
+
     from .convert import load_converted
 
-    return load_converted(ensure_converted(spec, cache, progress=False))
+    return load_converted(ensure_converted(spec, cache, progress=False), param_dtype=jnp.dtype(spec.dtype),
+                          dtype=jnp.float32)
 
 
 def load_tokenizer_for(spec: ModelSpec):
@@ -118,6 +121,12 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 # ================================================================================================ shared options
+def default_root() -> Path:
+    """The repository checkout when the package runs from one (editable install), else the current directory
+    (a pip-installed package must not write into site-packages)."""
+    return REPO_ROOT if (REPO_ROOT / "pyproject.toml").is_file() else Path.cwd()
+
+
 def _root(args: argparse.Namespace) -> Path:
     return Path(args.out).expanduser().resolve()
 
@@ -128,8 +137,9 @@ def _command_line(args: argparse.Namespace) -> str:
 
 
 def _add_root(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", metavar="ROOT", default=str(REPO_ROOT),
-                   help="results root: writes ROOT/data/... and ROOT/book/figures (default: the repository, %(default)s)")
+    p.add_argument("--out", metavar="ROOT", default=str(default_root()),
+                   help="results root: writes ROOT/data/... and ROOT/book/figures "
+                        "(default: the repository checkout, else the current folder: %(default)s)")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -169,7 +179,8 @@ def run_calibrate(spec: ModelSpec, root: Path, settings: CalibrationSettings, *,
     from .data import wikitext_windows
 
     model = load_model(spec, cache)
-    windows = wikitext_windows("validation", settings.seq_len, settings.num_sequences, tokenizer=load_tokenizer_for(spec))
+    windows = wikitext_windows("validation", settings.seq_len, settings.num_sequences,
+                               tokenizer=load_tokenizer_for(spec))
     cal = calibrate(model, windows, tile_size=settings.tile_size, budget=settings.budget, model_name=spec.name,
                     dataset=f"wikitext-2-v1 validation, {settings.num_sequences} x {settings.seq_len} tokens")
     paths = list(cal.save(root / "data" / "calibration" / spec.name, command=command))
@@ -181,8 +192,8 @@ def run_calibrate(spec: ModelSpec, root: Path, settings: CalibrationSettings, *,
 
 def _calibrate(args: argparse.Namespace) -> int:
     spec = model_spec(args.model, args.dtype)
-    settings = CalibrationSettings.smoke() if args.smoke else CalibrationSettings()
-    settings = CalibrationSettings(args.num_sequences or settings.num_sequences, args.seq_len or settings.seq_len,
+    base = CalibrationSettings.smoke() if args.smoke else CalibrationSettings()
+    settings = CalibrationSettings(args.num_sequences or base.num_sequences, args.seq_len or base.seq_len,
                                    args.tile_size, args.budget)
     for path in run_calibrate(spec, _root(args), settings, cache=args.cache, command=_command_line(args)):
         print(f"wrote {path}")
@@ -198,7 +209,8 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
     _add_model(p)
     _add_root(p)
     p.add_argument("--num-sequences", type=int, help="calibration windows (default 100; 2 with --smoke)")
-    p.add_argument("--seq-len", type=int, help="tokens per window, a multiple of --tile-size (default 512; 128 with --smoke)")
+    p.add_argument("--seq-len", type=int,
+                   help="tokens per window, a multiple of --tile-size (default 512; 128 with --smoke)")
     p.add_argument("--tile-size", type=int, default=32, choices=(16, 32, 64), help="query tile (default 32)")
     p.add_argument("--budget", type=float, default=0.1, help="share of keys kept (default 0.1)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
@@ -288,7 +300,8 @@ def run_eval(spec: ModelSpec, root: Path, settings: EvalSettings, *, cache: str 
     paths = find_schedules(root / "data" / "schedules", spec.name, settings.schedules)
     model = load_model(spec, cache)
     windows = wikitext_windows("test", settings.seq_len, settings.windows, tokenizer=load_tokenizer_for(spec))
-    policies = {"dense": dense_attention} | {f"kascade_{n}": KascadeAttention(Schedule.load(p)) for n, p in paths.items()}
+    policies = {"dense": dense_attention}
+    policies |= {f"kascade_{n}": KascadeAttention(Schedule.load(p)) for n, p in paths.items()}
     rows = []
     for name, attention in tqdm(policies.items(), desc=f"eval {spec.name}", unit="policy"):
         nll = nll_per_window(model, windows, attention=attention, batch_size=settings.batch_size, progress=False)
@@ -472,16 +485,11 @@ def execute_notebook(path: Path, root: Path, *, smoke: bool, timeout: int = 3600
         local = local_data_dir()  # found from the real checkout; the redirect would hide <repo>/../shared/data
         if local is not None:
             env.setdefault("KASCADE_DATA_DIR", str(local))
-    old_env = os.environ.copy()
-    os.environ.update(env)  # the kernel inherits the environment of this process
     try:
         NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                       resources={"metadata": {"path": str(path.parent)}}).execute()
+                       resources={"metadata": {"path": str(path.parent)}}).execute(env=env)
     except CellExecutionError as e:
         raise RuntimeError(f"{path.name} failed:\n{str(e)[-2000:]}") from None
-    finally:
-        os.environ.clear()
-        os.environ.update(old_env)
 
 
 def run_figures(root: Path, only: Sequence[str] = (), *, smoke: bool = False) -> list[Path]:
@@ -535,7 +543,8 @@ def fingerprint(path: Path) -> str:
     if path.is_dir():
         import hashlib
 
-        parts = [f"{p.name}:{fingerprint(p)}" for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")]
+        parts = [f"{p.name}:{fingerprint(p)}" for p in sorted(path.iterdir())
+                 if p.is_file() and not p.name.startswith(".")]
         return "dir:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()
     if not path.is_file():
         return "missing"
@@ -553,8 +562,12 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def step_inputs(step: Step, root: Path) -> dict[str, Any]:
-    """What decides whether ``step`` is up to date: its settings and its input files' fingerprints."""
-    return {"settings": step.settings, "files": {_rel(p, root): fingerprint(p) for p in step.input_files()}}
+    """What decides whether ``step`` is up to date: its settings and its input files' fingerprints (as JSON
+    values, so they compare equal to a stamp read back: tuples become lists)."""
+    import json
+
+    inputs = {"settings": step.settings, "files": {_rel(p, root): fingerprint(p) for p in step.input_files()}}
+    return json.loads(json.dumps(inputs))
 
 
 def stamp_path(root: Path, step: str) -> Path:
@@ -609,9 +622,11 @@ def pipeline(spec: ModelSpec, root: Path, *, smoke: bool, cache: str | None, fig
         Step("calibrate", lambda: run_calibrate(spec, root, cal, cache=cache,
                                                 command=f"kascade-lite calibrate{model_opt}{out_opt}{sm}"),
              vars(cal) | {"model": spec.name}, lambda: [converted / "manifest.json", *_sources("calibrate")]),
-        Step("schedules", lambda: run_schedule(stem, schedule_dir, command=f"kascade-lite schedule{model_opt}{out_opt}"),
+        Step("schedules",
+             lambda: run_schedule(stem, schedule_dir, command=f"kascade-lite schedule{model_opt}{out_opt}"),
              {"min_keys": 128}, lambda: [stem.with_suffix(".safetensors"), *_sources("schedule")]),
-        Step("eval", lambda: run_eval(spec, root, ev, cache=cache, command=f"kascade-lite eval{model_opt}{out_opt}{sm}"),
+        Step("eval",
+             lambda: run_eval(spec, root, ev, cache=cache, command=f"kascade-lite eval{model_opt}{out_opt}{sm}"),
              vars(ev) | {"model": spec.name},
              lambda: [converted / "manifest.json", *sorted(schedule_dir.glob(f"{spec.name}_*.json")),
                       *_sources("eval", "sparse")]),
@@ -680,10 +695,12 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def add_reproduce(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("reproduce", help="the whole pipeline: weights -> calibration -> schedules -> results -> figures",
+    p = sub.add_parser("reproduce",
+                       help="the whole pipeline: weights -> calibration -> schedules -> results -> figures",
                        description="convert -> calibrate -> schedules -> eval -> the book's benchmarks (accuracy, "
                                    "perplexity, attention, e2e, convert, memory plan) -> figures, into ROOT/data and "
-                                   "ROOT/book/figures. A step is skipped when its stamp (ROOT/data/.stamps/<step>.json: "
+                                   "ROOT/book/figures. A step is skipped when its stamp "
+                                   "(ROOT/data/.stamps/<step>.json: "
                                    "settings, input fingerprints, output checksums) still matches; --force reruns. "
                                    "--model PATH runs convert, calibrate, schedules and eval on a checkpoint "
                                    "(e.g. Llama-3.1-8B-Instruct downloaded with huggingface-cli), with its own "

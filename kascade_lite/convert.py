@@ -22,16 +22,26 @@ Conversion streams: one output file is produced at a time and only one tensor of
 file is written tensor by tensor). Source safetensors are read with positioned reads of row blocks rather than a
 memory map, so the pages of a 5 GB shard never count towards the converter's resident memory. Each output file is
 written atomically; ``manifest.json`` is rewritten after every file and marked ``complete`` only at the end, so a
-rerun resumes by skipping files whose checksum matches, and a half-converted directory is never loaded.
+rerun resumes by skipping files whose checksum matches, and a half-converted directory is never loaded; temp files
+of an interrupted run are removed. ``$KASCADE_CONVERT_PAUSE`` (seconds, test-only) sleeps before each output tensor
+so a test can kill a conversion mid-file.
+
+Sources are untrusted: nothing is unpickled (torch files only through ``weights_only=True``), and safetensors and
+GGUF headers are validated (dtypes, shapes, offsets, sizes against the file size) before any tensor is read, so a
+header claiming an absurd size fails at once with the file and tensor named. Tensors the config does not account for
+are an error. See ``docs/errors.md`` for every error and its message.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
 import re
 import struct
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -59,6 +69,12 @@ ST_DTYPES: dict[str, Any] = {"F64": np.float64, "F32": np.float32, "F16": np.flo
 ST_CODES: dict[Any, str] = {np.dtype(v): k for k, v in ST_DTYPES.items()}
 
 ROW_BLOCK_BYTES = 64 << 20  # source rows are read (and transposed) in blocks of about this size
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit on a header's JSON
+MAX_TENSOR_ELEMENTS = 1 << 40  # no Llama tensor comes near this; a header claiming more is damaged or hostile
+IGNORED_SOURCE_KEYS = re.compile(r"(.*\.)?(rotary_emb\.inv_freq|rope\.freqs)")
+"""Source tensors that carry no weights (precomputed RoPE tables of old checkpoints): skipped, not an error."""
+PAUSE_ENV = "KASCADE_CONVERT_PAUSE"
+"""Test hook: seconds to sleep before producing each output tensor, so a test can kill a conversion mid-way."""
 
 
 def layer_file(i: int) -> str:
@@ -146,26 +162,52 @@ class SafetensorsFile:
             if len(head) < 8:
                 raise ValueError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise ValueError(f"{self.path}: corrupt safetensors header (claims {n} bytes of JSON, the limit is "
+                                 f"{MAX_HEADER_BYTES})")
             if 8 + n > size:
                 raise ValueError(f"{self.path}: truncated safetensors file (header of {n} bytes, file {size})")
             try:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{self.path}: corrupt safetensors header ({e})") from e
+        if not isinstance(header, dict):
+            raise ValueError(f"{self.path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
         header.pop("__metadata__", None)
         self.data_start, self.entries = 8 + n, header
-        for key, e in header.items():
-            if e.get("dtype") not in ST_DTYPES:
-                raise ValueError(f"{self.path}: tensor {key} has dtype {e.get('dtype')}, expected a float type "
-                                 f"({', '.join(ST_DTYPES)})")
-            begin, end = e["data_offsets"]
-            nbytes = int(np.prod(e["shape"], dtype=np.int64)) * np.dtype(ST_DTYPES[e["dtype"]]).itemsize
-            if end - begin != nbytes:
-                raise ValueError(f"{self.path}: tensor {key} holds {end - begin} bytes, shape {e['shape']} "
-                                 f"{e['dtype']} needs {nbytes}")
-            if self.data_start + end > size:
-                raise ValueError(f"{self.path}: truncated file: tensor {key} ends at byte {self.data_start + end}, "
-                                 f"the file has {size}")
+        spans = sorted((self._check_entry(key, e, size), key) for key, e in header.items())
+        for ((_, end), key), ((begin, _), nxt) in zip(spans, spans[1:]):
+            if begin < end:
+                raise ValueError(f"{self.path}: corrupt safetensors header: tensors {key} and {nxt} overlap")
+
+    def _check_entry(self, key: str, e: Any, size: int) -> tuple[int, int]:
+        """Validate one header entry against the file size (before any data is read); return its byte span."""
+        def bad(msg: str) -> ValueError:
+            return ValueError(f"{self.path}: tensor {key}: {msg}")
+
+        if not isinstance(e, dict):
+            raise bad(f"header entry is a {type(e).__name__}, not an object")
+        if e.get("dtype") not in ST_DTYPES:
+            raise ValueError(f"{self.path}: tensor {key} has dtype {e.get('dtype')}, expected a float type "
+                             f"({', '.join(ST_DTYPES)})")
+        shape, offsets = e.get("shape"), e.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise bad(f"shape {shape!r} is not a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise bad(f"data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
+        elements = math.prod(shape)  # Python ints: an absurd shape cannot overflow into a small number
+        if elements > MAX_TENSOR_ELEMENTS:
+            raise bad(f"shape {shape} claims {elements} elements (more than {MAX_TENSOR_ELEMENTS}); refusing it")
+        begin, end = offsets
+        nbytes = elements * np.dtype(ST_DTYPES[e["dtype"]]).itemsize
+        if end - begin != nbytes:
+            raise ValueError(f"{self.path}: tensor {key} holds {end - begin} bytes, shape {shape} "
+                             f"{e['dtype']} needs {nbytes}")
+        if self.data_start + end > size:
+            raise ValueError(f"{self.path}: truncated file: tensor {key} ends at byte {self.data_start + end}, "
+                             f"the file has {size}")
+        return begin, end
 
     def keys(self) -> set[str]:
         return set(self.entries)
@@ -226,9 +268,15 @@ class HFCheckpoint(Checkpoint):
             index = path / index_name
             if index.is_file():
                 try:
-                    return dict(json.loads(index.read_text())["weight_map"]), index_name
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    weight_map = dict(json.loads(index.read_text())["weight_map"])
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                     raise ValueError(f"{index}: not a valid index file ({e})") from e
+                for key, name in weight_map.items():
+                    if (not isinstance(name, str) or Path(name).name != name or name.startswith(".")
+                            or Path(name).suffix not in (".safetensors", ".bin")):
+                        raise ValueError(f"{index}: tensor {key} points at {name!r}; expected a .safetensors or "
+                                         f".bin file name inside {path}")
+                return weight_map, index_name
         for single in ("model.safetensors", "pytorch_model.bin"):
             if (path / single).is_file():
                 return {key: single for key in _file_reader(path / single).keys()}, single
@@ -285,6 +333,9 @@ class TorchFile:
             raise ValueError(f"{self.path}: cannot read torch checkpoint ({type(e).__name__}: {e})") from e
         if not isinstance(state, dict):
             raise ValueError(f"{self.path}: expected a dict of tensors, found {type(state).__name__}")
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{self.path}: entry {key!r} is a {type(value).__name__}, expected a tensor")
         return state
 
     @property
@@ -426,8 +477,12 @@ class GGUFCheckpoint(Checkpoint):
         import gguf
 
         try:
-            self.reader = gguf.GGUFReader(str(path))
-        except Exception as e:  # the reader raises ValueError/IndexError/struct errors on damaged files
+            self.reader = _checked_gguf_reader_class()(str(path))
+        except ValueError as e:
+            if str(path) in str(e):  # already one of our messages
+                raise
+            raise ValueError(f"{path}: cannot read GGUF file ({e})") from e
+        except Exception as e:  # the reader raises IndexError/KeyError/struct errors on damaged files
             raise ValueError(f"{path}: cannot read GGUF file ({type(e).__name__}: {e})") from e
         self.tensors = {t.name: t for t in self.reader.tensors}
         super().__init__(path, self._config(path))
@@ -459,7 +514,7 @@ class GGUFCheckpoint(Checkpoint):
                 bos_token_id=self._field("tokenizer.ggml.bos_token_id"),
                 eos_token_id=self._field("tokenizer.ggml.eos_token_id"))
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: incomplete llama metadata ({e})") from e
+            raise ValueError(f"{path}: invalid or incomplete llama metadata ({e})") from e
 
     def spec(self, name: str) -> TensorSpec:
         if name.startswith("layers."):
@@ -486,6 +541,40 @@ class GGUFCheckpoint(Checkpoint):
     def close(self) -> None:
         self.tensors.clear()
         del self.reader
+
+
+@functools.cache
+def _checked_gguf_reader_class() -> type:
+    """A ``gguf.GGUFReader`` that validates every tensor's type, dimensions and data span against the file size
+    before the reader builds its (memory-mapped) views, so an absurd header fails with the tensor's name."""
+    import gguf
+
+    class CheckedGGUFReader(gguf.GGUFReader):
+        def _build_tensors(self, start_offs: int, fields: list) -> None:
+            size = len(self.data)
+            for field in fields:
+                _, name_data, _, dims, raw_dtype, offset = field.parts
+                name = bytes(name_data).decode("utf-8", errors="replace")
+                where = f"{Path(self.data.filename)}: tensor {name}"
+                try:
+                    qtype = gguf.GGMLQuantizationType(int(raw_dtype[0]))
+                except ValueError:
+                    raise ValueError(f"{where}: unknown GGML type {int(raw_dtype[0])}") from None
+                shape = [int(d) for d in dims]
+                elements = math.prod(shape)
+                if not shape or min(shape) <= 0 or elements > MAX_TENSOR_ELEMENTS:
+                    raise ValueError(f"{where}: dimensions {shape} ({elements} elements) must be positive and hold "
+                                     f"at most {MAX_TENSOR_ELEMENTS} elements; refusing it")
+                block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+                if shape[0] % block:
+                    raise ValueError(f"{where}: row of {shape[0]} values is not a whole number of {qtype.name} "
+                                     f"blocks of {block}")
+                end = int(start_offs) + int(offset[0]) + elements // block * type_size
+                if end > size:
+                    raise ValueError(f"{where}: data ends at byte {end}, the file has {size} (truncated or corrupt)")
+            super()._build_tensors(start_offs, fields)
+
+    return CheckedGGUFReader
 
 
 def _f32(value: float) -> float:
@@ -579,6 +668,39 @@ def _full_name(file: str, short: str) -> str:
     return f"layers.{int(m.group(1))}.{short}" if m else short
 
 
+def check_tensor_names(ckpt: Checkpoint) -> None:
+    """Raise ``ValueError`` if the source holds tensors the config does not account for (e.g. more layers than
+    ``num_layers``, or another architecture's weights); RoPE tables (`IGNORED_SOURCE_KEYS`) are allowed."""
+    cfg, keys = ckpt.config, ckpt.keys()
+    if cfg.num_layers * len(LAYER_TENSORS) > len(keys):  # before listing the names of an absurd layer count
+        raise ValueError(f"{ckpt.where(next(iter(keys), ''))}: the config describes {cfg.num_layers} layers "
+                         f"({cfg.num_layers * len(LAYER_TENSORS)} layer tensors), the checkpoint holds only "
+                         f"{len(keys)} tensors")
+    used = {ckpt.spec(name).key for name in expected_shapes(cfg)}
+    if ckpt.config.tie_word_embeddings:  # some tied checkpoints also store the (identical) output matrix
+        used.add(ckpt.spec("lm_head").key)
+    extra = sorted(k for k in keys - used if not IGNORED_SOURCE_KEYS.fullmatch(k))
+    if extra:
+        more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+        raise ValueError(f"{ckpt.where(extra[0])}: unexpected tensor(s) {extra[:5]}{more}: not part of the "
+                         f"{cfg.num_layers}-layer model its config describes")
+
+
+def _remove_stale_temp_files(out: Path, plan: dict[str, list[str]]) -> None:
+    """Delete temp files an interrupted run left behind (``.<our file name>.<random>.tmp``, see `atomic_path`)."""
+    ours = set(plan) | {"config.json", MANIFEST}
+    for tmp in out.glob(".*.tmp"):
+        if tmp.name[1:].rsplit(".", 2)[0] in ours:
+            tmp.unlink(missing_ok=True)
+
+
+def _pause() -> None:
+    """Sleep ``$KASCADE_CONVERT_PAUSE`` seconds (unset: no pause). Test-only: lets a test kill a run mid-file."""
+    seconds = float(os.environ.get(PAUSE_ENV) or 0)
+    if seconds > 0:
+        time.sleep(seconds)
+
+
 def _identity(ckpt: Checkpoint, dtype: str) -> dict[str, Any]:
     """What makes two conversions the same model: the source, its format, the config and the output dtype."""
     return {"source": str(ckpt.path.resolve()), "source_format": ckpt.format, "dtype": dtype,
@@ -635,8 +757,10 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, dt
     ckpt = open_checkpoint(src)
     try:
         cfg = ckpt.config
+        check_tensor_names(ckpt)
         manifest = _prepare_output(out, _identity(ckpt, dtype), force)
         out.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp_files(out, _plan(cfg))
         shapes = expected_shapes(cfg)
         cfg_file = out / "config.json"
         with atomic_path(cfg_file) as tmp:
@@ -650,8 +774,11 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, dt
                 continue
             full = {n: _full_name(file, n) for n in names}
             file_shapes = {n: shapes[full[n]] for n in names}
-            digest = write_safetensors(out / file, names, file_shapes, np_dtype,
-                                       lambda n: _our_tensor(ckpt, full[n], file_shapes[n], np_dtype))
+            def produce(n: str) -> np.ndarray:
+                _pause()
+                return _our_tensor(ckpt, full[n], file_shapes[n], np_dtype)
+
+            digest = write_safetensors(out / file, names, file_shapes, np_dtype, produce)
             manifest["files"][file] = {
                 "sha256": digest,
                 "tensors": {n: {"shape": list(file_shapes[n]), "dtype": ST_CODES[np.dtype(np_dtype)]} for n in names}}

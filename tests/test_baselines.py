@@ -14,7 +14,7 @@ from kascade_lite.baselines import (BASELINES, DenseAttention, QuestAttention, S
 from kascade_lite.config import LlamaConfig
 from kascade_lite.model import Llama, forward, generate
 from kascade_lite.schedule import Schedule
-from kascade_lite.sparse import KascadeAttention, budget_keys, selection_mask
+from kascade_lite.sparse import KascadeAttention, budget_keys, masked_attention, selection_mask
 
 KV_HEADS, GROUP, D, LAYERS = 2, 3, 8, 4
 
@@ -94,14 +94,20 @@ def test_quest_bound_is_an_upper_bound(rng) -> None:
     assert np.isneginf(np.asarray(kmax2[:, 4])).all()
 
 
-def test_quest_keeps_budget_pages_per_query_head(rng) -> None:
+def test_quest_keeps_the_top_pages_per_query_head(rng) -> None:
+    """Decode at position 63, pages of 4, budget 16 keys: each query head attends to the 4 pages with the largest
+    bound (plus its own key), which we rebuild in NumPy and attend to with a masked softmax."""
     q, k, v = qkv(rng, 1, 64)
     quest = QuestAttention(budget=16, min_keys=0, page_size=4, dense_layers=())
     out, _ = quest(1, q, k, v, q_offset=jnp.int32(63), kv_len=jnp.int32(64), carry=None)
-    kmin, kmax = page_min_max(k, 4, 64)
-    bound = np.asarray(quest_upper_bound(q, kmin, kmax))[0, :, :, 0, :15]     # pages strictly before the query's
-    assert out.shape == q.shape
-    assert bound.shape == (KV_HEADS, GROUP, 15)
+    bound = np.asarray(quest_upper_bound(q, *page_min_max(k, 4, 64)))[0, :, :, 0]     # [kv_heads, group, pages]
+    mask = np.zeros((1, KV_HEADS, GROUP, 1, 64), bool)
+    for h in range(KV_HEADS):
+        for g in range(GROUP):
+            for page in np.argsort(-bound[h, g])[:4]:
+                mask[0, h, g, 0, page * 4:page * 4 + 4] = True
+    mask[..., 63] = True
+    np.testing.assert_allclose(out, masked_attention(q, k, v, jnp.asarray(mask)), atol=1e-6)
 
 
 def test_selection_sharing(rng) -> None:
