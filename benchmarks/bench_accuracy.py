@@ -124,6 +124,7 @@ class Recorder:
         """Record a remark about the run (e.g. a configuration the machine could not hold in memory)."""
         if text:
             self.doc.setdefault("notes", []).append(text)
+            write_json_atomic(self.out, self.doc)
 
     def out_of_time(self) -> bool:
         return self.time_budget > 0 and time.monotonic() - self.start > self.time_budget

@@ -203,9 +203,12 @@ def test_gguf_absurd_counts_fail_fast(tmp_path: Path, field_offset: int, value: 
 
 
 def test_gguf_claiming_a_billion_layers(tmp_path: Path) -> None:
-    from dataclasses import replace
-
-    path = write_gguf(tmp_path / "m.gguf", replace(TINY, num_layers=10**9))  # metadata only: 0 layer tensors
+    path = write_gguf(tmp_path / "m.gguf")
+    data = bytearray(path.read_bytes())
+    key = b"llama.block_count"
+    at = data.index(struct.pack("<Q", len(key)) + key) + 8 + len(key)  # then: u32 value type, u32 value
+    struct.pack_into("<I", data, at + 4, 10**9)
+    path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"m\.gguf: the config describes 1000000000 layers"):
         convert_checkpoint(path, tmp_path / "out", progress=False)
 
