@@ -12,13 +12,15 @@ STAMP := $(VENV)/.kascade-setup
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help setup book test reproduce clean
+.PHONY: help setup book test reproduce reproduce-smoke bench clean
 
 help:
 	@echo "make book       build the book, executing every notebook -> book/_build/html/index.html"
 	@echo "make test       run the test suite with KASCADE_SMOKE=1 (tiny sizes, includes the book build)"
 	@echo "make setup      create .venv ($(PYTHON)), install the package and Chromium (done by book/test)"
 	@echo "make reproduce  recompute every published result (kascade-lite reproduce)"
+	@echo "make reproduce-smoke  the same pipeline at tiny sizes into /tmp (minutes)"
+	@echo "make bench      rerun the speed benchmarks (attention op, end to end) -> data/bench_*_cpu.json"
 	@echo "make clean      remove book/_build"
 
 setup: $(STAMP) $(CHROMIUM)
@@ -46,6 +48,13 @@ test: setup
 
 reproduce: setup
 	$(VENV)/bin/kascade-lite reproduce
+
+reproduce-smoke: setup
+	$(VENV)/bin/kascade-lite reproduce --smoke --out $(or $(OUT),/tmp/kascade-reproduce-smoke)
+
+bench: setup
+	$(PY) benchmarks/bench_attention.py
+	$(PY) benchmarks/bench_e2e.py
 
 clean:
 	rm -rf book/_build
