@@ -175,15 +175,17 @@ def run_calibrate(spec: ModelSpec, root: Path, settings: CalibrationSettings, *,
                   command: str = "kascade-lite calibrate") -> list[Path]:
     """Calibrate on WikiText-2 validation windows; write ``ROOT/data/calibration/<model>.{safetensors,json}`` and,
     for the bundled model, ``ROOT/data/coverage.json`` (chapter 05). Returns the written paths."""
-    from .calibrate import calibrate, write_coverage_json
+    from .calibrate import calibrate, partial_path, write_coverage_json
     from .data import wikitext_windows
 
     model = load_model(spec, cache)
+    out_dir = root / "data" / "calibration"
     windows = wikitext_windows("validation", settings.seq_len, settings.num_sequences,
                                tokenizer=load_tokenizer_for(spec))
     cal = calibrate(model, windows, tile_size=settings.tile_size, budget=settings.budget, model_name=spec.name,
-                    dataset=f"wikitext-2-v1 validation, {settings.num_sequences} x {settings.seq_len} tokens")
-    paths = list(cal.save(root / "data" / "calibration" / spec.name, command=command))
+                    dataset=f"wikitext-2-v1 validation, {settings.num_sequences} x {settings.seq_len} tokens",
+                    partial=partial_path(out_dir, spec.name))  # an interrupted run resumes from here
+    paths = list(cal.save(out_dir / spec.name, command=command))
     if spec.name == SMOLLM2:
         write_coverage_json(cal, root / "data" / "coverage.json", command)
         paths.append(root / "data" / "coverage.json")
