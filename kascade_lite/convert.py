@@ -702,8 +702,10 @@ def _pause() -> None:
 
 
 def _identity(ckpt: Checkpoint, dtype: str) -> dict[str, Any]:
-    """What makes two conversions the same model: the source, its format, the config and the output dtype."""
-    return {"source": str(ckpt.path.resolve()), "source_format": ckpt.format, "dtype": dtype,
+    """What makes two conversions the same model: the source's file name and format, the config and the output
+    dtype. Not the source's full path: the same checkpoint in another folder (another venv, a moved download) is
+    the same model, and its conversion resumes or is reused."""
+    return {"source_name": ckpt.path.name, "source_format": ckpt.format, "dtype": dtype,
             "config": ckpt.config.to_dict()}
 
 
@@ -759,6 +761,7 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, dt
         cfg = ckpt.config
         check_tensor_names(ckpt)
         manifest = _prepare_output(out, _identity(ckpt, dtype), force)
+        manifest["source"] = str(ckpt.path.resolve())  # where it came from this time (information only)
         out.mkdir(parents=True, exist_ok=True)
         _remove_stale_temp_files(out, _plan(cfg))
         shapes = expected_shapes(cfg)
