@@ -97,7 +97,7 @@ def write_malicious(path: Path, marker: Path) -> None:
 
 def reduces_to_system(path: Path) -> bool:
     """True when the pickle inside a torch zip really imports ``system`` (so the test below is not vacuous)."""
-    import pickletools
+    import pickletools  # a disassembler: it lists opcodes and never unpickles (nothing here can run the payload)
 
     with zipfile.ZipFile(path) as z:
         data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
