@@ -59,9 +59,10 @@ def attention_probs(q: jax.Array, k: jax.Array, *, causal: bool = True, q_offset
                     kv_len: jax.Array | int | None = None, scale: float | None = None) -> jax.Array:
     """Post-softmax attention ``[batch, kv_heads, group, q_len, kv_len]`` in float32 (what Kascade's anchors pool)."""
     s = grouped_scores(q, k, scale)
-    if causal or kv_len is not None:
-        mask = causal_mask(q.shape[1], k.shape[1], q_offset if causal else k.shape[1], kv_len)
-        s = jnp.where(mask, s, NEG_INF)
+    if causal:
+        s = jnp.where(causal_mask(q.shape[1], k.shape[1], q_offset, kv_len), s, NEG_INF)
+    elif kv_len is not None:  # bidirectional: only the unused cache slots are hidden
+        s = jnp.where(jnp.arange(k.shape[1]) < kv_len, s, NEG_INF)
     return jax.nn.softmax(s, axis=-1)
 
 
