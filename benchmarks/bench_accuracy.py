@@ -10,7 +10,9 @@ Every configuration is written to the JSON as soon as it finishes (atomically, w
 
     python benchmarks/bench_accuracy.py ppl --windows-512 64 --windows-2048 16 --time-budget 0
     python benchmarks/bench_accuracy.py ppl --resume ...   # continue a run that its time budget cut
-    python benchmarks/bench_accuracy.py retrieval --cases 2048:100,4096:100,8192:100 --time-budget 0
+    python benchmarks/bench_accuracy.py retrieval --cases 2048:100,4096:100,8192:100 --time-budget 0 \
+        --methods dense,kascade,kascade_decode,oracle_decode,quest,sink_window,kascade_decode@0.3,kascade_decode@0.5
+        # ~2 h on 2 CPU cores (67 s per round of one case at each length); add e.g. --every sink_window:4
 
 ``--smoke`` runs a tiny random model with the SmolLM2 tokenizer (seconds; for tests and CI).
 """
@@ -18,6 +20,7 @@ Every configuration is written to the JSON as soon as it finishes (atomically, w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -28,15 +31,16 @@ import numpy as np
 
 from kascade_lite.baselines import (BASELINES, DenseAttention, QuestAttention, SinkWindowAttention, all_heads_pooled,
                                     kascade_no_remap, omnikv, oracle_topk)
-from kascade_lite.bench import default_schedule
+from kascade_lite.bench import KernelKascadeAttention, KernelSinkWindow, default_schedule, flash_dense_attention
 from kascade_lite.config import LlamaConfig
 from kascade_lite.data import REPO_ROOT, load_tokenizer, token_windows, wikitext_windows
 from kascade_lite.eval import nll_per_window
 from kascade_lite.files import provenance, write_json_atomic
 from kascade_lite.model import Llama
 from kascade_lite.schedule import Schedule
+from kascade_lite.kernels import num_keep_tiles
 from kascade_lite.sparse import KascadeAttention
-from kascade_lite.tasks import make_cases, run_retrieval
+from kascade_lite.tasks import RetrievalMethod, answer_case, make_cases
 
 MODEL = "smollm2-135m"
 SCHEDULE_DIR = REPO_ROOT / "data" / "schedules"
@@ -131,9 +135,13 @@ class Recorder:
 
     def add(self, row: dict[str, Any], key: str = "results") -> None:
         self.doc[key].append(row)
+        self.save()
+        print({k: v for k, v in row.items() if k != "cases"}, flush=True)
+
+    def save(self) -> None:
+        """Rewrite the JSON (atomically) with the elapsed time of this run."""
         self.doc["elapsed_s"] = round(time.monotonic() - self.start, 1)
         write_json_atomic(self.out, self.doc)
-        print({k: v for k, v in row.items() if k != "cases"}, flush=True)
 
 
 def ppl_configs(schedules: dict[str, Schedule], main: str, lengths: list[int]) -> list[Config]:
@@ -200,6 +208,73 @@ def run_ppl(args: argparse.Namespace, command: str) -> None:
                      seconds=round(time.monotonic() - t0, 1)))
 
 
+RETRIEVAL_METHODS: dict[str, str] = {
+    "dense": "exact attention in prefill and decode (kernels.flash_attention)",
+    "kascade": "Kascade in prefill and decode through the tile kernels (bench.KernelKascadeAttention): key tiles "
+               "of 32, 10 % of the tiles with the 128-key floor, the query's own tile included",
+    "kascade_decode": "dense prefill, Kascade (tile kernels) in every decode step",
+    "oracle_decode": "dense prefill; in every decode step each query head of every layer but 0 keeps its own exact "
+                     "Top-k key positions (the Top-k ceiling at this budget)",
+    "quest": "dense prefill, Quest in every decode step (the setting of Quest's paper; pages of 16, layers 0-1 "
+             "dense, 10 % of the keys with the 128-key floor)",
+    "sink_window": "StreamingLLM at tile granularity (bench.KernelSinkWindow): the first tile (sinks) plus the most "
+                   "recent tiles, as many tiles as Kascade keeps; layer 0 dense",
+    "kascade_no_remap": "kascade with the identity head map",
+    # decode-only ablations: which part of Kascade loses the needle?
+    "pooled_decode": "dense prefill; in decode every layer but 0 keeps its own Top-k key positions, pooled over the "
+                     "GQA group (oracle + group pooling, no reuse)",
+    "pooled_tiles_decode": "as pooled_decode with key tiles of 32 (tile kernels): oracle + pooling + tiles, no reuse",
+    "kascade_decode_positions": "dense prefill; Kascade with key positions (sparse.KascadeAttention) in decode: "
+                                "pooling + reuse, no tiles",
+}
+"""Retrieval methods; ``name@B`` (e.g. ``kascade_decode@0.3``) runs ``name`` at the key budget ``B`` instead of
+10 %."""
+
+
+def retrieval_method(name: str, sched: Schedule, length: int, tile: int = 32, min_keys: int = 128
+                     ) -> RetrievalMethod:
+    """The `tasks.RetrievalMethod` called ``name`` (``base`` or ``base@budget``) for prompts of ``length`` tokens."""
+    base, _, budget_text = name.partition("@")
+    try:
+        budget = float(budget_text) if budget_text else 0.1
+    except ValueError as e:
+        raise ValueError(f"retrieval method {name!r}: the budget after '@' must be a fraction like 0.3") from e
+    if base not in RETRIEVAL_METHODS or not 0 < budget <= 1:
+        raise ValueError(f"unknown retrieval method {name!r}; choose from {sorted(RETRIEVAL_METHODS)}, optionally "
+                         f"with @budget in (0, 1]")
+    keep = num_keep_tiles(length, tile, budget, min_keys)
+    flash = flash_dense_attention
+    if base == "dense":
+        return RetrievalMethod(flash, flash)
+    if base in ("kascade", "kascade_decode", "kascade_no_remap"):
+        identity = tuple(tuple(range(sched.num_kv_heads)) for _ in range(sched.num_layers))
+        head_map = identity if base == "kascade_no_remap" else sched.head_map
+        policy = KernelKascadeAttention(dataclasses.replace(sched, tile_size=tile, head_map=head_map), keep=keep)
+        return RetrievalMethod(flash if base == "kascade_decode" else policy, policy)
+    if base in ("pooled_decode", "pooled_tiles_decode"):
+        every_layer = Schedule.from_anchors(sched.model, sched.num_layers, sched.num_kv_heads,
+                                            list(range(1, sched.num_layers)), tile_size=tile, budget=budget,
+                                            min_keys=min_keys, method="every layer an anchor")
+        if base == "pooled_tiles_decode":
+            return RetrievalMethod(flash, KernelKascadeAttention(every_layer, keep=keep))
+        return RetrievalMethod(flash, KascadeAttention(every_layer, granularity="position"))
+    if base == "kascade_decode_positions":
+        return RetrievalMethod(flash, KascadeAttention(sched, granularity="position", tile_size=tile, budget=budget,
+                                                       min_keys=min_keys))
+    if base == "oracle_decode":
+        return RetrievalMethod(flash, oracle_topk(sched.num_layers, sched.num_kv_heads, budget=budget,
+                                                  min_keys=min_keys))
+    if base == "quest":
+        return RetrievalMethod(flash, QuestAttention(budget=budget, min_keys=min_keys))
+    sink = KernelSinkWindow(keep=keep, tile=tile)
+    return RetrievalMethod(sink, sink)
+
+
+def describe_method(name: str) -> str:
+    base, _, budget = name.partition("@")
+    return RETRIEVAL_METHODS[base] + (f"; key budget {100 * float(budget):g} % instead of 10 %" if budget else "")
+
+
 def parse_cases(spec: str) -> dict[int, int]:
     """``"2048:8,4096:4"`` -> ``{2048: 8, 4096: 4}``."""
     try:
@@ -208,38 +283,73 @@ def parse_cases(spec: str) -> dict[int, int]:
         raise ValueError(f"--cases must look like 2048:8,4096:4, got {spec!r}") from e
 
 
+def parse_every(spec: str, names: list[str]) -> dict[str, int]:
+    """``"kascade_no_remap:4"`` -> ``{"kascade_no_remap": 4}``: that method answers only cases 0, 4, 8, ... (a costly baseline
+    on a subsample; its row reports its own ``n_cases``)."""
+    if not spec:
+        return {}
+    try:
+        every = {a: int(b) for a, b in (part.split(":") for part in spec.split(","))}
+    except ValueError as e:
+        raise ValueError(f"--every must look like kascade_no_remap:4, got {spec!r}") from e
+    bad = sorted(m for m, k in every.items() if m not in names or k < 1)
+    if bad:
+        raise ValueError(f"--every names methods not in --methods or a stride below 1: {bad}")
+    return every
+
+
 def run_retrieval_bench(args: argparse.Namespace, command: str) -> None:
+    """Case by case, round-robin over the lengths (a time budget leaves every length with about as many cases);
+    every method answers the same cases; the JSON is rewritten after each case."""
     model = load_model(args.smoke)
     schedules = kascade_schedules(model)
     main = main_schedule(schedules)
     cases = {256: 2} if args.smoke else parse_cases(args.cases)
-    methods = args.methods.split(",")
+    names = args.methods.split(",")
+    for name in names:  # fail before loading anything
+        retrieval_method(name, schedules[main], min(cases))
+    every = parse_every(args.every, names)
     tok = load_tokenizer()
     settings = dict(model=MODEL if not args.smoke else "tiny-random (smoke)", task="single needle, RULER noise "
-                    "haystack, 7-digit value, exact match of greedy continuation", cases=cases,
-                    budget=0.1, min_keys=128, tile_size=32, batch_size=args.batch_size, main_schedule=main,
-                    schedule=schedules[main].to_dict(), methods={m: BASELINES[m] for m in methods}, seed=args.seed)
-    rec = Recorder(Path(args.out), command, settings, args.time_budget, resume=args.resume, free=("cases", "methods"))
+                    "haystack, 7-digit value, exact match of the greedy continuation", cases=cases,
+                    budget=0.1, min_keys=128, tile_size=32, main_schedule=main, schedule=schedules[main].to_dict(),
+                    methods={m: describe_method(m) for m in names}, every=every,
+                    seed=args.seed)
+    rec = Recorder(Path(args.out), command, settings, args.time_budget, resume=args.resume,
+                   free=("cases", "methods", "every"))
     rec.note(args.note)
-    batches = {length: make_cases(length, n, seed=args.seed, tokenizer=tok) for length, n in cases.items()}
-    # dense and Kascade at every length first, then the baselines (a time budget cuts the baselines first)
-    order = [(length, m) for first in (True, False) for length in cases for m in methods
-             if (m in ("dense", "kascade")) == first]
-    for length, method in order:
-        n, batch = cases[length], batches[length]
-        if rec.done(dict(length=length, method=method, n_cases=n)) is not None:
-            continue
-        if rec.out_of_time():
-            rec.add(dict(length=length, method=method, n_cases=n), "skipped")
-            continue
-        attn = policy(method, schedules[main], num_layers=model.cfg.num_layers, kv_heads=model.cfg.num_kv_heads,
-                      budget=0.1, min_keys=128, tile=32, granularity="position")
-        t0 = time.monotonic()
-        res = run_retrieval(model, batch, attention=attn, batch_size=args.batch_size, tokenizer=tok)
-        correct = sum(r["correct"] for r in res)
-        rec.add(dict(length=length, method=method, n_cases=len(res), n_correct=correct,
-                     accuracy=correct / len(res), seconds=round(time.monotonic() - t0, 1),
-                     cases=[{k: r[k] for k in ("answer", "output", "correct", "depth")} for r in res]))
+    methods = {n: {m: retrieval_method(m, schedules[main], n) for m in names} for n in cases}
+    rows = {(r["length"], r["method"]): r for r in rec.doc["results"]}
+    for length in cases:
+        for name in names:
+            if (length, name) not in rows:
+                rows[length, name] = dict(length=length, method=name, n_cases=0, n_correct=0, accuracy=None,
+                                          seconds=0.0, cases=[])
+                rec.doc["results"].append(rows[length, name])
+    generated = {n: make_cases(n, count, seed=args.seed, tokenizer=tok) for n, count in cases.items()}
+    for i in range(max(cases.values())):
+        for length, batch in generated.items():
+            todo = {n: m for n, m in methods[length].items()
+                    if i % every.get(n, 1) == 0 and all(c["index"] != i for c in rows[length, n]["cases"])}
+            if i >= len(batch) or not todo:
+                continue
+            if rec.out_of_time():
+                break
+            case = batch[i]
+            for name, res in answer_case(model, case, todo, tokenizer=tok).items():
+                row = rows[length, name]
+                row["cases"].append(dict(index=i, depth=round(case.depth, 4), answer=case.answer, **res))
+                row["n_cases"] = len(row["cases"])
+                row["n_correct"] = sum(c["correct"] for c in row["cases"])
+                row["accuracy"] = row["n_correct"] / row["n_cases"]
+                row["seconds"] = round(row["seconds"] + res["seconds"], 1)
+            rec.save()
+            print(f"case {i} at {length}: " + ", ".join(f"{n} {rows[length, n]['n_correct']}/"
+                                                        f"{rows[length, n]['n_cases']}" for n in names), flush=True)
+    wanted = {(n, m): len(range(0, count, every.get(m, 1))) for n, count in cases.items() for m in names}
+    rec.doc["skipped"] = [dict(length=n, method=m, n_cases=want - len(rows[n, m]["cases"]))
+                          for (n, m), want in wanted.items() if len(rows[n, m]["cases"]) < want]
+    rec.save()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -249,10 +359,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="JSON path (default data/accuracy_<task>.json)")
     p.add_argument("--windows-512", type=int, default=8)
     p.add_argument("--windows-2048", type=int, default=2)
-    p.add_argument("--cases", default="2048:4,4096:2,8192:1", help="length:count pairs")
-    p.add_argument("--methods", default="dense,kascade,omnikv,quest,sink_window",
-                   help="retrieval methods (names of baselines.BASELINES)")
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--cases", default="2048:100,4096:100,8192:100", help="length:count pairs")
+    p.add_argument("--methods", default="dense,kascade,kascade_decode,quest,sink_window",
+                   help="retrieval methods, from: " + ", ".join(RETRIEVAL_METHODS))
+    p.add_argument("--every", default="", help="retrieval: method:k pairs, run that method on every k-th case only")
+    p.add_argument("--batch-size", type=int, default=2, help="ppl: windows per forward pass")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-budget", type=float, default=1200, help="seconds; 0 = no limit")
     p.add_argument("--resume", action="store_true", help="keep the results already in --out, run the rest")

@@ -180,6 +180,49 @@ class KernelKascadeAttention:
         return out[:, None], carry
 
 
+def sink_window_tiles(tile_pos: jax.Array, keep: int) -> jax.Array:
+    """Key tiles of StreamingLLM at tile granularity: tile 0 (the attention sinks) plus the ``keep - 1`` most recent
+    tiles up to ``tile_pos`` (the query's own tile); ``arange(keep)`` while ``tile_pos < keep`` (tiles after the
+    query are then removed by causality). tile_pos: ``[n]`` int -> ``[n, keep]`` distinct int32 tile numbers."""
+    tile_pos = jnp.asarray(tile_pos, jnp.int32)[:, None]
+    recent = tile_pos - (keep - 2) + jnp.arange(keep - 1)          # [n, keep - 1], ends at the query's tile
+    window = jnp.concatenate([jnp.zeros_like(tile_pos), recent], axis=1)
+    return jnp.where(tile_pos < keep, jnp.arange(keep), window).astype(jnp.int32)
+
+
+@dataclass(frozen=True)
+class KernelSinkWindow:
+    """StreamingLLM (sink tokens + sliding window, Xiao et al. 2023) through the same gather kernels as
+    `KernelKascadeAttention`, at the same budget of ``keep`` key tiles: tile 0 holds the sinks, the other
+    ``keep - 1`` tiles are the most recent ones. Layers in ``dense_layers`` run :func:`kernels.flash_attention`.
+    Prefill must start at position 0; decode needs a cache ``max_len`` that is a multiple of ``tile``."""
+
+    keep: int
+    tile: int = 32
+    dense_layers: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        if self.keep < 2 or self.tile <= 0:
+            raise ValueError(f"KernelSinkWindow needs keep >= 2 tiles (sink + window) and tile > 0, got "
+                             f"keep={self.keep}, tile={self.tile}")
+
+    def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
+                 kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]:
+        b, t, kv_heads = q.shape[0], q.shape[1], k.shape[2]
+        if layer in self.dense_layers:
+            return K.flash_attention(q, k, v, q_offset=q_offset, kv_len=kv_len), carry
+        if t == 1:  # decode: the query is position kv_len - 1
+            keep = min(self.keep, k.shape[1] // self.tile)
+            idx = sink_window_tiles(jnp.reshape((kv_len - 1) // self.tile, (1,)), keep)[0]
+            idx = jnp.broadcast_to(idx, (b, kv_heads, keep))
+            out = K.sparse_decode_attention(q[:, 0], k, v, idx, kv_len, tile=self.tile, layout="seq")
+            return out[:, None], carry
+        n_tiles = -(-t // self.tile)
+        keep = min(self.keep, n_tiles)
+        idx = jnp.broadcast_to(sink_window_tiles(jnp.arange(n_tiles), keep), (b, kv_heads, n_tiles, keep))
+        return K.sparse_prefill_attention(q, k[:, :t], v[:, :t], idx, tile=self.tile), carry
+
+
 def compiled_forward(model: Any, attention: Any = None) -> Callable[..., tuple[jax.Array, Any, Any]]:
     """``f(tokens, cache) -> (logits, cache, carry)``: `model.Llama.__call__` under one ``jax.jit``.
 

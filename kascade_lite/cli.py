@@ -366,14 +366,26 @@ class Benchmark:
     module: bool = False  # run with ``python -m`` (a package module) instead of a benchmarks/ script
 
 
+ABLATION = "dense,oracle_decode,pooled_decode,pooled_tiles_decode,kascade_decode_positions,kascade_decode"
+"""The decode-only retrieval ladder of chapter 07: from the per-head oracle to Kascade, one change at a time."""
+
 BENCHMARKS: dict[str, Benchmark] = {
     "accuracy-ppl": Benchmark("bench_accuracy.py",
                               ("ppl", "--windows-512", "8", "--windows-2048", "2", "--time-budget", "1260",
                                "--out", "{data}/accuracy_ppl.json"),
                               ("ppl", "--smoke", "--out", "{data}/accuracy_ppl.json"), ("accuracy_ppl.json",)),
-    "accuracy-retrieval": Benchmark("bench_accuracy.py", ("retrieval", "--out", "{data}/accuracy_retrieval.json"),
+    "accuracy-retrieval": Benchmark("bench_accuracy.py",
+                                    ("retrieval", "--cases", "2048:100,4096:100,8192:100", "--methods",
+                                     "dense,kascade,kascade_decode,oracle_decode,quest,sink_window,"
+                                     "kascade_decode@0.3,kascade_decode@0.5", "--time-budget", "0",
+                                     "--out", "{data}/accuracy_retrieval.json"),
                                     ("retrieval", "--smoke", "--out", "{data}/accuracy_retrieval.json"),
                                     ("accuracy_retrieval.json",)),
+    "accuracy-retrieval-ablation": Benchmark(
+        "bench_accuracy.py", ("retrieval", "--cases", "2048:50", "--methods", ABLATION, "--time-budget", "0",
+                              "--out", "{data}/accuracy_retrieval_ablation.json"),
+        ("retrieval", "--smoke", "--methods", ABLATION, "--out", "{data}/accuracy_retrieval_ablation.json"),
+        ("accuracy_retrieval_ablation.json",)),
     "perplexity": Benchmark("bench_perplexity.py", ("--windows", "64", "--out", "{data}/perplexity.json"),
                             ("--windows", "2", "--seq-len", "128", "--batch-size", "2",
                              "--out", "{data}/perplexity.json"), ("perplexity.json",)),

@@ -190,10 +190,13 @@ class Llama(nnx.Module):
 
     # -------------------------------------------------------------------------------------------- forward
     def __call__(self, tokens: jax.Array, *, cache: KVCache | None = None, attention: AttentionFn = dense_attention,
-                 carry: Any = None, collect: bool = False) -> tuple[jax.Array, KVCache | None, Any]:
+                 carry: Any = None, collect: bool = False, last_only: bool = False
+                 ) -> tuple[jax.Array, KVCache | None, Any]:
         """Run ``tokens: [batch, seq]`` (int) after the ``cache.length`` positions already in ``cache``.
 
-        Returns ``(logits [batch, seq, vocab] float32, updated cache or None, aux)``. ``aux`` is the final attention
+        Returns ``(logits [batch, seq, vocab] float32, updated cache or None, aux)``; with ``last_only`` the logits
+        are ``[batch, 1, vocab]``, the last position's only (a prefill that only samples the next token skips the
+        ``seq x vocab`` output projection: 0.46 TFLOP for SmolLM2 at 8k tokens). ``aux`` is the final attention
         ``carry``, or with ``collect=True`` a dict ``{"carry", "residual", "attn_out"}`` where the two lists hold,
         per layer, the block input and the attention output ``[batch, seq, hidden]`` (for layer importance).
         """
@@ -224,7 +227,7 @@ class Llama(nnx.Module):
                 attn_outs.append(attn_out)
             x = x + attn_out
             x = x + blk.mlp(x)
-        x = self.final_norm(x)
+        x = self.final_norm(x[:, -1:] if last_only else x)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         logits = jnp.einsum("bsh,hv->bsv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
         new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), kv_len.astype(jnp.int32))
@@ -233,16 +236,16 @@ class Llama(nnx.Module):
 
 
 # ------------------------------------------------------------------------------------------------ jitted entry points
-@functools.partial(jax.jit, static_argnames=("graphdef", "attention", "collect"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "attention", "collect", "last_only"))
 def forward_split(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, cache: KVCache | None,
-                  attention: AttentionFn = dense_attention, collect: bool = False
+                  attention: AttentionFn = dense_attention, collect: bool = False, last_only: bool = False
                   ) -> tuple[jax.Array, KVCache | None, Any]:
     """`forward` on a model already split by ``nnx.split`` (benchmarks split once and call this directly)."""
-    return nnx.merge(graphdef, state)(tokens, cache=cache, attention=attention, collect=collect)
+    return nnx.merge(graphdef, state)(tokens, cache=cache, attention=attention, collect=collect, last_only=last_only)
 
 
 def forward(model: Llama, tokens: jax.Array, cache: KVCache | None = None, attention: AttentionFn = dense_attention,
-            collect: bool = False) -> tuple[jax.Array, KVCache | None, Any]:
+            collect: bool = False, last_only: bool = False) -> tuple[jax.Array, KVCache | None, Any]:
     """Jitted ``model(tokens, cache=cache, attention=attention)``; compiles once per attention function and shape.
 
     The module is split into its (static) graph and its weights, and a plain ``jax.jit`` runs the pure function:
@@ -250,7 +253,7 @@ def forward(model: Llama, tokens: jax.Array, cache: KVCache | None = None, atten
     decode step), while ``nnx.split`` costs ~10 ms.
     """
     graphdef, state = nnx.split(model)
-    return forward_split(graphdef, state, tokens, cache, attention, collect)
+    return forward_split(graphdef, state, tokens, cache, attention, collect, last_only)
 
 
 def sample_next(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top_p: float = 1.0) -> jax.Array:
@@ -284,7 +287,7 @@ def generate(model: Llama, prompt: jax.Array | np.ndarray, max_new_tokens: int, 
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     b, t = prompt.shape
     cache = KVCache.empty(model.cfg, b, t + max_new_tokens, cache_dtype or model.dtype)
-    logits, cache, _ = forward(model, prompt, cache, attention)
+    logits, cache, _ = forward(model, prompt, cache, attention, last_only=True)
     key = jax.random.PRNGKey(seed)
     out, done = [prompt], jnp.zeros((b,), bool)
     for step in range(max_new_tokens):

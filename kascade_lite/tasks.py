@@ -7,20 +7,24 @@ with ``The special magic number for <key> is``. The model's greedy continuation 
 first 7-digit number it writes.
 
 Prompts are assembled from token ids (template pieces, filler and needles tokenised separately), so every case of a
-given length has the same shape: one compilation per (length, attention) and cases batch together.
+given length has the same shape: one compilation per (length, attention). `answer_case` runs one case under
+several methods, sharing the prompt pass between methods that prefill alike.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .data import load_tokenizer
-from .model import AttentionFn, Llama, dense_attention, generate
+from .model import AttentionFn, KVCache, Llama, dense_attention, forward
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 KEYS = ("apple", "river", "candle", "garden", "mirror", "pencil", "window", "forest", "button", "rocket", "basket",
@@ -99,26 +103,66 @@ def extract_answer(text: str) -> str | None:
     return m.group(1) if m else None
 
 
-def run_retrieval(model: Llama, cases: Sequence[RetrievalCase], *, attention: AttentionFn = dense_attention,
-                  batch_size: int = 1, tokenizer: Any = None,
-                  progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
-    """Greedy-decode every case (prefill + KV-cache decode with ``attention``) and score exact match.
+@dataclass(frozen=True)
+class RetrievalMethod:
+    """How one method answers a case: ``prefill`` attention for the prompt, ``decode`` attention for each generated
+    token. A sparse ``decode`` after a dense ``prefill`` is the "decode-only" setting of Quest's paper."""
 
-    Returns one dict per case: ``key``, ``answer``, ``output`` (decoded continuation), ``correct``, ``depth``.
+    prefill: AttentionFn
+    decode: AttentionFn
+
+
+def _greedy(model: Llama, logits: jax.Array, cache: KVCache, attention: AttentionFn, n: int) -> np.ndarray:
+    """``n`` greedy tokens ``[batch, n]`` continuing the last-position ``logits [batch, 1, vocab]``."""
+    tokens = []
+    for step in range(n):
+        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        tokens.append(nxt)
+        if step + 1 < n:
+            logits, cache, _ = forward(model, nxt[:, None], cache, attention)
+    return np.asarray(jnp.stack(tokens, axis=1))
+
+
+def answer_case(model: Llama, case: RetrievalCase, methods: Mapping[str, RetrievalMethod], *,
+                cache_multiple: int = 32, tokenizer: Any = None) -> dict[str, dict[str, Any]]:
+    """Greedy-decode ``case`` under every method and score exact match.
+
+    Methods with the same ``prefill`` attention share one prefill (a dense prompt pass serves dense decoding and
+    every decode-only method). The KV cache holds the prompt and ``MAX_NEW_TOKENS``, rounded up to
+    ``cache_multiple`` positions (the tile kernels read whole tiles). Returns ``{method: {"output", "correct",
+    "seconds"}}``; seconds include the prefill for the first method that needs it.
     """
     tok = tokenizer or load_tokenizer()
-    lengths = {len(c.ids) for c in cases}
-    if len(lengths) > 1:
-        raise ValueError(f"cases of one run must share a length, got {sorted(lengths)}")
-    results = []
-    for start in range(0, len(cases), batch_size):
-        batch = cases[start:start + batch_size]
-        prompt = np.stack([c.ids for c in batch])
-        out = generate(model, prompt, MAX_NEW_TOKENS, attention=attention)[:, prompt.shape[1]:]
-        for case, row in zip(batch, out):
-            text = tok.decode(row.tolist(), skip_special_tokens=True)
-            results.append(dict(key=case.key, answer=case.answer, output=text, depth=case.depth,
-                                correct=extract_answer(text) == case.answer))
+    prompt = jnp.asarray(case.ids[None], jnp.int32)
+    max_len = -(-(prompt.shape[1] + MAX_NEW_TOKENS) // cache_multiple) * cache_multiple
+    prefilled: dict[AttentionFn, tuple[jax.Array, KVCache]] = {}
+    results = {}
+    for name, method in methods.items():
+        t0 = time.perf_counter()
+        if method.prefill not in prefilled:
+            cache = KVCache.empty(model.cfg, 1, max_len, model.dtype)
+            logits, cache, _ = forward(model, prompt, cache, method.prefill, last_only=True)
+            prefilled[method.prefill] = (logits, cache)
+        out = _greedy(model, *prefilled[method.prefill], method.decode, MAX_NEW_TOKENS)[0]
+        text = tok.decode(out.tolist(), skip_special_tokens=True)
+        results[name] = dict(output=text, correct=extract_answer(text) == case.answer,
+                             seconds=round(time.perf_counter() - t0, 3))
+    return results
+
+
+def run_retrieval(model: Llama, cases: Sequence[RetrievalCase],
+                  methods: Mapping[str, RetrievalMethod] | None = None, *, cache_multiple: int = 32,
+                  tokenizer: Any = None, progress: Callable[[int], None] | None = None
+                  ) -> dict[str, list[dict[str, Any]]]:
+    """`answer_case` over ``cases`` (default method: dense attention in prefill and decode).
+
+    Returns ``{method: [one dict per case: key, answer, depth, output, correct, seconds]}``."""
+    methods = methods or {"dense": RetrievalMethod(dense_attention, dense_attention)}
+    tok = tokenizer or load_tokenizer()
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in methods}
+    for i, case in enumerate(cases):
+        for name, res in answer_case(model, case, methods, cache_multiple=cache_multiple, tokenizer=tok).items():
+            results[name].append(dict(key=case.key, answer=case.answer, depth=case.depth, **res))
         if progress is not None:
-            progress(len(results))
+            progress(i + 1)
     return results

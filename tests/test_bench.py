@@ -99,3 +99,41 @@ def test_kascade_policy_is_sparse_and_carries_tiles():
     assert np.isfinite(np.asarray(logits)).all() and not np.allclose(logits, dense_logits, atol=1e-4)
     _, _, carry = forward(model, tokens[:, -1:], cache, pol)
     assert carry[0].shape == (1, CFG.num_kv_heads, 2)
+
+
+def test_sink_window_tiles_are_the_sink_and_the_most_recent():
+    idx = np.asarray(B.sink_window_tiles(jnp.arange(8), 3))
+    assert idx.tolist() == [[0, 1, 2], [0, 1, 2], [0, 1, 2], [0, 2, 3], [0, 3, 4], [0, 4, 5], [0, 5, 6], [0, 6, 7]]
+    assert all(len(set(row)) == 3 for row in idx.tolist())
+    with pytest.raises(ValueError, match="keep >= 2"):
+        B.KernelSinkWindow(keep=1)
+
+
+@pytest.mark.slow
+def test_kernel_sink_window_matches_its_masked_reference():
+    """StreamingLLM through the gather kernels equals a masked softmax over tile 0 + the recent tiles, in prefill
+    (per query tile) and in decode (the newest token's tile), inside the model."""
+    from kascade_lite.kernels import masked_dense_attention
+
+    tile, keep = 8, 3
+    pol = B.KernelSinkWindow(keep=keep, tile=tile)
+
+    def reference(layer, q, k, v, *, q_offset, kv_len, carry):
+        if layer == 0:
+            return B.flash_dense_attention(layer, q, k, v, q_offset=q_offset, kv_len=kv_len, carry=carry)
+        q_pos = q_offset + jnp.arange(q.shape[1])
+        k_pos = jnp.arange(k.shape[1])
+        tiles = B.sink_window_tiles(q_pos // tile, keep)                      # [q_len, keep]
+        in_set = (k_pos[None, :, None] // tile == tiles[:, None, :]).any(-1)  # [q_len, kv]
+        allowed = in_set & (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < kv_len)
+        return masked_dense_attention(q, k, v, allowed[None, None]), carry
+
+    model, tokens = _model_and_tokens()
+    empty = KVCache.empty(CFG, 1, 48)
+    logits, cache, _ = forward(model, tokens, empty, pol)
+    ref_logits, ref_cache, _ = forward(model, tokens, empty, reference)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+    assert not np.allclose(logits, forward(model, tokens, empty)[0], atol=1e-4)  # it is sparse
+    step = tokens[:, -1:]
+    np.testing.assert_allclose(forward(model, step, cache, pol)[0], forward(model, step, ref_cache, reference)[0],
+                               atol=1e-5)

@@ -1,7 +1,7 @@
 """The ``kascade-lite`` command line: every ``--help``, errors, and the whole ``reproduce --smoke`` pipeline.
 
 The pipeline test runs in a temporary results root. To stay within a few minutes on 2 busy cores it leaves out
-the five slowest benchmark steps (`SLOW_BENCH`: minutes each even at smoke size; `test_benchmark_flags_exist`
+the six slowest benchmark steps (`SLOW_BENCH`: minutes each even at smoke size; `test_benchmark_flags_exist`
 checks statically that their scripts accept the flags the CLI passes) and executes only the 01_rope notebook for
 figures (the book test executes every notebook).
 """
@@ -20,7 +20,8 @@ from kascade_lite import cli
 from kascade_lite.data import REPO_ROOT
 
 SUBCOMMANDS = ("convert", "calibrate", "schedule", "eval", "bench", "figures", "reproduce")
-SLOW_BENCH = ("bench-attention", "bench-e2e", "bench-perplexity", "bench-convert", "bench-accuracy-retrieval")
+SLOW_BENCH = ("bench-attention", "bench-e2e", "bench-perplexity", "bench-convert", "bench-accuracy-retrieval",
+              "bench-accuracy-retrieval-ablation")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
