@@ -37,8 +37,8 @@ from kascade_lite.data import REPO_ROOT, load_tokenizer, token_windows, wikitext
 from kascade_lite.eval import nll_per_window
 from kascade_lite.files import provenance, write_json_atomic
 from kascade_lite.model import Llama
-from kascade_lite.schedule import Schedule
 from kascade_lite.kernels import num_keep_tiles
+from kascade_lite.schedule import Schedule
 from kascade_lite.sparse import KascadeAttention
 from kascade_lite.tasks import RetrievalMethod, answer_case, make_cases
 
@@ -275,23 +275,26 @@ def describe_method(name: str) -> str:
     return RETRIEVAL_METHODS[base] + (f"; key budget {100 * float(budget):g} % instead of 10 %" if budget else "")
 
 
+def parse_pairs(spec: str, flag: str, example: str) -> dict[str, int]:
+    """``"a:1,b:2"`` -> ``{"a": 1, "b": 2}`` (the value of option ``flag``; ``example`` shows the form)."""
+    try:
+        return {a: int(b) for a, b in (part.split(":") for part in spec.split(","))}
+    except ValueError as e:
+        raise ValueError(f"{flag} must look like {example}, got {spec!r}") from e
+
+
 def parse_cases(spec: str) -> dict[int, int]:
     """``"2048:8,4096:4"`` -> ``{2048: 8, 4096: 4}``."""
     try:
-        return {int(a): int(b) for a, b in (part.split(":") for part in spec.split(","))}
+        return {int(length): n for length, n in parse_pairs(spec, "--cases", "2048:8,4096:4").items()}
     except ValueError as e:
         raise ValueError(f"--cases must look like 2048:8,4096:4, got {spec!r}") from e
 
 
 def parse_every(spec: str, names: list[str]) -> dict[str, int]:
-    """``"kascade_no_remap:4"`` -> ``{"kascade_no_remap": 4}``: that method answers only cases 0, 4, 8, ... (a costly baseline
-    on a subsample; its row reports its own ``n_cases``)."""
-    if not spec:
-        return {}
-    try:
-        every = {a: int(b) for a, b in (part.split(":") for part in spec.split(","))}
-    except ValueError as e:
-        raise ValueError(f"--every must look like kascade_no_remap:4, got {spec!r}") from e
+    """``"kascade_no_remap:4"`` -> ``{"kascade_no_remap": 4}``: that method answers only cases 0, 4, 8, ... (a
+    costly baseline on a subsample; its row reports its own ``n_cases``)."""
+    every = parse_pairs(spec, "--every", "kascade_no_remap:4") if spec else {}
     bad = sorted(m for m, k in every.items() if m not in names or k < 1)
     if bad:
         raise ValueError(f"--every names methods not in --methods or a stride below 1: {bad}")

@@ -271,25 +271,14 @@ def sample_next(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top
     return jax.random.categorical(key, logits, axis=-1)
 
 
-def generate(model: Llama, prompt: jax.Array | np.ndarray, max_new_tokens: int, *, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, attention: AttentionFn = dense_attention,
-             eos_token_id: int | None = None, cache_dtype: Any = None,
-             progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Prefill ``prompt: [batch, prompt_len]`` then decode one token at a time with the KV cache.
-
-    Returns ``[batch, prompt_len + n]`` token ids (``n <= max_new_tokens``; stops early when every row emitted
-    ``eos_token_id``).
-    """
-    prompt = jnp.asarray(prompt, jnp.int32)
-    if prompt.ndim != 2 or prompt.shape[1] == 0:
-        raise ValueError(f"prompt must be [batch, prompt_len>0], got shape {prompt.shape}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    b, t = prompt.shape
-    cache = KVCache.empty(model.cfg, b, t + max_new_tokens, cache_dtype or model.dtype)
-    logits, cache, _ = forward(model, prompt, cache, attention, last_only=True)
+def decode(model: Llama, logits: jax.Array, cache: KVCache, max_new_tokens: int, *, temperature: float = 0.0,
+           top_p: float = 1.0, seed: int = 0, attention: AttentionFn = dense_attention,
+           eos_token_id: int | None = None, progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Decode one token at a time after a prefill: ``logits: [batch, seq, vocab]`` (the last position is used) and
+    the ``cache`` that prefill filled. Returns the new token ids ``[batch, n]`` (``n <= max_new_tokens``; stops
+    early when every row emitted ``eos_token_id``)."""
     key = jax.random.PRNGKey(seed)
-    out, done = [prompt], jnp.zeros((b,), bool)
+    out, done = [], jnp.zeros((logits.shape[0],), bool)
     for step in range(max_new_tokens):
         key, sub = jax.random.split(key)
         nxt = sample_next(logits[:, -1], sub, temperature, top_p).astype(jnp.int32)
@@ -302,4 +291,26 @@ def generate(model: Llama, prompt: jax.Array | np.ndarray, max_new_tokens: int, 
                 break
         if step + 1 < max_new_tokens:
             logits, cache, _ = forward(model, nxt[:, None], cache, attention)
-    return np.asarray(jnp.concatenate(out, axis=1))
+    return np.asarray(jnp.concatenate(out, axis=1)) if out else np.zeros((logits.shape[0], 0), np.int32)
+
+
+def generate(model: Llama, prompt: jax.Array | np.ndarray, max_new_tokens: int, *, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, attention: AttentionFn = dense_attention,
+             eos_token_id: int | None = None, cache_dtype: Any = None,
+             progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Prefill ``prompt: [batch, prompt_len]`` then `decode` one token at a time with the KV cache.
+
+    Returns ``[batch, prompt_len + n]`` token ids (``n <= max_new_tokens``; stops early when every row emitted
+    ``eos_token_id``).
+    """
+    prompt = jnp.asarray(prompt, jnp.int32)
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt must be [batch, prompt_len>0], got shape {prompt.shape}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    b, t = prompt.shape
+    cache = KVCache.empty(model.cfg, b, t + max_new_tokens, cache_dtype or model.dtype)
+    logits, cache, _ = forward(model, prompt, cache, attention, last_only=True)
+    new = decode(model, logits, cache, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                 attention=attention, eos_token_id=eos_token_id, progress=progress)
+    return np.concatenate([np.asarray(prompt), new.astype(np.int32)], axis=1)

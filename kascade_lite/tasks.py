@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .data import load_tokenizer
-from .model import AttentionFn, KVCache, Llama, dense_attention, forward
+from .model import AttentionFn, KVCache, Llama, decode, dense_attention, forward
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 KEYS = ("apple", "river", "candle", "garden", "mirror", "pencil", "window", "forest", "button", "rocket", "basket",
@@ -112,17 +112,6 @@ class RetrievalMethod:
     decode: AttentionFn
 
 
-def _greedy(model: Llama, logits: jax.Array, cache: KVCache, attention: AttentionFn, n: int) -> np.ndarray:
-    """``n`` greedy tokens ``[batch, n]`` continuing the last-position ``logits [batch, 1, vocab]``."""
-    tokens = []
-    for step in range(n):
-        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-        tokens.append(nxt)
-        if step + 1 < n:
-            logits, cache, _ = forward(model, nxt[:, None], cache, attention)
-    return np.asarray(jnp.stack(tokens, axis=1))
-
-
 def answer_case(model: Llama, case: RetrievalCase, methods: Mapping[str, RetrievalMethod], *,
                 cache_multiple: int = 32, tokenizer: Any = None) -> dict[str, dict[str, Any]]:
     """Greedy-decode ``case`` under every method and score exact match.
@@ -143,7 +132,7 @@ def answer_case(model: Llama, case: RetrievalCase, methods: Mapping[str, Retriev
             cache = KVCache.empty(model.cfg, 1, max_len, model.dtype)
             logits, cache, _ = forward(model, prompt, cache, method.prefill, last_only=True)
             prefilled[method.prefill] = (logits, cache)
-        out = _greedy(model, *prefilled[method.prefill], method.decode, MAX_NEW_TOKENS)[0]
+        out = decode(model, *prefilled[method.prefill], MAX_NEW_TOKENS, attention=method.decode)[0]
         text = tok.decode(out.tolist(), skip_special_tokens=True)
         results[name] = dict(output=text, correct=extract_answer(text) == case.answer,
                              seconds=round(time.perf_counter() - t0, 3))
