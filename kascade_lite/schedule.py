@@ -251,15 +251,27 @@ def _schedule_from_calibration(calib: "Calibration", anchors: tuple[int, ...], m
                                  budget=float(budget or settings.get("budget", 0.1)), min_keys=min_keys, meta=meta)
 
 
-def dp_schedule(calib: "Calibration", num_anchors: int, *, model: str | None = None, tile_size: int | None = None,
-                budget: float | None = None, min_keys: int = 128) -> Schedule:
+OBJECTIVES = ("similarity", "importance")
+"""DP objectives: ``"similarity"`` sums the head-remapped similarity of every layer to its anchor; ``"importance"``
+weights each layer's term by its importance (the paper's form). Which one a model should use is an experiment."""
+
+
+def dp_schedule(calib: "Calibration", num_anchors: int, *, objective: str = "similarity", model: str | None = None,
+                tile_size: int | None = None, budget: float | None = None, min_keys: int = 128) -> Schedule:
     """Kascade's DP schedule with ``num_anchors`` anchors (layer 0 included) from a calibration.
 
-    ``tile_size`` and ``budget`` default to the calibration's; ``min_keys`` is the inference-time floor."""
-    weights = calib.layer_similarity() * calib.importance[None, :]
+    ``objective`` is one of `OBJECTIVES`. ``tile_size`` and ``budget`` default to the calibration's; ``min_keys`` is
+    the inference-time floor."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    weights = calib.layer_similarity()
+    if objective == "importance":
+        weights = weights * calib.importance[None, :]
     anchors, score = dp_anchors(weights, num_anchors)
-    meta = dict(num_anchors=num_anchors, score=round(score, 6), max_score=round(float(np.diag(weights).sum()), 6),
-                objective="sum over layers of importance[b] * head-remapped similarity(anchor(b), b)")
+    term = "importance[b] * " if objective == "importance" else ""
+    meta = dict(num_anchors=num_anchors, objective=objective, score=round(score, 6),
+                max_score=round(float(np.diag(weights).sum()), 6),
+                objective_formula=f"sum over layers b of {term}head-remapped similarity(anchor(b), b)")
     return _schedule_from_calibration(calib, anchors, "dp", model, tile_size, budget, min_keys, meta)
 
 
@@ -275,12 +287,16 @@ def greedy_schedule(calib: "Calibration", *, max_reuse_dist: int = MAX_REUSE_DIS
 def write_schedules(calib: "Calibration", out_dir: str | os.PathLike = SCHEDULES_DIR, *,
                     anchor_counts: tuple[int, ...] = DP_ANCHOR_COUNTS, command: str = "python -m kascade_lite.schedule",
                     **kw: Any) -> list[Path]:
-    """Write ``<model>_dp_k{K}.json`` for each K and ``<model>_greedy.json``; returns the paths."""
-    schedules = [dp_schedule(calib, k, **kw) for k in anchor_counts if k <= calib.num_layers]
+    """Write ``<model>_dp_k{K}.json`` (similarity objective) and ``<model>_dpimp_k{K}.json`` (importance-weighted)
+    for each K, and ``<model>_greedy.json``; returns the paths."""
+    schedules = [dp_schedule(calib, k, objective=o, **kw) for o in OBJECTIVES for k in anchor_counts
+                 if k <= calib.num_layers]
     schedules.append(greedy_schedule(calib, **kw))
     paths = []
     for sched in schedules:
-        suffix = f"dp_k{dict(sched.meta)['num_anchors']}" if sched.method == "dp" else sched.method
+        meta = dict(sched.meta)
+        prefix = "dp" if meta.get("objective") == "similarity" else "dpimp"
+        suffix = f"{prefix}_k{meta['num_anchors']}" if sched.method == "dp" else sched.method
         path = Path(out_dir) / f"{sched.model}_{suffix}.json"
         meta = dict(sched.meta, provenance=provenance(command))
         dataclasses.replace(sched, meta=tuple(sorted(meta.items()))).save(path)

@@ -125,14 +125,16 @@ def select_topk(unit_scores: jax.Array, starts: jax.Array, kv_len: Any, *, q_til
     unit_scores: ``[batch, kv_heads, sets, n_qtiles, n_units]`` (higher is better); starts: ``[n_qtiles]`` absolute
     position of each tile's first query. A unit is eligible iff its first key is before the tile start. The
     number of keys kept per row is ``budget_keys(kv_len)`` (``rolling=False``) or ``budget_keys(start)`` (rolling:
-    proportional to the keys that precede the tile), capped by the preceding keys and rounded up to whole units.
+    proportional to the keys that precede the tile) minus the ``q_tile`` keys of the tile itself (always attended),
+    capped by the preceding keys and rounded up to whole units.
     """
     n_units = unit_scores.shape[-1]
     unit_start = jnp.arange(n_units) * unit
     eligible = unit_start[None, :] < starts[:, None]                                   # [n_qtiles, n_units]
     k_max = min(n_units, -(-budget_keys(n_units * unit, budget, min_keys) // unit))   # static
     basis = starts if rolling else jnp.broadcast_to(jnp.asarray(kv_len, jnp.int32), starts.shape)
-    k_keys = jnp.minimum(budget_keys(basis, budget, min_keys), starts)                 # [n_qtiles]
+    own = jnp.clip(jnp.asarray(kv_len, jnp.int32) - starts, 1, q_tile)  # the tile's own keys: always attended,
+    k_keys = jnp.clip(budget_keys(basis, budget, min_keys) - own, 0, starts)           # counted in the budget
     k_units = -(-k_keys // unit)
     vals, idx = jax.lax.top_k(jnp.where(eligible, unit_scores, NEG_INF), k_max)
     keep = (jnp.arange(k_max) < k_units[:, None]) & (vals > NEG_INF / 2)

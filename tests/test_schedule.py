@@ -81,6 +81,18 @@ def test_greedy_rules() -> None:
         greedy_anchors(ones, max_reuse_dist=0)
 
 
+def test_dp_objectives_differ_only_by_the_importance_weights() -> None:
+    calib = fake_calibration(1, layers=12)
+    sim = calib.layer_similarity()
+    for k in (2, 4):
+        plain, weighted = dp_schedule(calib, k), dp_schedule(calib, k, objective="importance")
+        assert plain.anchors == dp_anchors(sim, k)[0]
+        assert weighted.anchors == dp_anchors(sim * calib.importance[None, :], k)[0]
+        assert dict(plain.meta)["objective"] == "similarity" and dict(weighted.meta)["objective"] == "importance"
+    with pytest.raises(ValueError, match="objective"):
+        dp_schedule(calib, 2, objective="bogus")
+
+
 def test_schedules_from_calibration_use_argmax_head_maps() -> None:
     calib = fake_calibration(0)
     sched = dp_schedule(calib, 3)
@@ -105,10 +117,13 @@ def test_head_maps_always_in_range(seed: int, heads: int, k: int) -> None:
 def test_write_schedules_round_trip(tmp_path) -> None:
     calib = fake_calibration(3, layers=10)
     paths = write_schedules(calib, tmp_path, anchor_counts=(2, 3), command="pytest")
-    assert [p.name for p in paths] == ["fake_dp_k2.json", "fake_dp_k3.json", "fake_greedy.json"]
+    assert [p.name for p in paths] == ["fake_dp_k2.json", "fake_dp_k3.json", "fake_dpimp_k2.json",
+                                       "fake_dpimp_k3.json", "fake_greedy.json"]
     for path in paths:
         loaded = Schedule.load(path)
-        assert loaded == (dp_schedule(calib, int(path.stem[-1])) if "dp" in path.stem else greedy_schedule(calib))
+        objective = "importance" if "dpimp" in path.stem else "similarity"
+        want = dp_schedule(calib, int(path.stem[-1]), objective=objective) if "dp" in path.stem else greedy_schedule(calib)
+        assert loaded == want
         assert json.loads(path.read_text())["meta"]["provenance"]["command"] == "pytest"
 
 
@@ -146,5 +161,6 @@ def test_schedule_command_line(tmp_path, capsys) -> None:
     fake_calibration(5, layers=9).save(tmp_path / "fake", command="pytest")
     main(["--calibration", str(tmp_path / "fake.safetensors"), "--out-dir", str(tmp_path / "out")])
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == [f"fake_dp_k{k}.json" for k in range(2, 9)] + ["fake_greedy.json"]
+    assert written == ([f"fake_dp_k{k}.json" for k in range(2, 9)] + [f"fake_dpimp_k{k}.json" for k in range(2, 9)]
+                       + ["fake_greedy.json"])
     assert "anchors [0" in capsys.readouterr().out
