@@ -92,7 +92,7 @@ def topk_mask(prev: jax.Array, k: int) -> jax.Array:
     if k == 0:
         return jnp.zeros_like(prev)
     _, idx = jax.lax.top_k(prev, k)                                                # [..., k]
-    return jax.nn.one_hot(idx, prev.shape[-1], dtype=prev.dtype).sum(axis=-2)
+    return jnp.put_along_axis(jnp.zeros_like(prev), idx, 1.0, axis=-1, inplace=False)
 
 
 def query_coverage(p: jax.Array, fractions: tuple[float, ...], stride: int = 1) -> jax.Array:
@@ -348,10 +348,11 @@ def _save_partial(path: Path, sums: dict[str, np.ndarray], done: int, fingerprin
 def calibrate(model: Llama, sequences: Iterable[np.ndarray] | np.ndarray, *, tile_size: int = 32,
               budget: float = 0.1, min_keys: int = 0, fractions: tuple[float, ...] = COVERAGE_FRACTIONS,
               model_name: str = "model", dataset: str = "", progress: bool = True,
-              partial: str | Path | None = None, save_every: int = 10) -> Calibration:
+              partial: str | Path | None = None, save_every: int = 10, coverage_stride: int = 8) -> Calibration:
     """Run the calibration pass over ``sequences: [num, seq_len]`` token ids, one sequence at a time.
 
-    ``seq_len`` must be a multiple of ``tile_size``. Returns the statistics averaged over sequences. With
+    ``seq_len`` must be a multiple of ``tile_size``. Coverage is measured on every ``coverage_stride``-th query (the
+    row sort dominates the cost at long sequences). Returns the statistics averaged over sequences. With
     ``partial`` (a ``.safetensors`` path) the running sums are saved there every ``save_every`` sequences and an
     interrupted run of the same model, sequences and settings resumes from them (see the module docstring)."""
     seqs = check_sequences(model, sequences)
@@ -359,9 +360,11 @@ def calibrate(model: Llama, sequences: Iterable[np.ndarray] | np.ndarray, *, til
     if save_every < 1:
         raise ValueError(f"save_every={save_every} must be >= 1")
     hook = CalibrationHook(tile_size=tile_size, k_prev=topk_keys(seq_len, tile_size, budget, min_keys),
-                           fractions=tuple(float(f) for f in fractions))
+                           fractions=tuple(float(f) for f in fractions), coverage_stride=coverage_stride)
     settings = dict(model=model_name, num_sequences=int(num), seq_len=int(seq_len), tile_size=tile_size,
                     budget=budget, min_keys=min_keys, k_prev=hook.k_prev, dataset=dataset)
+    if coverage_stride != 8:
+        settings["coverage_stride"] = coverage_stride
     partial = Path(partial) if partial is not None else None
     fingerprint = _fingerprint(model, seqs, hook, settings)
     sums, done = _load_partial(partial, fingerprint)
