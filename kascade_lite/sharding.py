@@ -42,7 +42,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from .attention import kv_cache_bytes
 from .config import LLAMA_3_1_8B, LlamaConfig, RopeScaling
 from .data import REPO_ROOT
-from .model import KVCache, Llama, dense_attention, expected_shapes, forward
+from .model import KVCache, Llama, decode_steps, dense_attention, expected_shapes, forward
 from .schedule import Schedule
 from .sparse import KascadeAttention, Selection, budget_keys
 
@@ -184,7 +184,7 @@ def sharded_forward(model: Llama, tokens: jax.Array, cache: KVCache, mesh: Mesh,
 
 def greedy_logits(model: Llama, prompt: jax.Array | np.ndarray, steps: int, *, mesh: Mesh | None = None,
                   attention: Any = dense_attention) -> tuple[np.ndarray, np.ndarray]:
-    """Prefill ``prompt: [batch, t]`` then decode ``steps`` greedy tokens with the KV cache.
+    """Prefill ``prompt: [batch, t]`` then decode ``steps`` greedy tokens with the KV cache (`model.decode_steps`).
 
     With ``mesh`` the model must already be placed (`shard_model`); tokens and cache are placed here and the
     attention is wrapped by `shard_attention` (so Kascade runs per device). Returns
@@ -198,16 +198,13 @@ def greedy_logits(model: Llama, prompt: jax.Array | np.ndarray, steps: int, *, m
         step = lambda toks, c: forward(model, toks, c, attention)[:2]  # noqa: E731
     else:
         cache = empty_sharded_cache(model.cfg, mesh, b, t + steps, model.dtype)
-        prompt, attention = shard_tokens(prompt, mesh), shard_attention(attention, mesh)
-        step = lambda toks, c: sharded_forward(model, toks, c, mesh, attention)  # noqa: E731
+        attention = shard_attention(attention, mesh)
+        step = lambda toks, c: sharded_forward(model, shard_tokens(toks, mesh), c, mesh, attention)  # noqa: E731
     logits, cache = step(prompt, cache)
-    tokens, last = [np.asarray(prompt)], [np.asarray(logits[:, -1])]
-    for _ in range(steps):
-        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
-        tokens.append(np.asarray(nxt))
-        logits, cache = step(nxt if mesh is None else shard_tokens(nxt, mesh), cache)
-        last.append(np.asarray(logits[:, -1]))
-    return np.concatenate(tokens, axis=1), np.stack(last, axis=1)
+    loop = decode_steps(step, logits, cache)
+    picked = [next(loop) for _ in range(steps + 1)]  # steps + 1 logits; the token picked from the last is not kept
+    tokens = [np.asarray(prompt)] + [np.asarray(tok)[:, None] for tok, _ in picked[:steps]]
+    return np.concatenate(tokens, axis=1), np.stack([np.asarray(last) for _, last in picked], axis=1)
 
 
 def collective_counts(hlo_text: str) -> dict[str, int]:
