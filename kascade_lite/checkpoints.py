@@ -218,6 +218,7 @@ class SafetensorsFile:
         return arr.reshape(((r1 - r0),) + shape[1:] if shape else ())
 
 
+# ------------------------------------------------------------------------------------------------ Hugging Face
 HF_LAYER = {"attn_norm": "input_layernorm.weight", "wq": "self_attn.q_proj.weight",
             "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight", "wo": "self_attn.o_proj.weight",
             "mlp_norm": "post_attention_layernorm.weight", "w_gate": "mlp.gate_proj.weight",
@@ -571,6 +572,7 @@ def _f32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
+# ------------------------------------------------------------------------------------------------ opening and checking
 def open_checkpoint(src: str | os.PathLike) -> Checkpoint:
     """Detect the format of ``src`` (GGUF file, Meta dir, Hugging Face dir) and open it."""
     path = Path(src)
