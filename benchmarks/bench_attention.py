@@ -23,6 +23,7 @@ import jax
 from kascade_lite import bench as B
 from kascade_lite import kernels as K
 from kascade_lite.config import LLAMA_3_1_8B, SMOLLM2_135M, LlamaConfig
+from kascade_lite.cost import whole_model_time
 from kascade_lite.data import REPO_ROOT
 
 DENSE_DECODE = ("dense_heads", "dense_seq", "flash", "xla")
@@ -80,9 +81,9 @@ def summarise(phase: str, times: dict[str, dict], schedule, layout: str = "") ->
         whole_dense = schedule.num_layers * t
         out[f"vs_{name}"] = {
             "anchor": t / anchor, "reuse": t / reuse,
-            "whole_model": whole_dense / B.whole_model_time(schedule, t, anchor, reuse),
+            "whole_model": whole_dense / whole_model_time(schedule, t, anchor, reuse),
             # layer 0 also has to emit Top-k: count it as dense + a full anchor step (an upper bound on the cost)
-            "whole_model_conservative": whole_dense / (B.whole_model_time(schedule, t, anchor, reuse) + anchor),
+            "whole_model_conservative": whole_dense / (whole_model_time(schedule, t, anchor, reuse) + anchor),
         }
     return out
 

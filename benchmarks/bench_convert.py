@@ -24,8 +24,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from kascade_lite.checkpoints import HF_GLOBAL, HF_LAYER
 from kascade_lite.config import LLAMA_3_1_8B, LlamaConfig
-from kascade_lite.convert import HF_GLOBAL, HF_LAYER, write_safetensors
+from kascade_lite.convert import write_safetensors
 from kascade_lite.data import smollm2_gguf_path
 from kascade_lite.files import provenance, write_json_atomic
 from kascade_lite.model import LAYER_TENSORS, expected_shapes

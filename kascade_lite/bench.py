@@ -1,22 +1,10 @@
-r"""Benchmark harness: honest wall-clock timing, cost models, and the kernel-backed Kascade policy for the model.
+r"""Benchmark harness: honest wall-clock timing and the kernel-backed Kascade policy for the model.
 
 Timing rules (:func:`compare`): every candidate is compiled and run ``warmup`` times first; then the candidates are
 timed *round-robin* (one run of each, ``reps`` times over), each run ending in ``jax.block_until_ready``, so that
 a noisy neighbour on a shared CPU slows all candidates alike; we report the median (and the minimum).
 
-Cost model (:func:`attention_cost`), per layer, batch 1, ``H`` query heads, ``H_kv`` KV heads, ``d`` head_dim,
-``b`` bytes per value, ``L`` keys (decode) or ``T`` tokens (prefill), ``k`` kept keys:
-
-==============  ==================================  =====================================
-                FLOPs                               bytes of K/V read
-==============  ==================================  =====================================
-dense decode    :math:`4 H d L`                     :math:`2 H_{kv} d L b`
-anchor decode   :math:`2 H d L + 4 H d k`           :math:`H_{kv} d L b + 2 H_{kv} d k b`
-reuse decode    :math:`4 H d k`                     :math:`2 H_{kv} d k b`
-dense prefill   :math:`2 H d T^2` (causal half)     :math:`2 H_{kv} d T b` (once, ideally)
-anchor prefill  :math:`2 H d T^2 / 2 + 4 H d T k`   as dense
-reuse prefill   :math:`4 H d T k`                   :math:`2 H_{kv} d T b \cdot k / t_q` (per query tile)
-==============  ==================================  =====================================
+What the timed work should cost (FLOPs, bytes) is `kascade_lite.cost`.
 """
 
 from __future__ import annotations
@@ -92,34 +80,6 @@ def load_results(path: str | os.PathLike) -> dict:
     if missing:
         raise ValueError(f"{path}: benchmark JSON lacks keys {sorted(missing)}")
     return doc
-
-
-# ------------------------------------------------------------------------------------------------ cost model
-def attention_cost(phase: str, kind: str, context: int, keep_keys: int, *, q_heads: int, kv_heads: int,
-                   head_dim: int, bytes_per_value: int = 4) -> dict[str, float]:
-    """FLOPs and K/V bytes of one attention layer (batch 1), per the table in the module docstring.
-
-    ``phase``: "decode" (``context`` = cache length) or "prefill" (``context`` = tokens); ``kind``: "dense",
-    "anchor" or "reuse"; ``keep_keys``: keys kept per query (tile) = kept tiles * tile."""
-    h, hk, d, b, n, k = q_heads, kv_heads, head_dim, bytes_per_value, context, keep_keys
-    table = {
-        ("decode", "dense"): (4 * h * d * n, 2 * hk * d * n * b),
-        ("decode", "anchor"): (2 * h * d * n + 4 * h * d * k, hk * d * n * b + 2 * hk * d * k * b),
-        ("decode", "reuse"): (4 * h * d * k, 2 * hk * d * k * b),
-        ("prefill", "dense"): (2 * h * d * n * n, 2 * hk * d * n * b),
-        ("prefill", "anchor"): (h * d * n * n + 4 * h * d * n * k, 2 * hk * d * n * b),
-        ("prefill", "reuse"): (4 * h * d * n * k, 2 * hk * d * n * b),
-    }
-    if (phase, kind) not in table:
-        raise ValueError(f"unknown phase/kind {phase!r}/{kind!r}")
-    flops, nbytes = table[phase, kind]
-    return {"flops": float(flops), "bytes": float(nbytes)}
-
-
-def whole_model_time(schedule: Schedule, t_dense: float, t_anchor: float, t_reuse: float) -> float:
-    """Attention time of all layers: layer 0 dense, anchors ``t_anchor``, reuse layers ``t_reuse``."""
-    cost = {"dense": t_dense, "anchor": t_anchor, "reuse": t_reuse}
-    return sum(cost[t] for t in schedule.layer_types)
 
 
 # ------------------------------------------------------------------------------------------------ model policies

@@ -394,12 +394,12 @@ BENCHMARKS: dict[str, Benchmark] = {
     "e2e": Benchmark("bench_e2e.py", ("--out", "{data}"), ("--smoke", "--out", "{data}"), ("bench_e2e_cpu.json",)),
     "convert": Benchmark("bench_convert.py", ("--out", "{data}/bench_convert.json"),
                          ("--scale", "0.01", "--out", "{data}/bench_convert.json"), ("bench_convert.json",)),
-    "memory-plan": Benchmark("kascade_lite.sharding", ("--out", "{data}/memory_plan.json"),
+    "memory-plan": Benchmark("kascade_lite.cost", ("--out", "{data}/memory_plan.json"),
                              ("--out", "{data}/memory_plan.json"), ("memory_plan.json",), module=True),
 }
 """The book's measurements, in the order `bench all` runs them. ``bench_convert.py`` has no ``--smoke``: its smoke
 run shrinks the synthetic 8B checkpoint to 1 % (``--scale 0.01``); ``bench_perplexity.py`` neither: 2 short
-windows. ``memory-plan`` is `kascade_lite.sharding`'s plan tables (chapter 09), not a timing."""
+windows. ``memory-plan`` is `kascade_lite.cost`'s plan tables (chapter 09), not a timing."""
 
 
 def benchmark_command(name: str, root: Path, smoke: bool) -> list[str]:
@@ -648,7 +648,7 @@ def pipeline(spec: ModelSpec, root: Path, *, smoke: bool, cache: str | None, fig
     if not book:
         return steps
     for name, bench in BENCHMARKS.items():
-        code = _sources("sharding") if bench.module else _sources(f"benchmarks/{bench.script}", "bench", "kernels")
+        code = _sources("cost") if bench.module else _sources(f"benchmarks/{bench.script}", "bench", "kernels")
         deps = (lambda: sorted(schedule_dir.glob(f"{SMOLLM2}_*.json"))) if name.startswith("accuracy") else list
         steps.append(Step(f"bench-{name}", lambda name=name: run_benchmark(name, root, smoke),
                           {"smoke": smoke}, lambda code=code, deps=deps: [*code, *deps()]))

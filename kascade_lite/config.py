@@ -1,6 +1,6 @@
 """One configuration dataclass for every Llama-family checkpoint we read.
 
-A `LlamaConfig` can be built from a Hugging Face `config.json`, a Meta `params.json`, or (in `convert.py`) GGUF
+A `LlamaConfig` can be built from a Hugging Face `config.json`, a Meta `params.json`, or (in `checkpoints.py`) GGUF
 metadata, and is written next to converted weights as `config.json` in our own flat form (`to_dict`).
 """
 
@@ -172,4 +172,11 @@ SMOLLM2_135M = LlamaConfig(
     tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
 """SmolLM2-135M-Instruct: 30 layers, 9 query / 3 KV heads of 64, tied embeddings (values from its GGUF metadata)."""
 
-PRESETS: dict[str, LlamaConfig] = {"llama-3.1-8b": LLAMA_3_1_8B, "smollm2-135m": SMOLLM2_135M}
+LLAMA_3_1_70B = LlamaConfig(
+    vocab_size=128_256, hidden_size=8192, intermediate_size=28_672, num_layers=80, num_heads=64, num_kv_heads=8,
+    head_dim=128, rms_norm_eps=1e-5, rope_theta=500_000.0, rope_scaling=RopeScaling(),
+    max_position_embeddings=131_072, tie_word_embeddings=False, bos_token_id=128_000, eos_token_id=128_009)
+"""Llama-3.1-70B(-Instruct): 80 layers, 64 query / 8 KV heads of 128, MLP 28 672 (Meta's published config)."""
+
+PRESETS: dict[str, LlamaConfig] = {"llama-3.1-8b": LLAMA_3_1_8B, "llama-3.1-70b": LLAMA_3_1_70B,
+                                   "smollm2-135m": SMOLLM2_135M}

@@ -1,6 +1,7 @@
 """A Llama-3.x decoder in Flax NNX that you can read in one sitting.
 
-Block: ``x += wo(attn(rope(wq·rms(x)), rope(wk·rms(x)), wv·rms(x)))``; ``x += w_down(silu(w_gate·rms(x)) * w_up·rms(x))``.
+A `Block` is ``x = x + self.attn(self.attn_norm(x)); x = x + self.mlp(self.mlp_norm(x))``, where ``attn(y)`` is
+``wo(attention(rope(y·wq), rope(y·wk), y·wv))`` and ``mlp(y)`` is ``w_down(silu(y·w_gate) * y·w_up)``.
 
 Weights are stored ``[in, out]`` (so a projection is ``x @ w``) and K/V keep their ``num_kv_heads`` heads: the cache
 is ``[batch, max_len, kv_heads, head_dim]`` per layer, never expanded to the query heads.
@@ -9,10 +10,10 @@ Attention is **pluggable per layer**: every block calls ``attention(layer, q, k,
 and threads ``carry`` from layer to layer. The dense default ignores ``carry``; Kascade's anchor layers put their
 Top-k indices in it and the reuse layers that follow read them (see `sparse.py`).
 
-Tensor names (used by `convert.py` and `from_tensors`): ``embed [vocab, hidden]``, ``final_norm [hidden]``,
-``lm_head [hidden, vocab]`` (absent when tied), and per layer ``layers.{i}.attn_norm``, ``wq [hidden, H*d]``,
-``wk``/``wv [hidden, Hkv*d]``, ``wo [H*d, hidden]``, ``mlp_norm``, ``w_gate``/``w_up [hidden, inter]``,
-``w_down [inter, hidden]``.
+Tensor names (used by `checkpoints.py`, `convert.py` and `from_tensors`): ``embed [vocab, hidden]``,
+``final_norm [hidden]``, ``lm_head [hidden, vocab]`` (absent when tied), and per layer ``layers.{i}.attn_norm``,
+``wq [hidden, H*d]``, ``wk``/``wv [hidden, Hkv*d]``, ``wo [H*d, hidden]``, ``mlp_norm``,
+``w_gate``/``w_up [hidden, inter]``, ``w_down [inter, hidden]``.
 """
 
 from __future__ import annotations
@@ -123,19 +124,42 @@ class Block(nnx.Module):
         self.w_up = _init(rngs, (h, cfg.intermediate_size), param_dtype)
         self.w_down = _init(rngs, (cfg.intermediate_size, h), param_dtype)
 
-    def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Projections of ``x: [batch, seq, hidden]`` into rotated q ``[b, s, H, d]``, rotated k and v ``[b, s, Hkv, d]``."""
-        c, (b, s, _) = self.cfg, x.shape
-        y = self.attn_norm(x)
-        q = (y @ self.wq[...].astype(x.dtype)).reshape(b, s, c.num_heads, c.head_dim)
-        k = (y @ self.wk[...].astype(x.dtype)).reshape(b, s, c.num_kv_heads, c.head_dim)
-        v = (y @ self.wv[...].astype(x.dtype)).reshape(b, s, c.num_kv_heads, c.head_dim)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, kv: tuple[jax.Array, jax.Array] | None, *,
+                 layer: int, offset: jax.Array, attention: AttentionFn, carry: Any
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None, Any, jax.Array]:
+        """``x: [batch, seq, hidden]`` at positions ``offset + arange(seq)`` (``cos``/``sin``: their RoPE tables).
 
-    def mlp(self, x: jax.Array) -> jax.Array:
-        y = self.mlp_norm(x)
-        gate = jax.nn.silu(y @ self.w_gate[...].astype(x.dtype))
-        return (gate * (y @ self.w_up[...].astype(x.dtype))) @ self.w_down[...].astype(x.dtype)
+        ``kv``: this layer's cache ``(k, v)``, each ``[batch, max_len, kv_heads, head_dim]``, or ``None``. Returns
+        ``(x after the block, updated kv, attention carry, attention output [batch, seq, hidden])``."""
+        a, kv, carry = self.attn(self.attn_norm(x), cos, sin, kv, layer=layer, offset=offset, attention=attention,
+                                 carry=carry)
+        x = x + a
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, kv, carry, a
+
+    def attn(self, y: jax.Array, cos: jax.Array, sin: jax.Array, kv: tuple[jax.Array, jax.Array] | None, *,
+             layer: int, offset: jax.Array, attention: AttentionFn, carry: Any
+             ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None, Any]:
+        """Attention of the normed ``y: [batch, seq, hidden]``: rotated q ``[b, s, H, d]``, rotated k and v
+        ``[b, s, Hkv, d]`` (written into ``kv`` at ``offset``), ``attention`` over all keys so far, then ``wo``.
+        Returns ``(output [b, s, hidden], updated kv, carry)``."""
+        c, (b, s, _) = self.cfg, y.shape
+        q = (y @ self.wq[...].astype(y.dtype)).reshape(b, s, c.num_heads, c.head_dim)
+        k = (y @ self.wk[...].astype(y.dtype)).reshape(b, s, c.num_kv_heads, c.head_dim)
+        v = (y @ self.wv[...].astype(y.dtype)).reshape(b, s, c.num_kv_heads, c.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), offset, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), offset, axis=1)
+            kv = (k, v)
+        o, carry = attention(layer, q, k.astype(q.dtype), v.astype(q.dtype), q_offset=offset, kv_len=offset + s,
+                             carry=carry)
+        return o.reshape(b, s, -1) @ self.wo[...].astype(y.dtype), kv, carry
+
+    def mlp(self, y: jax.Array) -> jax.Array:
+        """SwiGLU of the normed ``y: [batch, seq, hidden]``: ``w_down(silu(y @ w_gate) * (y @ w_up))``."""
+        gate = jax.nn.silu(y @ self.w_gate[...].astype(y.dtype))
+        return (gate * (y @ self.w_up[...].astype(y.dtype))) @ self.w_down[...].astype(y.dtype)
 
 
 class Llama(nnx.Module):
@@ -202,7 +226,7 @@ class Llama(nnx.Module):
         """
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
-        b, s = tokens.shape
+        s = tokens.shape[1]
         offset = jnp.zeros((), jnp.int32) if cache is None else cache.length
         if cache is not None and isinstance(cache.max_len, int) and s > cache.max_len:
             raise ValueError(f"{s} tokens do not fit a cache of max_len={cache.max_len}")
@@ -210,27 +234,18 @@ class Llama(nnx.Module):
             raise ValueError(f"sequence of {s} tokens exceeds max_position_embeddings={self.cfg.max_position_embeddings}")
         cos, sin = rope_cos_sin(offset + jnp.arange(s), self.inv_freq[...])
         x = self.embed[...].astype(self.dtype)[tokens]
-        new_k, new_v, residual, attn_outs = [], [], [], []
-        kv_len = offset + s
+        kvs, residual, attn_outs = [], [], []
         for i, blk in enumerate(self.layers):
-            q, k, v = blk.qkv(x, cos, sin)
-            if cache is not None:
-                k = jax.lax.dynamic_update_slice_in_dim(cache.k[i], k.astype(cache.k[i].dtype), offset, axis=1)
-                v = jax.lax.dynamic_update_slice_in_dim(cache.v[i], v.astype(cache.v[i].dtype), offset, axis=1)
-                new_k.append(k)
-                new_v.append(v)
-            o, carry = attention(i, q, k.astype(q.dtype), v.astype(q.dtype), q_offset=offset, kv_len=kv_len,
-                                 carry=carry)
-            attn_out = o.reshape(b, s, -1) @ blk.wo[...].astype(x.dtype)
-            if collect:
-                residual.append(x)
-                attn_outs.append(attn_out)
-            x = x + attn_out
-            x = x + blk.mlp(x)
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            residual.append(x)
+            x, kv, carry, attn_out = blk(x, cos, sin, kv, layer=i, offset=offset, attention=attention, carry=carry)
+            kvs.append(kv)
+            attn_outs.append(attn_out)
         x = self.final_norm(x[:, -1:] if last_only else x)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         logits = jnp.einsum("bsh,hv->bsv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
-        new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), kv_len.astype(jnp.int32))
+        new_cache = None if cache is None else KVCache(tuple(k for k, _ in kvs), tuple(v for _, v in kvs),
+                                                   (offset + s).astype(jnp.int32))
         aux = dict(carry=carry, residual=residual, attn_out=attn_outs) if collect else carry
         return logits, new_cache, aux
 
@@ -271,26 +286,44 @@ def sample_next(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top
     return jax.random.categorical(key, logits, axis=-1)
 
 
+StepFn = Callable[[jax.Array, KVCache], tuple[jax.Array, KVCache]]
+"""One forward pass with the KV cache: ``(tokens [batch, seq], cache) -> (logits [batch, seq, vocab], cache)``."""
+
+
+def decode_steps(step: StepFn, logits: jax.Array, cache: KVCache, *, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0) -> Iterator[tuple[jax.Array, jax.Array]]:
+    """The decode loop: pick the next token ``[batch]`` from the last position of ``logits: [batch, seq, vocab]``
+    (`sample_next`), yield ``(token, the logits [batch, vocab] it was picked from)``, run ``step`` on it, repeat.
+
+    Endless: the caller takes as many tokens as it wants. A token's forward pass runs only when the next token is
+    asked for, so taking ``n`` tokens runs ``n - 1`` steps. ``step`` is `forward` for one model (`decode`) or a
+    sharded forward (`kascade_lite.sharding.greedy_logits`)."""
+    key = jax.random.PRNGKey(seed)
+    while True:
+        key, sub = jax.random.split(key)
+        nxt = sample_next(logits[:, -1], sub, temperature, top_p).astype(jnp.int32)
+        yield nxt, logits[:, -1]
+        logits, cache = step(nxt[:, None], cache)
+
+
 def decode(model: Llama, logits: jax.Array, cache: KVCache, max_new_tokens: int, *, temperature: float = 0.0,
            top_p: float = 1.0, seed: int = 0, attention: AttentionFn = dense_attention,
            eos_token_id: int | None = None, progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Decode one token at a time after a prefill: ``logits: [batch, seq, vocab]`` (the last position is used) and
     the ``cache`` that prefill filled. Returns the new token ids ``[batch, n]`` (``n <= max_new_tokens``; stops
     early when every row emitted ``eos_token_id``)."""
-    key = jax.random.PRNGKey(seed)
+    loop = decode_steps(lambda tokens, c: forward(model, tokens, c, attention)[:2], logits, cache,
+                        temperature=temperature, top_p=top_p, seed=seed)
     out, done = [], jnp.zeros((logits.shape[0],), bool)
-    for step in range(max_new_tokens):
-        key, sub = jax.random.split(key)
-        nxt = sample_next(logits[:, -1], sub, temperature, top_p).astype(jnp.int32)
+    for i in range(max_new_tokens):
+        nxt, _ = next(loop)
         out.append(nxt[:, None])
         if progress is not None:
-            progress(step)
+            progress(i)
         if eos_token_id is not None:
             done = done | (nxt == eos_token_id)
             if bool(done.all()):
                 break
-        if step + 1 < max_new_tokens:
-            logits, cache, _ = forward(model, nxt[:, None], cache, attention)
     return np.asarray(jnp.concatenate(out, axis=1)) if out else np.zeros((logits.shape[0], 0), np.int32)
 
 

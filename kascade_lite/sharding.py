@@ -19,18 +19,15 @@ head map stays inside a device's heads reads them without any communication. `cr
 head-map entries that leave a device (those layers all-gather the small index tensor) and `localize_head_map`
 removes them by renumbering the KV heads of reuse layers (a per-layer permutation that leaves outputs unchanged).
 
-The second half of the module is arithmetic: `memory_plan` sizes weights, the dense KV cache and Kascade's per-step
-working set for Llama-3.1-8B / -70B on published accelerator memory sizes (`ACCELERATORS`).
+What a mesh must hold per device (weights, cache, Kascade's reads) is arithmetic: `kascade_lite.cost.memory_plan`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -39,12 +36,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from .attention import kv_cache_bytes
-from .config import LLAMA_3_1_8B, LlamaConfig, RopeScaling
-from .data import REPO_ROOT
-from .model import KVCache, Llama, dense_attention, expected_shapes, forward
+from .config import LlamaConfig
+from .model import KVCache, Llama, decode_steps, dense_attention, expected_shapes, forward
 from .schedule import Schedule
-from .sparse import KascadeAttention, Selection, budget_keys
+from .sparse import KascadeAttention, Selection
 
 DATA, MODEL = "data", "model"
 
@@ -60,12 +55,6 @@ PARAM_RULES: tuple[tuple[str, P], ...] = (
     (r"embed|final_norm", REPLICATED),
 )
 """(regular expression on the tensor name, spec); the first full match wins."""
-
-LLAMA_3_1_70B = LlamaConfig(
-    vocab_size=128_256, hidden_size=8192, intermediate_size=28_672, num_layers=80, num_heads=64, num_kv_heads=8,
-    head_dim=128, rms_norm_eps=1e-5, rope_theta=500_000.0, rope_scaling=RopeScaling(),
-    max_position_embeddings=131_072, tie_word_embeddings=False, bos_token_id=128_000, eos_token_id=128_009)
-"""Llama-3.1-70B(-Instruct): 80 layers, 64 query / 8 KV heads of 128, MLP 28 672 (Meta's published config)."""
 
 
 # ------------------------------------------------------------------------------------------------ mesh
@@ -184,7 +173,7 @@ def sharded_forward(model: Llama, tokens: jax.Array, cache: KVCache, mesh: Mesh,
 
 def greedy_logits(model: Llama, prompt: jax.Array | np.ndarray, steps: int, *, mesh: Mesh | None = None,
                   attention: Any = dense_attention) -> tuple[np.ndarray, np.ndarray]:
-    """Prefill ``prompt: [batch, t]`` then decode ``steps`` greedy tokens with the KV cache.
+    """Prefill ``prompt: [batch, t]`` then decode ``steps`` greedy tokens with the KV cache (`model.decode_steps`).
 
     With ``mesh`` the model must already be placed (`shard_model`); tokens and cache are placed here and the
     attention is wrapped by `shard_attention` (so Kascade runs per device). Returns
@@ -198,16 +187,13 @@ def greedy_logits(model: Llama, prompt: jax.Array | np.ndarray, steps: int, *, m
         step = lambda toks, c: forward(model, toks, c, attention)[:2]  # noqa: E731
     else:
         cache = empty_sharded_cache(model.cfg, mesh, b, t + steps, model.dtype)
-        prompt, attention = shard_tokens(prompt, mesh), shard_attention(attention, mesh)
-        step = lambda toks, c: sharded_forward(model, toks, c, mesh, attention)  # noqa: E731
+        attention = shard_attention(attention, mesh)
+        step = lambda toks, c: sharded_forward(model, shard_tokens(toks, mesh), c, mesh, attention)  # noqa: E731
     logits, cache = step(prompt, cache)
-    tokens, last = [np.asarray(prompt)], [np.asarray(logits[:, -1])]
-    for _ in range(steps):
-        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
-        tokens.append(np.asarray(nxt))
-        logits, cache = step(nxt if mesh is None else shard_tokens(nxt, mesh), cache)
-        last.append(np.asarray(logits[:, -1]))
-    return np.concatenate(tokens, axis=1), np.stack(last, axis=1)
+    loop = decode_steps(step, logits, cache)
+    picked = [next(loop) for _ in range(steps + 1)]  # steps + 1 logits; the token picked from the last is not kept
+    tokens = [np.asarray(prompt)] + [np.asarray(tok)[:, None] for tok, _ in picked[:steps]]
+    return np.concatenate(tokens, axis=1), np.stack([np.asarray(last) for _, last in picked], axis=1)
 
 
 def collective_counts(hlo_text: str) -> dict[str, int]:
@@ -351,136 +337,3 @@ def shard_attention(attention: Any, mesh: Mesh) -> Any:
     """The attention to use on ``mesh``: `ShardedKascade` for a `KascadeAttention`, anything else unchanged (dense
     GQA partitions over heads without help)."""
     return ShardedKascade(attention, mesh) if isinstance(attention, KascadeAttention) else attention
-
-
-# ------------------------------------------------------------------------------------------------ memory plan
-@dataclass(frozen=True)
-class Accelerator:
-    """Published memory capacity (bytes, decimal GB as vendors print them) and bandwidth (bytes/s) of one chip."""
-
-    name: str
-    memory_bytes: float
-    bandwidth: float
-    source: str
-
-
-ACCELERATORS: dict[str, Accelerator] = {a.name: a for a in (
-    Accelerator("A100 40GB", 40e9, 1.555e12, "https://www.nvidia.com/en-us/data-center/a100/"),
-    Accelerator("A100 80GB", 80e9, 2.039e12, "https://www.nvidia.com/en-us/data-center/a100/"),
-    Accelerator("H100 80GB", 80e9, 3.35e12, "https://www.nvidia.com/en-us/data-center/h100/"),
-    Accelerator("H200 141GB", 141e9, 4.8e12, "https://www.nvidia.com/en-us/data-center/h200/"),
-    Accelerator("TPU v5e 16GB", 16e9, 819e9, "https://cloud.google.com/tpu/docs/v5e"),
-)}
-"""SXM variants for A100 80GB / H100 / H200; HBM figures from the vendors' product pages (``source``)."""
-
-
-def weight_bytes(cfg: LlamaConfig, model_size: int = 1, bytes_per_param: float = 2) -> float:
-    """Bytes of weights on one device when the model axis has ``model_size`` devices (by `param_spec`)."""
-    total = 0.0
-    for name, shape in expected_shapes(cfg).items():
-        split = model_size if param_spec(name) != REPLICATED else 1
-        total += math.prod(shape) / split
-    return total * bytes_per_param
-
-
-def memory_plan(cfg: LlamaConfig, tokens: int, *, batch: int = 1, model_size: int = 1, num_anchor_layers: int,
-                budget: float = 0.1, min_keys: int = 128, bytes_per_param: float = 2,
-                kv_bytes: float = 2) -> dict[str, float]:
-    """Per-device bytes for decoding ``batch`` sequences of ``tokens`` context with KV heads over ``model_size``.
-
-    * ``weights``: resident weights (`weight_bytes`); ``kv_cache``: the full dense cache, which Kascade keeps too.
-    * ``dense_read`` / ``kascade_read``: bytes one decode step reads from memory (weights + K/V). Dense attention
-      reads every key and value in every layer; Kascade's ``num_anchor_layers`` (layer 0 included) read them all
-      as well, the other layers read only ``sparse.budget_keys(tokens, budget, min_keys)`` keys and values per KV
-      head (``max(min_keys, ceil(budget * tokens))``, at most ``tokens``).
-    * ``index_bytes``: the int32 Top-k indices one anchor layer hands to its reuse layers (per step, per device).
-    """
-    if not 1 <= num_anchor_layers <= cfg.num_layers:
-        raise ValueError(f"num_anchor_layers={num_anchor_layers} must be in [1, num_layers={cfg.num_layers}]")
-    if cfg.num_kv_heads % model_size:
-        raise ValueError(f"model_size={model_size} does not divide num_kv_heads={cfg.num_kv_heads}")
-    heads = cfg.num_kv_heads // model_size
-    per_layer_full = kv_cache_bytes(1, heads, cfg.head_dim, tokens, kv_bytes, batch)
-    keys = budget_keys(tokens, budget, min_keys)
-    per_layer_sparse = kv_cache_bytes(1, heads, cfg.head_dim, keys, kv_bytes, batch)
-    weights = weight_bytes(cfg, model_size, bytes_per_param)
-    kv = per_layer_full * cfg.num_layers
-    attn_kascade = num_anchor_layers * per_layer_full + (cfg.num_layers - num_anchor_layers) * per_layer_sparse
-    return dict(tokens=tokens, batch=batch, model_size=model_size, weights=weights, kv_cache=kv,
-                total=weights + kv, dense_read=weights + kv, kascade_read=weights + attn_kascade,
-                kv_read_dense=kv, kv_read_kascade=attn_kascade, index_bytes=batch * heads * keys * 4)
-
-
-def smallest_model_axis(cfg: LlamaConfig, tokens: int, accelerator: Accelerator, *, batch: int = 1,
-                        num_anchor_layers: int, headroom: float = 0.9, **kw: Any) -> int | None:
-    """Smallest model-axis size (a divisor of ``num_kv_heads``) whose per-device weights + dense cache fit in
-    ``headroom`` of the accelerator's memory; ``None`` if even ``num_kv_heads`` devices do not suffice."""
-    for m in (m for m in range(1, cfg.num_kv_heads + 1) if cfg.num_kv_heads % m == 0):
-        plan = memory_plan(cfg, tokens, batch=batch, model_size=m, num_anchor_layers=num_anchor_layers, **kw)
-        if plan["total"] <= headroom * accelerator.memory_bytes:
-            return m
-    return None
-
-
-def plan_table(cfg: LlamaConfig, token_counts: Sequence[int], *, num_anchor_layers: int, batch: int = 1,
-               accelerators: Sequence[Accelerator] | None = None, **kw: Any) -> list[dict[str, Any]]:
-    """One row per context length: sizes for one device (``model_size=1``) in GB, the Kascade read ratio, and for
-    each accelerator the smallest model axis that fits with a roofline decode-step time (bytes / bandwidth, a
-    lower bound, not a measurement) dense vs Kascade."""
-    rows = []
-    for t in token_counts:
-        p = memory_plan(cfg, t, batch=batch, num_anchor_layers=num_anchor_layers, **kw)
-        row: dict[str, Any] = dict(tokens=t, weights_gb=p["weights"] / 1e9, kv_cache_gb=p["kv_cache"] / 1e9,
-                                   kascade_kv_read_gb=p["kv_read_kascade"] / 1e9,
-                                   kv_read_ratio=p["kv_read_kascade"] / p["kv_read_dense"])
-        for acc in accelerators or ACCELERATORS.values():
-            m = smallest_model_axis(cfg, t, acc, batch=batch, num_anchor_layers=num_anchor_layers, **kw)
-            if m is None:
-                row[acc.name] = None
-                continue
-            pm = memory_plan(cfg, t, batch=batch, model_size=m, num_anchor_layers=num_anchor_layers, **kw)
-            row[acc.name] = dict(model_axis=m, gb_per_device=pm["total"] / 1e9,
-                                 dense_step_ms=1e3 * pm["dense_read"] / acc.bandwidth,
-                                 kascade_step_ms=1e3 * pm["kascade_read"] / acc.bandwidth)
-        rows.append(row)
-    return rows
-
-
-DEFAULT_PLAN_MODELS: dict[str, LlamaConfig] = {"llama-3.1-8b": LLAMA_3_1_8B, "llama-3.1-70b": LLAMA_3_1_70B}
-DEFAULT_PLAN_TOKENS = (8192, 32_768, 131_072)
-
-
-def write_memory_plan(path: str | Path = REPO_ROOT / "data" / "memory_plan.json", anchor_every: int = 8,
-                      budget: float = 0.1, min_keys: int = 128) -> dict[str, Any]:
-    """Write the chapter's plan tables (bf16 weights and cache, batch 1) with provenance. ``anchor_every``: an
-    assumed schedule with ``num_layers // anchor_every`` full-attention layers (layer 0 included)."""
-    from .files import provenance, write_json_atomic
-
-    command = (f"python -m kascade_lite.sharding --anchor-every {anchor_every} --budget {budget} "
-               f"--min-keys {min_keys}")
-    out: dict[str, Any] = dict(
-        provenance=provenance(command),
-        assumptions=dict(bytes_per_param=2, kv_bytes=2, batch=1, budget=budget, min_keys=min_keys,
-                         anchor_every=anchor_every, headroom=0.9),
-        accelerators={a.name: dict(memory_gb=a.memory_bytes / 1e9, bandwidth_gb_s=a.bandwidth / 1e9,
-                                   source=a.source) for a in ACCELERATORS.values()},
-        models={})
-    for name, cfg in DEFAULT_PLAN_MODELS.items():
-        anchors = max(1, cfg.num_layers // anchor_every)
-        out["models"][name] = dict(num_anchor_layers=anchors, rows=plan_table(
-            cfg, DEFAULT_PLAN_TOKENS, num_anchor_layers=anchors, budget=budget, min_keys=min_keys))
-    write_json_atomic(path, out)
-    return out
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Write data/memory_plan.json (Kascade memory plan tables).")
-    parser.add_argument("--out", default=str(REPO_ROOT / "data" / "memory_plan.json"))
-    parser.add_argument("--anchor-every", type=int, default=8)
-    parser.add_argument("--budget", type=float, default=0.1)
-    parser.add_argument("--min-keys", type=int, default=128)
-    args = parser.parse_args()
-    write_memory_plan(args.out, args.anchor_every, args.budget, args.min_keys)
-    print(f"wrote {args.out}")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from kascade_lite.config import LLAMA_3_1_8B, PRESETS, SMOLLM2_135M, LlamaConfig, RopeScaling
+from kascade_lite.config import LLAMA_3_1_8B, LLAMA_3_1_70B, PRESETS, SMOLLM2_135M, LlamaConfig, RopeScaling
 
 
 def test_presets_match_published_architectures() -> None:
@@ -14,7 +14,9 @@ def test_presets_match_published_architectures() -> None:
     assert c.rope_theta == 500_000.0 and c.rope_scaling == RopeScaling(8.0, 1.0, 4.0, 8192)
     s = SMOLLM2_135M
     assert (s.num_layers, s.num_heads, s.num_kv_heads, s.head_dim, s.group_size) == (30, 9, 3, 64, 3)
-    assert set(PRESETS) == {"llama-3.1-8b", "smollm2-135m"}
+    b = LLAMA_3_1_70B
+    assert (b.num_layers, b.num_heads, b.num_kv_heads, b.head_dim, b.group_size) == (80, 64, 8, 128, 8)
+    assert set(PRESETS) == {"llama-3.1-8b", "llama-3.1-70b", "smollm2-135m"}
 
 
 @pytest.mark.parametrize("cfg", list(PRESETS.values()))
@@ -33,6 +35,14 @@ def test_meta_params_derive_llama_3_1_8b_mlp_width() -> None:
     assert cfg.intermediate_size == 14336
     assert cfg.rope_scaling == RopeScaling()
     assert (cfg.num_kv_heads, cfg.head_dim) == (8, 128)
+
+
+def test_meta_params_derive_llama_3_1_70b_preset() -> None:
+    params = {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "vocab_size": 128256,
+              "ffn_dim_multiplier": 1.3, "multiple_of": 4096, "norm_eps": 1e-05, "rope_theta": 500000.0,
+              "use_scaled_rope": True}
+    cfg = LlamaConfig.from_meta_params(params)
+    assert dataclasses.replace(cfg, bos_token_id=128_000, eos_token_id=128_009) == LLAMA_3_1_70B
 
 
 @pytest.mark.parametrize("change, message", [

@@ -18,8 +18,9 @@ transformers = pytest.importorskip("transformers")
 
 from kascade_lite.cli import main as cli_main  # noqa: E402
 from kascade_lite.config import LlamaConfig, RopeScaling  # noqa: E402
+from kascade_lite.checkpoints import SafetensorsFile  # noqa: E402
 from kascade_lite.convert import (  # noqa: E402
-    MANIFEST, SafetensorsFile, convert_checkpoint, iter_converted, load_converted, verify_converted)
+    MANIFEST, convert_checkpoint, iter_converted, load_converted, verify_converted)
 from kascade_lite.model import forward  # noqa: E402
 from kascade_lite.rope import interleaved_to_half_permutation  # noqa: E402
 

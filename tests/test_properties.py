@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from tiny_checkpoints import TINY, write_gguf
 
 from kascade_lite.calibrate import calibrate, write_coverage_json
-from kascade_lite.convert import SafetensorsFile, open_checkpoint, write_safetensors
+from kascade_lite.checkpoints import SafetensorsFile, open_checkpoint
+from kascade_lite.convert import write_safetensors
 from kascade_lite.model import Llama
 from kascade_lite.schedule import Schedule, dp_schedule, greedy_schedule
 

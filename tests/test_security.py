@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 from tiny_checkpoints import TINY, patch_gguf_tensor_info, write_gguf, write_hf
 
-from kascade_lite.convert import SafetensorsFile, convert_checkpoint, open_checkpoint
+from kascade_lite.checkpoints import SafetensorsFile, open_checkpoint
+from kascade_lite.convert import convert_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from kascade_lite.config import LlamaConfig
-from kascade_lite.convert import GGUF_GLOBAL, GGUF_LAYER, HF_GLOBAL, HF_LAYER
+from kascade_lite.checkpoints import GGUF_GLOBAL, GGUF_LAYER, HF_GLOBAL, HF_LAYER
 from kascade_lite.model import expected_shapes
 
 TINY = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
