@@ -44,7 +44,7 @@ from .config import LLAMA_3_1_8B, LlamaConfig, RopeScaling
 from .data import REPO_ROOT
 from .model import KVCache, Llama, dense_attention, expected_shapes, forward
 from .schedule import Schedule
-from .sparse import KascadeAttention, Selection, budget_keys
+from .kascade import KascadeAttention, Selection, keys_kept
 
 DATA, MODEL = "data", "model"
 
@@ -287,7 +287,7 @@ class ShardedKascade:
     """`KascadeAttention` run per device with `jax.shard_map`: each device scores, selects and attends with its own
     batch rows and KV heads, so anchors and reuse layers need no communication.
 
-    Left to XLA's automatic partitioning, the Top-k and the index scatter/gather of `sparse.py` are not partitioned
+    Left to XLA's automatic partitioning, the Top-k and the index gathers of `kascade.py` are not partitioned
     over heads: XLA all-gathers the scores and indices instead (see chapter 09). Here the selection never leaves
     its device, except for reuse heads listed by `cross_device_reads`: for those layers the small index tensor
     ``[batch, kv_heads, sets, n_qtiles, k]`` is all-gathered over ``"model"`` (int32 plus a bool mask) and each
@@ -391,7 +391,7 @@ def memory_plan(cfg: LlamaConfig, tokens: int, *, batch: int = 1, model_size: in
     * ``weights``: resident weights (`weight_bytes`); ``kv_cache``: the full dense cache, which Kascade keeps too.
     * ``dense_read`` / ``kascade_read``: bytes one decode step reads from memory (weights + K/V). Dense attention
       reads every key and value in every layer; Kascade's ``num_anchor_layers`` (layer 0 included) read them all
-      as well, the other layers read only ``sparse.budget_keys(tokens, budget, min_keys)`` keys and values per KV
+      as well, the other layers read only ``kascade.keys_kept(tokens, budget, min_keys)`` keys and values per KV
       head (``max(min_keys, ceil(budget * tokens))``, at most ``tokens``).
     * ``index_bytes``: the int32 Top-k indices one anchor layer hands to its reuse layers (per step, per device).
     """
@@ -401,7 +401,7 @@ def memory_plan(cfg: LlamaConfig, tokens: int, *, batch: int = 1, model_size: in
         raise ValueError(f"model_size={model_size} does not divide num_kv_heads={cfg.num_kv_heads}")
     heads = cfg.num_kv_heads // model_size
     per_layer_full = kv_cache_bytes(1, heads, cfg.head_dim, tokens, kv_bytes, batch)
-    keys = budget_keys(tokens, budget, min_keys)
+    keys = keys_kept(tokens, budget, min_keys)
     per_layer_sparse = kv_cache_bytes(1, heads, cfg.head_dim, keys, kv_bytes, batch)
     weights = weight_bytes(cfg, model_size, bytes_per_param)
     kv = per_layer_full * cfg.num_layers
