@@ -1,4 +1,4 @@
-"""Benchmark harness: timing bookkeeping, results files, cost model, and the timed policies inside the compiled model."""
+"""Benchmark harness: timing bookkeeping, results files, cost model, the timed policies in the compiled model."""
 
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,13 +18,16 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from oracles import MaskedKascade, brute_topk, chosen_units, masked_attention, selection_mask, unit_scores
 
+from kascade_lite import bench as B
 from kascade_lite import kernels as K
 from kascade_lite.attention import gqa_attention
 from kascade_lite.config import LlamaConfig
+from kascade_lite.data import load_tokenizer
 from kascade_lite.kascade import (KascadeAttention, Selection, attend, keys_kept, select, tiles_kept,
                                   topk_count)
 from kascade_lite.model import KVCache, Llama, forward, generate
 from kascade_lite.schedule import Schedule
+from kascade_lite.tasks import RetrievalMethod, answer_case, make_cases
 
 KV_HEADS, GROUP, D = 3, 2, 8
 NO_SHRINK = (Phase.explicit, Phase.generate)  # each example compiles: report the first failure as found
@@ -90,6 +95,7 @@ def test_rolling_budget_grows_with_position(rng) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ selection
+@pytest.mark.slow
 @settings(max_examples=12, phases=NO_SHRINK)
 @given(q_len=st.integers(1, 20), past=st.integers(0, 12), spare=st.integers(0, 6), q_tile=st.sampled_from([2, 4]),
        granularity=st.sampled_from(["position", "tile"]), pool=st.sampled_from(["group", "all", "head"]),
@@ -116,6 +122,7 @@ def random_selection(rng, batch: int, sets: int, n_t: int, n_units: int, k: int,
     return Selection(idx=jnp.asarray(idx, jnp.int32), keep=jnp.asarray(keep), q_tile=q_tile, unit=unit)
 
 
+@pytest.mark.slow
 @settings(max_examples=12, phases=NO_SHRINK)
 @given(q_len=st.integers(1, 20), past=st.integers(0, 12), spare=st.integers(0, 6), q_tile=st.sampled_from([2, 4]),
        unit=st.sampled_from([1, 4]), sets=st.sampled_from([1, GROUP]), frac=st.floats(0.1, 1.0),
@@ -135,6 +142,7 @@ def test_gather_path_equals_masked_oracle(q_len, past, spare, q_tile, unit, sets
     np.testing.assert_allclose(np.asarray(out), np.asarray(masked_attention(q, k, v, mask)), atol=1e-5)
 
 
+@pytest.mark.slow
 @settings(max_examples=8, phases=NO_SHRINK)
 @given(q_len=st.integers(1, 20), past=st.integers(0, 12), spare=st.integers(0, 6),
        granularity=st.sampled_from(["position", "tile"]), pool=st.sampled_from(["group", "all", "head"]),
@@ -152,6 +160,7 @@ def test_policy_equals_masked_policy(q_len, past, spare, granularity, pool, budg
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=f"layer {layer}")
 
 
+@pytest.mark.slow
 @settings(max_examples=6, phases=NO_SHRINK)
 @given(q_len=st.integers(1, 21), past=st.integers(0, 9), spare=st.integers(0, 5), tile=st.sampled_from([1, 4, 8]),
        granularity=st.sampled_from(["tile", "position"]), pool=st.sampled_from(["group", "all", "head"]),
@@ -211,6 +220,7 @@ def tiny_model() -> Llama:
     return Llama(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("granularity", ["position", "tile"])
 def test_model_forward_equals_masked_policy_in_prefill_and_decode(granularity) -> None:
     model = tiny_model()
@@ -237,3 +247,43 @@ def test_full_budget_generate_is_dense() -> None:
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, (1, 12)), jnp.int32)
     full = KascadeAttention(schedule(tile_size=8, budget=1.0, min_keys=0), granularity="tile")
     np.testing.assert_array_equal(generate(model, tokens, 5, attention=full), generate(model, tokens, 5))
+
+
+def _script(name: str):
+    """A benchmark script of ``benchmarks/`` as a module."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_model_harness_and_benchmarks_run_the_same_kascade() -> None:
+    """The retrieval harness (`bench_accuracy.retrieval_method` -> `tasks.answer_case`), the end-to-end benchmark
+    (`bench_e2e.policies` -> `bench.compiled_forward`) and a plain `model.forward` all run `kascade.KascadeAttention`
+    and agree on every layer's selection and on the outputs, in prefill and decode."""
+    acc, e2e = _script("bench_accuracy"), _script("bench_e2e")
+    model = acc.load_model(smoke=True)
+    sched = Schedule.from_anchors("smoke", model.cfg.num_layers, model.cfg.num_kv_heads, [2], tile_size=32,
+                                  budget=0.1, min_keys=128)
+    harness, timed = acc.retrieval_method("kascade", sched, 256), e2e.policies(sched)["kascade"]
+    direct = KascadeAttention(sched, granularity="tile")
+    assert all(type(p) is KascadeAttention for p in (harness.prefill, harness.decode, timed))
+    tok = load_tokenizer()
+    case = make_cases(256, 1, seed=5, tokenizer=tok)[0]
+    tokens = jnp.asarray(case.ids[None], jnp.int32)
+    empty = KVCache.empty(model.cfg, 1, 288)
+    runs = [forward(model, tokens, empty, direct), forward(model, tokens, empty, harness.prefill),
+            B.compiled_forward(model, timed)(tokens, empty)]
+    decoders = (direct, harness.decode, timed)
+    steps = [forward(model, tokens[:, -1:], cache, pol) for (_, cache, _), pol in zip(runs, decoders)]
+    pairs = [(runs[1], runs[0]), (runs[2], runs[0]), (steps[1], steps[0]), (steps[2], steps[0])]
+    for (got, _, got_carry), (want, _, want_carry) in pairs:
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+        assert sorted(got_carry) == sorted(want_carry) == [0, 2]
+        for layer in got_carry:
+            np.testing.assert_array_equal(got_carry[layer].idx, want_carry[layer].idx)
+            np.testing.assert_array_equal(got_carry[layer].keep, want_carry[layer].keep)
+    answers = answer_case(model, case, {"harness": harness, "direct": RetrievalMethod(direct, direct)}, tokenizer=tok)
+    assert answers["harness"]["output"] == answers["direct"]["output"]
