@@ -20,7 +20,6 @@ Every configuration is written to the JSON as soon as it finishes (atomically, w
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -29,17 +28,16 @@ from typing import Any
 
 import numpy as np
 
-from kascade_lite.baselines import (BASELINES, DenseAttention, QuestAttention, SinkWindowAttention, all_heads_pooled,
-                                    kascade_no_remap, omnikv, oracle_topk)
-from kascade_lite.bench import KernelKascadeAttention, KernelSinkWindow, default_schedule, flash_dense_attention
+from kascade_lite.baselines import (BASELINES, DenseAttention, QuestAttention, SinkWindowAttention, TidalDecode,
+                                    TiledSinkWindow, all_heads_pooled, flash_dense_attention, kascade_no_remap, omnikv,
+                                    oracle_topk)
 from kascade_lite.config import LlamaConfig
 from kascade_lite.data import REPO_ROOT, load_tokenizer, token_windows, wikitext_windows
 from kascade_lite.eval import nll_per_window
 from kascade_lite.files import provenance, write_json_atomic
+from kascade_lite.kascade import KascadeAttention, tiles_kept
 from kascade_lite.model import Llama
-from kascade_lite.kernels import num_keep_tiles
-from kascade_lite.schedule import Schedule
-from kascade_lite.sparse import KascadeAttention
+from kascade_lite.schedule import Schedule, default_schedule
 from kascade_lite.tasks import RetrievalMethod, answer_case, make_cases
 
 MODEL = "smollm2-135m"
@@ -96,6 +94,7 @@ def policy(method: str, sched: Schedule, *, num_layers: int, kv_heads: int, budg
         "oracle": lambda: oracle_topk(num_layers, kv_heads, budget=budget, min_keys=min_keys),
         "sink_window": lambda: SinkWindowAttention(budget=budget, min_keys=min_keys),
         "quest": lambda: QuestAttention(budget=budget, min_keys=min_keys),
+        "tidal": lambda: TidalDecode(num_layers, kv_heads, budget=budget, min_keys=min_keys),  # dense in prefill
     }[method]()
 
 
@@ -210,21 +209,23 @@ def run_ppl(args: argparse.Namespace, command: str) -> None:
 
 RETRIEVAL_METHODS: dict[str, str] = {
     "dense": "exact attention in prefill and decode (kernels.flash_attention)",
-    "kascade": "Kascade in prefill and decode through the tile kernels (bench.KernelKascadeAttention): key tiles "
-               "of 32, 10 % of the tiles with the 128-key floor, the query's own tile included",
-    "kascade_decode": "dense prefill, Kascade (tile kernels) in every decode step",
+    "kascade": "Kascade in prefill and decode (kascade.KascadeAttention, granularity='tile'): key tiles of 32, "
+               "10 % of the keys with the 128-key floor, the query's own tile included",
+    "kascade_decode": "dense prefill, Kascade (key tiles of 32) in every decode step",
     "oracle_decode": "dense prefill; in every decode step each query head of every layer but 0 keeps its own exact "
                      "Top-k key positions (the Top-k ceiling at this budget)",
     "quest": "dense prefill, Quest in every decode step (the setting of Quest's paper; pages of 16, layers 0-1 "
              "dense, 10 % of the keys with the 128-key floor)",
-    "sink_window": "StreamingLLM at tile granularity (bench.KernelSinkWindow): the first tile (sinks) plus the most "
-                   "recent tiles, as many tiles as Kascade keeps; layer 0 dense",
+    "sink_window": "StreamingLLM at tile granularity (baselines.TiledSinkWindow): the first tile (sinks) plus the "
+                   "most recent tiles, as many tiles as Kascade keeps; layer 0 dense",
+    "tidal": "dense prefill; TidalDecode in decode: layers 0-1 dense, token-selection layers 2 and num_layers // 2 "
+             "pick Top-k positions per query head that all other layers reuse",
     "kascade_no_remap": "kascade with the identity head map",
     # decode-only ablations: which part of Kascade loses the needle?
     "pooled_decode": "dense prefill; in decode every layer but 0 keeps its own Top-k key positions, pooled over the "
                      "GQA group (oracle + group pooling, no reuse)",
-    "pooled_tiles_decode": "as pooled_decode with key tiles of 32 (tile kernels): oracle + pooling + tiles, no reuse",
-    "kascade_decode_positions": "dense prefill; Kascade with key positions (sparse.KascadeAttention) in decode: "
+    "pooled_tiles_decode": "as pooled_decode with key tiles of 32: oracle + pooling + tiles, no reuse",
+    "kascade_decode_positions": "dense prefill; Kascade with key positions (the paper's default) in decode: "
                                 "pooling + reuse, no tiles",
 }
 """Retrieval methods; ``name@B`` (e.g. ``kascade_decode@0.3``) runs ``name`` at the key budget ``B`` instead of
@@ -242,31 +243,30 @@ def retrieval_method(name: str, sched: Schedule, length: int, tile: int = 32, mi
     if base not in RETRIEVAL_METHODS or not 0 < budget <= 1:
         raise ValueError(f"unknown retrieval method {name!r}; choose from {sorted(RETRIEVAL_METHODS)}, optionally "
                          f"with @budget in (0, 1]")
-    keep = num_keep_tiles(length, tile, budget, min_keys)
     flash = flash_dense_attention
+    opts = dict(tile_size=tile, budget=budget, min_keys=min_keys)
     if base == "dense":
         return RetrievalMethod(flash, flash)
     if base in ("kascade", "kascade_decode", "kascade_no_remap"):
-        identity = tuple(tuple(range(sched.num_kv_heads)) for _ in range(sched.num_layers))
-        head_map = identity if base == "kascade_no_remap" else sched.head_map
-        policy = KernelKascadeAttention(dataclasses.replace(sched, tile_size=tile, head_map=head_map), keep=keep)
+        policy = KascadeAttention(sched, granularity="tile", remap=base != "kascade_no_remap", **opts)
         return RetrievalMethod(flash if base == "kascade_decode" else policy, policy)
     if base in ("pooled_decode", "pooled_tiles_decode"):
         every_layer = Schedule.from_anchors(sched.model, sched.num_layers, sched.num_kv_heads,
                                             list(range(1, sched.num_layers)), tile_size=tile, budget=budget,
                                             min_keys=min_keys, method="every layer an anchor")
-        if base == "pooled_tiles_decode":
-            return RetrievalMethod(flash, KernelKascadeAttention(every_layer, keep=keep))
-        return RetrievalMethod(flash, KascadeAttention(every_layer, granularity="position"))
+        granularity = "tile" if base == "pooled_tiles_decode" else "position"
+        return RetrievalMethod(flash, KascadeAttention(every_layer, granularity=granularity))
     if base == "kascade_decode_positions":
-        return RetrievalMethod(flash, KascadeAttention(sched, granularity="position", tile_size=tile, budget=budget,
-                                                       min_keys=min_keys))
+        return RetrievalMethod(flash, KascadeAttention(sched, granularity="position", **opts))
     if base == "oracle_decode":
         return RetrievalMethod(flash, oracle_topk(sched.num_layers, sched.num_kv_heads, budget=budget,
                                                   min_keys=min_keys))
     if base == "quest":
         return RetrievalMethod(flash, QuestAttention(budget=budget, min_keys=min_keys))
-    sink = KernelSinkWindow(keep=keep, tile=tile)
+    if base == "tidal":
+        return RetrievalMethod(flash, TidalDecode(sched.num_layers, sched.num_kv_heads, budget=budget,
+                                                  min_keys=min_keys))
+    sink = TiledSinkWindow(keep=tiles_kept(length, tile, budget, min_keys), tile=tile)
     return RetrievalMethod(sink, sink)
 
 

@@ -1,11 +1,14 @@
-"""Attention-op benchmark: Kascade anchor / reuse kernels vs dense baselines, one process, median of repetitions.
+"""Attention-op benchmark: Kascade anchor / reuse layers (`kascade.py`, key tiles) vs dense baselines, one process,
+median of repetitions.
 
     python benchmarks/bench_attention.py            # Llama-3.1-8B shape, ~10 min on 2 CPU cores
     python benchmarks/bench_attention.py --smoke    # tiny sizes (CI), writes to a temporary folder unless --out
 
 Writes ``data/bench_attention_cpu.json`` (decode 2k-32k, prefill 2k-16k, tile 32, budget 10 %) and
 ``data/bench_headline_cpu.json`` (the design's headline setting: 512 tokens, tile 16, 8 of 32 tiles, for the
-Llama-3.1-8B and SmolLM2-135M head shapes). Times are per layer, batch 1, float32.
+Llama-3.1-8B and SmolLM2-135M head shapes). Times are per layer, batch 1, float32. Kascade reads the model's
+sequence-major cache ``[batch, L, kv_heads, head_dim]`` (``anchor_seq`` / ``reuse_seq``); the dense decode baseline
+is timed in both layouts.
 """
 
 from __future__ import annotations
@@ -25,21 +28,23 @@ from kascade_lite import kernels as K
 from kascade_lite.config import LLAMA_3_1_8B, SMOLLM2_135M, LlamaConfig
 from kascade_lite.cost import whole_model_time
 from kascade_lite.data import REPO_ROOT
+from kascade_lite.kascade import attend, select, tiles_kept
+from kascade_lite.schedule import default_schedule
 
 DENSE_DECODE = ("dense_heads", "dense_seq", "flash", "xla")
 DENSE_PREFILL = ("flash", "xla")
 
 
-def decode_candidates(cfg: LlamaConfig, context: int, tile: int, keep: int) -> tuple[dict[str, Callable], dict]:
-    """Zero-argument callables for one decode step at ``context`` cached keys (both cache layouts)."""
+def decode_candidates(cfg: LlamaConfig, context: int, tile: int, budget: float) -> tuple[dict[str, Callable], dict]:
+    """Zero-argument callables for one decode step at ``context`` cached keys."""
     q, k, v = B.random_qkv(jax.random.PRNGKey(context), 1, 1, context, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
     kt, vt, q1, n = K.to_tiles(k, tile), K.to_tiles(v, tile), q[:, 0], context
     jit = jax.jit
-    anchor_h = jit(lambda q, k, v: K.anchor_decode_attention(q, k, v, n, keep=keep, tile=tile))
-    anchor_s = jit(lambda q, k, v: K.anchor_decode_attention(q, k, v, n, keep=keep, tile=tile, layout="seq"))
-    idx = anchor_h(q1, kt, vt)[1]  # what a reuse layer receives (head map = identity: same cost)
-    reuse_h = jit(lambda q, k, v, i: K.sparse_decode_attention(q, k, v, i, n, tile=tile))
-    reuse_s = jit(lambda q, k, v, i: K.sparse_decode_attention(q, k, v, i, n, tile=tile, layout="seq"))
+    choose = lambda q, k: select(q, k, n - 1, n, q_tile=1, unit=tile, pool="group", budget=budget,  # noqa: E731
+                                 min_keys=0)
+    anchor = jit(lambda q, k, v: attend(q, k, v, choose(q, k), n - 1, n))
+    sel = jit(choose)(q, k)  # what a reuse layer receives (head map = identity: same cost)
+    reuse = jit(lambda q, k, v, s: attend(q, k, v, s, n - 1, n))
     dense_h = jit(lambda q, k, v: K.dense_decode_attention(q, k, v, n, tile=tile))
     dense_s = jit(lambda q, k, v: K.dense_decode_attention(q, k, v, n, tile=tile, layout="seq"))
     flash = jit(lambda q, k, v: K.flash_attention(q, k, v, q_offset=n - 1, kv_len=n, block_k=min(4096, n)))
@@ -47,19 +52,20 @@ def decode_candidates(cfg: LlamaConfig, context: int, tile: int, keep: int) -> t
     return {
         "dense_heads": lambda: dense_h(q1, kt, vt), "dense_seq": lambda: dense_s(q1, k, v),
         "flash": lambda: flash(q, k, v), "xla": lambda: xla(q, k, v),
-        "anchor_heads": lambda: anchor_h(q1, kt, vt), "reuse_heads": lambda: reuse_h(q1, kt, vt, idx),
-        "anchor_seq": lambda: anchor_s(q1, k, v), "reuse_seq": lambda: reuse_s(q1, k, v, idx),
+        "anchor_seq": lambda: anchor(q, k, v), "reuse_seq": lambda: reuse(q, k, v, sel),
     }, {}
 
 
-def prefill_candidates(cfg: LlamaConfig, t: int, tile: int, keep: int) -> tuple[dict[str, Callable], dict]:
+def prefill_candidates(cfg: LlamaConfig, t: int, tile: int, budget: float) -> tuple[dict[str, Callable], dict]:
     """Zero-argument callables for a causal prefill of ``t`` tokens; dense XLA skipped when it would not fit."""
     q, k, v = B.random_qkv(jax.random.PRNGKey(t), 1, t, t, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-    anchor = jax.jit(lambda q, k, v: K.anchor_prefill_attention(q, k, v, keep=keep, tile=tile))
-    idx = anchor(q, k, v)[1]
-    reuse = jax.jit(lambda q, k, v, i: K.sparse_prefill_attention(q, k, v, i, tile=tile))
+    choose = lambda q, k: select(q, k, 0, t, q_tile=tile, unit=tile, pool="group", budget=budget,  # noqa: E731
+                                 min_keys=0)
+    anchor = jax.jit(lambda q, k, v: attend(q, k, v, choose(q, k), 0, t))
+    sel = jax.jit(choose)(q, k)
+    reuse = jax.jit(lambda q, k, v, s: attend(q, k, v, s, 0, t))
     flash = jax.jit(lambda q, k, v: K.flash_attention(q, k, v))
-    cands = {"flash": lambda: flash(q, k, v), "anchor": lambda: anchor(q, k, v), "reuse": lambda: reuse(q, k, v, idx)}
+    cands = {"flash": lambda: flash(q, k, v), "anchor": lambda: anchor(q, k, v), "reuse": lambda: reuse(q, k, v, sel)}
     skipped = {}
     score_bytes = K.xla_attention_bytes(t, t, cfg.num_heads)
     if score_bytes <= B.MEMORY_LIMIT_BYTES:
@@ -93,17 +99,13 @@ def run_grid(cfg: LlamaConfig, *, phase: str, contexts: list[int], tile: int, bu
     """Time every candidate at every context; one row per context."""
     rows = []
     for n in contexts:
-        keep = K.num_keep_tiles(n, tile, budget)
+        keep = tiles_kept(n, tile, budget, 0)
         make = decode_candidates if phase == "decode" else prefill_candidates
-        cands, skipped = make(cfg, n, tile, keep)
+        cands, skipped = make(cfg, n, tile, budget)
         times = B.compare(cands, reps=reps)
         row = {"phase": phase, "context": n, "tile": tile, "keep_tiles": keep, "keep_keys": keep * tile,
                "times": times, "skipped": skipped}
-        if phase == "decode":
-            row["speedup"] = summarise(phase, times, schedule, "_heads")
-            row["speedup_seq_layout"] = summarise(phase, times, schedule, "_seq")
-        else:
-            row["speedup"] = summarise(phase, times, schedule)
+        row["speedup"] = summarise(phase, times, schedule, "_seq" if phase == "decode" else "")
         best = row["speedup"]["vs_best"]
         print(f"{phase:7s} {n:6d}  best dense {row['speedup']['best_dense']:11s} "
               f"{times[row['speedup']['best_dense']]['median_s'] * 1e3:9.1f} ms  "
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or (Path(tempfile.mkdtemp()) if args.smoke else REPO_ROOT / "data")
     command = ("python benchmarks/bench_attention.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
     cfg, tile, budget = LLAMA_3_1_8B, 32, 0.1
-    schedule = B.default_schedule("llama-3.1-8b", cfg.num_layers, cfg.num_kv_heads, 5, tile, budget)
+    schedule = default_schedule("llama-3.1-8b", cfg.num_layers, cfg.num_kv_heads, 5, tile, budget)
     if args.only != "headline":
         decode = [512, 1024] if args.smoke else [2048, 4096, 8192, 16384, 32768]
         prefill = [256, 512] if args.smoke else [2048, 4096, 8192, 16384]
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.only != "attention":
         rows = []
         for name, shape in (("llama-3.1-8b", cfg), ("smollm2-135m", SMOLLM2_135M)):
-            sched = B.default_schedule(name, shape.num_layers, shape.num_kv_heads, 5, 16, 0.25)
+            sched = default_schedule(name, shape.num_layers, shape.num_kv_heads, 5, 16, 0.25)
             for phase in ("decode", "prefill"):
                 for row in run_grid(shape, phase=phase, contexts=[512], tile=16, budget=0.25,
                                     reps=3 if args.smoke else 15, schedule=sched):

@@ -5,8 +5,8 @@
 
 Policies (all through the model's forward, `bench.compiled_forward`, float32): ``dense`` (the model's default
 `gqa_attention`, materialising the scores), ``flash`` (`kernels.flash_attention`) and ``kascade``
-(`bench.KernelKascadeAttention`: the gather kernels, a schedule with layer 0 dense + 4 evenly spaced anchors,
-tile 32, budget 10 %). Prefill = one forward of ``context`` WikiText-2 tokens into an empty cache; decode = one
+(`kascade.KascadeAttention` with key tiles, the gather path, a schedule with layer 0 dense + 4 evenly spaced
+anchors, tile 32, budget 10 %). Prefill = one forward of ``context`` WikiText-2 tokens into an empty cache; decode = one
 forward of a single token after ``context`` cached tokens (tokens/s = 1 / median step time).
 """
 
@@ -23,19 +23,20 @@ import jax
 import jax.numpy as jnp
 
 from kascade_lite import bench as B
-from kascade_lite import kernels as K
+from kascade_lite.baselines import flash_dense_attention
 from kascade_lite.convert import load_smollm2
 from kascade_lite.data import REPO_ROOT, wikitext_windows
+from kascade_lite.kascade import KascadeAttention, tiles_kept
 from kascade_lite.model import KVCache, dense_attention
+from kascade_lite.schedule import default_schedule
 
 TILE, BUDGET, ANCHORS = 32, 0.1, 5
 
 
-def policies(context: int, schedule) -> dict[str, Any]:
-    """Attention policies for one context size (Kascade's ``keep`` is static, so one policy per size)."""
-    keep = K.num_keep_tiles(context, TILE, BUDGET)
-    return {"dense": dense_attention, "flash": B.flash_dense_attention,
-            "kascade": B.KernelKascadeAttention(schedule, keep)}
+def policies(schedule) -> dict[str, Any]:
+    """The attention policies timed (Kascade's key budget follows the context: `kascade.keys_kept`)."""
+    return {"dense": dense_attention, "flash": flash_dense_attention,
+            "kascade": KascadeAttention(schedule, granularity="tile")}
 
 
 def run_context(model, tokens: jax.Array, schedule, *, reps_prefill: int, reps_decode: int,
@@ -43,7 +44,7 @@ def run_context(model, tokens: jax.Array, schedule, *, reps_prefill: int, reps_d
     """Prefill and decode timings of every policy at ``context = tokens.shape[1]``."""
     context = tokens.shape[1]
     max_len = context + TILE  # room for the decoded token; a multiple of the tile
-    pols = policies(context, schedule)
+    pols = policies(schedule)
     fwd = {name: B.compiled_forward(model, pol) for name, pol in pols.items()}
     empty = KVCache.empty(model.cfg, 1, max_len)
     prefill = {name: (lambda f=f: f(tokens, empty)) for name, f in fwd.items()
@@ -53,7 +54,8 @@ def run_context(model, tokens: jax.Array, schedule, *, reps_prefill: int, reps_d
     nxt = tokens[:, -1:]
     decode = {name: (lambda f=f: f(nxt, cache)[0]) for name, f in fwd.items()}
     decode_times = B.compare(decode, reps=reps_decode)
-    row = {"context": context, "keep_tiles": pols["kascade"].keep, "prefill": prefill_times, "decode": decode_times,
+    keep = tiles_kept(context, TILE, schedule.budget, schedule.min_keys)
+    row = {"context": context, "keep_tiles": keep, "prefill": prefill_times, "decode": decode_times,
            "skipped": {} if "dense" in prefill else
            {"prefill dense": f"skipped above {dense_prefill_limit} tokens (time budget; flash is the dense baseline)"}}
     for phase, times in (("prefill", prefill_times), ("decode", decode_times)):
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     contexts = [256] if args.smoke else [512, 2048, 8192]
     model = load_smollm2()
     cfg = model.cfg
-    schedule = B.default_schedule("smollm2-135m", cfg.num_layers, cfg.num_kv_heads, ANCHORS, TILE, BUDGET)
+    schedule = default_schedule("smollm2-135m", cfg.num_layers, cfg.num_kv_heads, ANCHORS, TILE, BUDGET)
     text = jnp.asarray(wikitext_windows("test", max(contexts), 1), jnp.int32)
     rows = []
     for context in contexts:

@@ -9,9 +9,11 @@
 | sink_window | 4 attention-sink tokens plus a sliding window of recent keys | StreamingLLM, Xiao et al. 2023 |
 | quest | pages of 16 keys; per-page key min/max give an upper bound on q·k; Top pages per query head | Quest, Tang et al. 2024 |
 | omnikv | a few dense "filter" layers choose tokens (pooled over all heads) that the following layers reuse | OmniKV, Hao et al. 2025 |
+| tidal | decode: layers 0-1 dense, two token-selection layers (2 and one mid-stack) pick Top-k positions that every other layer reuses | TidalDecode, Yang et al. 2024 |
 
-Every sparse baseline keeps the budget semantics of `sparse.budget_keys` (fraction of the keys with a floor, or a
-fixed count) so that the comparison is at equal keys per query.
+Every sparse baseline runs on `kascade.py`: its key sets are `kascade.Selection` rows attended by `kascade.attend`
+(a gather over the cache), at the budget of `kascade.keys_kept` (own key or tile included), so that the comparison
+is at equal keys per query.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .attention import causal_mask, check_qkv, gqa_attention
+from .attention import check_qkv, gqa_attention
+from .kascade import KascadeAttention, Pool, Selection, attend, check_budget, keys_kept, topk_count, topk_units
+from .kernels import flash_attention
 from .schedule import Schedule
-from .sparse import KascadeAttention, budget_keys, masked_attention, select_topk, selection_mask, tile_starts
 
 BASELINES: dict[str, str] = {
     "dense": "exact causal attention in every layer (Vaswani et al. 2017)",
@@ -40,7 +43,15 @@ BASELINES: dict[str, str] = {
              "(Quest, Tang et al. 2024, arXiv 2406.10774)",
     "omnikv": "dense filter layers choose tokens, pooled over all heads, reused by the following layers without "
               "head awareness (OmniKV, Hao et al. 2025, ICLR)",
+    "tidal": "decode-time token-selection layers (layer 2 and one mid-stack) with full attention pick Top-k "
+             "positions that all other layers reuse (TidalDecode, Yang et al. 2024, arXiv 2410.05076)",
 }
+
+
+def flash_dense_attention(layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
+                          kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]:
+    """`model.AttentionFn` for dense attention through :func:`kernels.flash_attention` (no ``[T, L]`` scores)."""
+    return flash_attention(q, k, v, q_offset=q_offset, kv_len=kv_len), carry
 
 
 @dataclass(frozen=True)
@@ -79,20 +90,28 @@ def omnikv(schedule: Schedule, **options: Any) -> KascadeAttention:
     return KascadeAttention(schedule, pool="all", remap=False, anchor_dense=True, **options)
 
 
-def sink_window_mask(q_len: int, kv_total: int, q_offset: Any, kv_len: Any, *, budget: float | int,
-                     min_keys: int, sinks: int = 4) -> jax.Array:
-    """Bool ``[q_len, kv_total]``: the first ``sinks`` keys plus the ``budget_keys(kv_len) - sinks`` most recent keys
-    (the query's own key included), within the causal mask."""
-    window = jnp.maximum(budget_keys(kv_len, budget, min_keys) - sinks, 1)
-    q_pos = jnp.arange(q_len)[:, None] + q_offset
-    k_pos = jnp.arange(kv_total)[None, :]
-    return causal_mask(q_len, kv_total, q_offset, kv_len) & ((k_pos < sinks) | (k_pos > q_pos - window))
+def sink_window_selection(q_len: int, kv_total: int, q_offset: Any, kv_len: Any, *, batch: int, kv_heads: int,
+                          budget: float | int, min_keys: int, sinks: int = 4) -> Selection:
+    """StreamingLLM's key set per query (a `Selection` with one-query tiles): the first ``sinks`` keys plus the most
+    recent keys before the query, ``keys_kept(kv_len)`` in all with the query's own key. Shapes
+    ``[batch, kv_heads, 1, q_len, k]`` with the static ``k = keys_kept(kv_total) - 1``."""
+    k_max = max(1, keys_kept(kv_total, budget, min_keys) - 1)
+    q_pos = (q_offset + jnp.arange(q_len))[:, None]                                 # [q_len, 1]
+    n_sinks = min(sinks, k_max)
+    window = jnp.maximum(keys_kept(jnp.asarray(kv_len), budget, min_keys) - 1 - n_sinks, 0)
+    recent = q_pos - 1 - jnp.arange(k_max - n_sinks)                                # newest first
+    idx = jnp.concatenate([jnp.broadcast_to(jnp.arange(n_sinks), (q_len, n_sinks)), recent], axis=1)
+    keep = jnp.concatenate([jnp.arange(n_sinks) < q_pos, (jnp.arange(k_max - n_sinks) < window)
+                            & (recent >= n_sinks)], axis=1)
+    shape = (batch, kv_heads, 1, q_len, k_max)
+    return Selection(idx=jnp.broadcast_to(jnp.maximum(idx, 0), shape).astype(jnp.int32),
+                     keep=jnp.broadcast_to(keep, shape), q_tile=1, unit=1)
 
 
 @dataclass(frozen=True)
 class SinkWindowAttention:
     """StreamingLLM (Xiao et al. 2023): ``sinks`` attention-sink tokens plus a sliding window, at the same key budget
-    as Kascade. Layers in ``dense_layers`` stay dense."""
+    as Kascade (per query token). Layers in ``dense_layers`` stay dense."""
 
     budget: float | int = 0.1
     min_keys: int = 128
@@ -102,10 +121,49 @@ class SinkWindowAttention:
     def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
                  kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]:
         if layer in self.dense_layers:
-            return gqa_attention(q, k, v, causal=True, q_offset=q_offset, kv_len=kv_len), carry
-        mask = sink_window_mask(q.shape[1], k.shape[1], q_offset, kv_len, budget=self.budget, min_keys=self.min_keys,
-                                sinks=self.sinks)
-        return masked_attention(q, k, v, mask), carry
+            return flash_attention(q, k, v, q_offset=q_offset, kv_len=kv_len), carry
+        sel = sink_window_selection(q.shape[1], k.shape[1], q_offset, kv_len, batch=q.shape[0], kv_heads=k.shape[2],
+                                    budget=self.budget, min_keys=self.min_keys, sinks=self.sinks)
+        return attend(q, k, v, sel, q_offset, kv_len), carry
+
+
+def sink_window_tiles(tile_pos: jax.Array, keep: int) -> jax.Array:
+    """Key tiles of StreamingLLM at tile granularity: tile 0 (the attention sinks) plus the ``keep - 1`` most recent
+    tiles up to ``tile_pos`` (the query's own tile); ``arange(keep)`` while ``tile_pos < keep`` (keys at or after
+    the query are left to the own tile by `kascade.attend`). tile_pos: ``[n]`` int -> ``[n, keep]`` distinct int32."""
+    tile_pos = jnp.asarray(tile_pos, jnp.int32)[:, None]
+    recent = tile_pos - (keep - 2) + jnp.arange(keep - 1)          # [n, keep - 1], ends at the query's tile
+    window = jnp.concatenate([jnp.zeros_like(tile_pos), recent], axis=1)
+    return jnp.where(tile_pos < keep, jnp.arange(keep), window).astype(jnp.int32)
+
+
+@dataclass(frozen=True)
+class TiledSinkWindow:
+    """StreamingLLM at tile granularity, at the budget of ``keep`` key tiles per query tile (``kascade.tiles_kept``):
+    tile 0 holds the sinks, the other ``keep - 1`` tiles are the most recent ones, the query's own included.
+    Layers in ``dense_layers`` run :func:`kernels.flash_attention`. Prefill query tiles are ``tile`` queries."""
+
+    keep: int
+    tile: int = 32
+    dense_layers: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        if self.keep < 2 or self.tile <= 0:
+            raise ValueError(f"TiledSinkWindow needs keep >= 2 tiles (sink + window) and tile > 0, got "
+                             f"keep={self.keep}, tile={self.tile}")
+
+    def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
+                 kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]:
+        if layer in self.dense_layers:
+            return flash_attention(q, k, v, q_offset=q_offset, kv_len=kv_len), carry
+        b, t, kv_heads = q.shape[0], q.shape[1], k.shape[2]
+        q_tile = 1 if t == 1 else self.tile
+        keep = min(self.keep, -(-k.shape[1] // self.tile))
+        first_query = q_offset + jnp.arange(-(-t // q_tile)) * q_tile
+        idx = sink_window_tiles(first_query // self.tile, keep)                    # [n_qtiles, keep]
+        shape = (b, kv_heads, 1) + idx.shape
+        sel = Selection(idx=jnp.broadcast_to(idx, shape), keep=jnp.ones(shape, bool), q_tile=q_tile, unit=self.tile)
+        return attend(q, k, v, sel, q_offset, kv_len), carry
 
 
 def page_min_max(k: jax.Array, page_size: int, kv_len: Any) -> tuple[jax.Array, jax.Array]:
@@ -132,6 +190,19 @@ def quest_upper_bound(q: jax.Array, kmin: jax.Array, kmax: jax.Array) -> jax.Arr
     return bound * d ** -0.5
 
 
+def quest_selection(q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any, *, page_size: int,
+                    budget: float | int, min_keys: int) -> Selection:
+    """Quest's Top pages per query head and query token: a `Selection` ``[batch, kv_heads, group, q_len, k]`` of
+    page numbers (``unit = page_size``), ranked by `quest_upper_bound` among the pages before the query."""
+    bound = quest_upper_bound(q, *page_min_max(k, page_size, kv_len))              # [b, h, g, q_len, pages]
+    k_max = max(1, min(bound.shape[-1], topk_count(k.shape[1], 1, budget=budget, min_keys=min_keys,
+                                                   unit=page_size)))
+    one_query = lambda scores, start: topk_units(scores, start, kv_len, 1, k_max=k_max, unit=page_size,  # noqa: E731
+                                                 budget=budget, min_keys=min_keys)
+    idx, keep = jax.vmap(one_query, in_axes=(3, 0), out_axes=3)(bound, q_offset + jnp.arange(q.shape[1]))
+    return Selection(idx=idx, keep=keep, q_tile=1, unit=page_size)
+
+
 @dataclass(frozen=True)
 class QuestAttention:
     """Quest (Tang et al. 2024): keys in pages of ``page_size``; each query head ranks the pages before it by the
@@ -146,9 +217,53 @@ class QuestAttention:
     def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
                  kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]:
         if layer in self.dense_layers:
-            return gqa_attention(q, k, v, causal=True, q_offset=q_offset, kv_len=kv_len), carry
-        q_len, kv_total = q.shape[1], k.shape[1]
-        bound = quest_upper_bound(q, *page_min_max(k, self.page_size, kv_len))
-        sel = select_topk(bound, tile_starts(q_len, 1, q_offset), kv_len, q_tile=1, unit=self.page_size,
-                          budget=self.budget, min_keys=self.min_keys)
-        return masked_attention(q, k, v, selection_mask(sel, q_len, kv_total, q_offset, kv_len)), carry
+            return flash_attention(q, k, v, q_offset=q_offset, kv_len=kv_len), carry
+        sel = quest_selection(q, k, q_offset, kv_len, page_size=self.page_size, budget=self.budget,
+                              min_keys=self.min_keys)
+        return attend(q, k, v, sel, q_offset, kv_len), carry
+
+
+@dataclass(frozen=True)
+class TidalDecode:
+    """TidalDecode (Yang et al. 2024, arXiv 2410.05076): position-persistent sparse attention for decoding.
+
+    Prefill (``q_len > 1``) is dense. In decode, layers 0 and 1 are dense; *token-selection* layers (layer 2 and
+    one re-selection layer ``reselect``) run full attention and keep the Top-k token positions; every other layer
+    attends only to the positions of the latest selection layer, unchanged (no head remapping). The public
+    reference code enables it with ``sparse_layer_start=2, correction_layer=13`` for 32-layer Llama-3-8B, and its
+    selector ranks ``attn_weights.topk(k, dim=-1)`` on the per-query-head attention (after ``repeat_kv``), i.e. one
+    set per query head: ``pool="head"`` here (``"group"`` shares a set per KV head). ``reselect`` defaults to
+    ``num_layers // 2`` (at least 3, for tiny test models). Budget: `kascade.keys_kept`, the query's own key included.
+
+    Runs on `kascade.KascadeAttention` with a schedule whose anchors are layers 1, 2 and ``reselect``, dense anchors
+    (``anchor_dense``) and ``remap=False``; layer 1's selection is never read.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    budget: float | int = 0.1
+    min_keys: int = 128
+    reselect: int | None = None
+    pool: Pool = "head"
+
+    def __post_init__(self) -> None:
+        check_budget(self.budget)
+        if not 2 < self.reselect_layer < self.num_layers:
+            raise ValueError(f"TidalDecode: reselect={self.reselect_layer} must be in (2, num_layers="
+                             f"{self.num_layers})")
+
+    @property
+    def reselect_layer(self) -> int:
+        return max(3, self.num_layers // 2) if self.reselect is None else self.reselect
+
+    def decode_attention(self) -> KascadeAttention:
+        """The decode-time policy: dense layers 0-1, dense selection layers, position-persistent reuse."""
+        sched = Schedule.from_anchors("tidal", self.num_layers, self.num_kv_heads, [1, 2, self.reselect_layer],
+                                      tile_size=1, budget=1.0, min_keys=self.min_keys, method="tidaldecode")
+        return KascadeAttention(sched, pool=self.pool, remap=False, anchor_dense=True, budget=self.budget)
+
+    def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
+                 kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]:
+        if q.shape[1] > 1:
+            return flash_attention(q, k, v, q_offset=q_offset, kv_len=kv_len), carry
+        return self.decode_attention()(layer, q, k, v, q_offset=q_offset, kv_len=kv_len, carry=carry)

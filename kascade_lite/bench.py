@@ -1,4 +1,5 @@
-r"""Benchmark harness: honest wall-clock timing and the kernel-backed Kascade policy for the model.
+r"""Benchmark harness: honest wall-clock timing and results I/O (cost models live in `cost.py`; the policies
+timed live in `kascade.py` and `baselines.py`).
 
 Timing rules (:func:`compare`): every candidate is compiled and run ``warmup`` times first; then the candidates are
 timed *round-robin* (one run of each, ``reps`` times over), each run ending in ``jax.block_until_ready``, so that
@@ -15,14 +16,12 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from . import kernels as K
 from .files import provenance, write_json_atomic
 from .schedule import Schedule
 
@@ -82,107 +81,7 @@ def load_results(path: str | os.PathLike) -> dict:
     return doc
 
 
-# ------------------------------------------------------------------------------------------------ model policies
-def flash_dense_attention(layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
-                          kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]:
-    """`model.AttentionFn` for dense attention through :func:`kernels.flash_attention` (no ``[T, L]`` scores)."""
-    return K.flash_attention(q, k, v, q_offset=q_offset, kv_len=kv_len), carry
-
-
-@dataclass(frozen=True)
-class KernelKascadeAttention:
-    """Kascade through the gather kernels: a hashable `model.AttentionFn` for timing the whole model.
-
-    Layer 0 (``"dense"``) runs :func:`kernels.flash_attention` and also emits Top-k tiles; anchors run
-    :func:`kernels.anchor_decode_attention` / :func:`kernels.anchor_prefill_attention`; reuse layers gather the
-    anchor's tiles through the head map. ``keep`` tiles per KV head (static: build one policy per context size;
-    capped at the tiles there are).
-    Decode reads the model's sequence-major cache in place (its ``max_len`` must be a multiple of the tile);
-    prefill (``q_len > 1``) must start at position 0, as in `model.generate`. ``carry``: ``{anchor layer: tiles}``.
-    """
-
-    schedule: Schedule
-    keep: int
-
-    @property
-    def tile(self) -> int:
-        return self.schedule.tile_size
-
-    def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
-                 kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]:
-        carry = dict(carry or {})
-        kind, tile = self.schedule.layer_types[layer], self.tile
-        if q.shape[1] == 1:
-            return self._decode(layer, kind, q, k, v, kv_len, carry)
-        t = q.shape[1]
-        k, v, keep = k[:, :t], v[:, :t], min(self.keep, -(-t // tile))
-        if kind == "reuse":
-            idx = K.reuse_tile_indices(carry[self.schedule.anchor_of[layer]], self.schedule.head_map[layer])
-            return K.sparse_prefill_attention(q, k, v, idx, tile=tile), carry
-        if kind == "anchor":
-            out, carry[layer] = K.anchor_prefill_attention(q, k, v, keep=keep, tile=tile)
-            return out, carry
-        carry[layer] = K.prefill_tile_scores_topk(q, k, keep=keep, tile=tile)
-        return K.flash_attention(q, k, v), carry
-
-    def _decode(self, layer: int, kind: str, q: jax.Array, k: jax.Array, v: jax.Array, kv_len: jax.Array,
-                carry: dict) -> tuple[jax.Array, Any]:
-        tile, q1 = self.tile, q[:, 0]
-        keep = min(self.keep, k.shape[1] // tile)
-        if kind == "reuse":
-            idx = K.reuse_tile_indices(carry[self.schedule.anchor_of[layer]], self.schedule.head_map[layer])
-            out = K.sparse_decode_attention(q1, k, v, idx, kv_len, tile=tile, layout="seq")
-        elif kind == "anchor":
-            out, carry[layer] = K.anchor_decode_attention(q1, k, v, kv_len, keep=keep, tile=tile, layout="seq")
-        else:
-            _, carry[layer] = K.anchor_decode_attention(q1, k, v, kv_len, keep=keep, tile=tile, layout="seq")
-            out = K.flash_attention(q, k, v, q_offset=kv_len - 1, kv_len=kv_len)[:, 0]
-        return out[:, None], carry
-
-
-def sink_window_tiles(tile_pos: jax.Array, keep: int) -> jax.Array:
-    """Key tiles of StreamingLLM at tile granularity: tile 0 (the attention sinks) plus the ``keep - 1`` most recent
-    tiles up to ``tile_pos`` (the query's own tile); ``arange(keep)`` while ``tile_pos < keep`` (tiles after the
-    query are then removed by causality). tile_pos: ``[n]`` int -> ``[n, keep]`` distinct int32 tile numbers."""
-    tile_pos = jnp.asarray(tile_pos, jnp.int32)[:, None]
-    recent = tile_pos - (keep - 2) + jnp.arange(keep - 1)          # [n, keep - 1], ends at the query's tile
-    window = jnp.concatenate([jnp.zeros_like(tile_pos), recent], axis=1)
-    return jnp.where(tile_pos < keep, jnp.arange(keep), window).astype(jnp.int32)
-
-
-@dataclass(frozen=True)
-class KernelSinkWindow:
-    """StreamingLLM (sink tokens + sliding window, Xiao et al. 2023) through the same gather kernels as
-    `KernelKascadeAttention`, at the same budget of ``keep`` key tiles: tile 0 holds the sinks, the other
-    ``keep - 1`` tiles are the most recent ones. Layers in ``dense_layers`` run :func:`kernels.flash_attention`.
-    Prefill must start at position 0; decode needs a cache ``max_len`` that is a multiple of ``tile``."""
-
-    keep: int
-    tile: int = 32
-    dense_layers: tuple[int, ...] = (0,)
-
-    def __post_init__(self) -> None:
-        if self.keep < 2 or self.tile <= 0:
-            raise ValueError(f"KernelSinkWindow needs keep >= 2 tiles (sink + window) and tile > 0, got "
-                             f"keep={self.keep}, tile={self.tile}")
-
-    def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
-                 kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]:
-        b, t, kv_heads = q.shape[0], q.shape[1], k.shape[2]
-        if layer in self.dense_layers:
-            return K.flash_attention(q, k, v, q_offset=q_offset, kv_len=kv_len), carry
-        if t == 1:  # decode: the query is position kv_len - 1
-            keep = min(self.keep, k.shape[1] // self.tile)
-            idx = sink_window_tiles(jnp.reshape((kv_len - 1) // self.tile, (1,)), keep)[0]
-            idx = jnp.broadcast_to(idx, (b, kv_heads, keep))
-            out = K.sparse_decode_attention(q[:, 0], k, v, idx, kv_len, tile=self.tile, layout="seq")
-            return out[:, None], carry
-        n_tiles = -(-t // self.tile)
-        keep = min(self.keep, n_tiles)
-        idx = jnp.broadcast_to(sink_window_tiles(jnp.arange(n_tiles), keep), (b, kv_heads, n_tiles, keep))
-        return K.sparse_prefill_attention(q, k[:, :t], v[:, :t], idx, tile=self.tile), carry
-
-
+# ------------------------------------------------------------------------------------------------ model timing
 def compiled_forward(model: Any, attention: Any = None) -> Callable[..., tuple[jax.Array, Any, Any]]:
     """``f(tokens, cache) -> (logits, cache, carry)``: `model.Llama.__call__` under one ``jax.jit``.
 
@@ -201,15 +100,6 @@ def schedule_summary(schedule: Schedule) -> dict[str, Any]:
     """The parts of a schedule a benchmark JSON records."""
     d = dataclasses.asdict(schedule)
     return {key: d[key] for key in ("model", "num_layers", "layer_types", "anchor_of", "tile_size", "budget")}
-
-
-def default_schedule(model: str, num_layers: int, kv_heads: int, num_anchors: int, tile: int,
-                     budget: float) -> Schedule:
-    """Layer 0 dense plus ``num_anchors - 1`` evenly spread anchors (when no calibrated schedule is given)."""
-    step = num_layers / num_anchors
-    anchors = [round(i * step) for i in range(1, num_anchors)]
-    return Schedule.from_anchors(model, num_layers, kv_heads, anchors, tile_size=tile, budget=budget, min_keys=0,
-                                 method="evenly-spaced")
 
 
 def random_qkv(key: jax.Array, batch: int, t: int, length: int, q_heads: int, kv_heads: int, head_dim: int,

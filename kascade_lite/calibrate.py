@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from tqdm.auto import tqdm
 from .attention import attention_probs, gqa_attention
 from .data import REPO_ROOT
 from .files import atomic_path, provenance, write_json_atomic
+from .kascade import topk_count
 from .model import Llama, forward
 
 COVERAGE_FRACTIONS: tuple[float, ...] = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5)
@@ -61,14 +61,13 @@ ARRAY_NAMES = ("similarity", "importance", "coverage", "coverage_fractions", "ti
 
 
 def topk_keys(seq_len: int, tile_size: int, budget: float, min_keys: int = 0) -> int:
-    """Keys chosen by Top-k among those *before* a query tile: ``max(min_keys, ceil(budget * seq_len))`` minus the
-    ``tile_size`` own keys that are always kept, clipped to ``[0, seq_len - tile_size]``."""
+    """Keys chosen by Top-k among those *before* a query tile, by the inference rule `kascade.topk_count`:
+    ``keys_kept(seq_len)`` keys in all, the ``tile_size`` own keys among them, at most ``seq_len - tile_size``."""
     if not 0 < budget <= 1:
         raise ValueError(f"budget={budget} must be a fraction in (0, 1]")
     if tile_size <= 0 or seq_len % tile_size:
         raise ValueError(f"seq_len={seq_len} must be a positive multiple of tile_size={tile_size}")
-    total = max(min_keys, math.ceil(budget * seq_len))
-    return int(min(max(total - tile_size, 0), seq_len - tile_size))
+    return int(min(topk_count(seq_len, tile_size, budget=float(budget), min_keys=min_keys), seq_len - tile_size))
 
 
 # ------------------------------------------------------------------------------------------------ the hook

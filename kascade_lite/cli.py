@@ -297,7 +297,7 @@ def run_eval(spec: ModelSpec, root: Path, settings: EvalSettings, *, cache: str 
     from .files import provenance, write_json_atomic
     from .model import dense_attention
     from .schedule import Schedule
-    from .sparse import KascadeAttention
+    from .kascade import KascadeAttention
 
     paths = find_schedules(root / "data" / "schedules", spec.name, settings.schedules)
     model = load_model(spec, cache)
@@ -643,7 +643,7 @@ def pipeline(spec: ModelSpec, root: Path, *, smoke: bool, cache: str | None, fig
              lambda: run_eval(spec, root, ev, cache=cache, command=f"kascade-lite eval{model_opt}{out_opt}{sm}"),
              vars(ev) | {"model": spec.name},
              lambda: [converted / "manifest.json", *sorted(schedule_dir.glob(f"{spec.name}_*.json")),
-                      *_sources("eval", "sparse")]),
+                      *_sources("eval", "kascade")]),
     ]
     if not book:
         return steps

@@ -33,7 +33,7 @@ from .files import provenance, write_json_atomic
 from .model import expected_shapes
 from .schedule import Schedule
 from .sharding import REPLICATED, param_spec
-from .sparse import budget_keys
+from .kascade import keys_kept
 
 
 # ------------------------------------------------------------------------------------------------ attention
@@ -102,7 +102,7 @@ def memory_plan(cfg: LlamaConfig, tokens: int, *, batch: int = 1, model_size: in
     * ``weights``: resident weights (`weight_bytes`); ``kv_cache``: the full dense cache, which Kascade keeps too.
     * ``dense_read`` / ``kascade_read``: bytes one decode step reads from memory (weights + K/V). Dense attention
       reads every key and value in every layer; Kascade's ``num_anchor_layers`` (layer 0 included) read them all
-      as well, the other layers read only ``sparse.budget_keys(tokens, budget, min_keys)`` keys and values per KV
+      as well, the other layers read only ``kascade.keys_kept(tokens, budget, min_keys)`` keys and values per KV
       head (``max(min_keys, ceil(budget * tokens))``, at most ``tokens``).
     * ``index_bytes``: the int32 Top-k indices one anchor layer hands to its reuse layers (per step, per device).
     """
@@ -112,7 +112,7 @@ def memory_plan(cfg: LlamaConfig, tokens: int, *, batch: int = 1, model_size: in
         raise ValueError(f"model_size={model_size} does not divide num_kv_heads={cfg.num_kv_heads}")
     heads = cfg.num_kv_heads // model_size
     per_layer_full = kv_cache_bytes(1, heads, cfg.head_dim, tokens, kv_bytes, batch)
-    keys = budget_keys(tokens, budget, min_keys)
+    keys = keys_kept(tokens, budget, min_keys)
     per_layer_sparse = kv_cache_bytes(1, heads, cfg.head_dim, keys, kv_bytes, batch)
     weights = weight_bytes(cfg, model_size, bytes_per_param)
     kv = per_layer_full * cfg.num_layers

@@ -8,7 +8,7 @@ is ``[batch, max_len, kv_heads, head_dim]`` per layer, never expanded to the que
 
 Attention is **pluggable per layer**: every block calls ``attention(layer, q, k, v, q_offset=, kv_len=, carry=)``
 and threads ``carry`` from layer to layer. The dense default ignores ``carry``; Kascade's anchor layers put their
-Top-k indices in it and the reuse layers that follow read them (see `sparse.py`).
+Top-k indices in it and the reuse layers that follow read them (see `kascade.py`).
 
 Tensor names (used by `checkpoints.py`, `convert.py` and `from_tensors`): ``embed [vocab, hidden]``,
 ``final_norm [hidden]``, ``lm_head [hidden, vocab]`` (absent when tied), and per layer ``layers.{i}.attn_norm``,

@@ -237,6 +237,15 @@ def greedy_anchors(similarity: np.ndarray, max_reuse_dist: int = MAX_REUSE_DIST,
     return tuple(anchors)
 
 
+def default_schedule(model: str, num_layers: int, kv_heads: int, num_anchors: int, tile: int,
+                     budget: float) -> "Schedule":
+    """Layer 0 dense plus ``num_anchors - 1`` evenly spread anchors (when no calibrated schedule is given)."""
+    step = num_layers / num_anchors
+    anchors = [round(i * step) for i in range(1, num_anchors)]
+    return Schedule.from_anchors(model, num_layers, kv_heads, anchors, tile_size=tile, budget=budget, min_keys=0,
+                                 method="evenly-spaced")
+
+
 def _schedule_from_calibration(calib: "Calibration", anchors: tuple[int, ...], method: str, model: str | None,
                                tile_size: int | None, budget: float | None, min_keys: int,
                                meta: dict[str, Any]) -> Schedule:

@@ -39,7 +39,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from .config import LlamaConfig
 from .model import KVCache, Llama, decode_steps, dense_attention, expected_shapes, forward
 from .schedule import Schedule
-from .sparse import KascadeAttention, Selection
+from .kascade import KascadeAttention, Selection
 
 DATA, MODEL = "data", "model"
 
@@ -273,7 +273,7 @@ class ShardedKascade:
     """`KascadeAttention` run per device with `jax.shard_map`: each device scores, selects and attends with its own
     batch rows and KV heads, so anchors and reuse layers need no communication.
 
-    Left to XLA's automatic partitioning, the Top-k and the index scatter/gather of `sparse.py` are not partitioned
+    Left to XLA's automatic partitioning, the Top-k and the index gathers of `kascade.py` are not partitioned
     over heads: XLA all-gathers the scores and indices instead (see chapter 09). Here the selection never leaves
     its device, except for reuse heads listed by `cross_device_reads`: for those layers the small index tensor
     ``[batch, kv_heads, sets, n_qtiles, k]`` is all-gathered over ``"model"`` (int32 plus a bool mask) and each

@@ -118,7 +118,7 @@ def answer_case(model: Llama, case: RetrievalCase, methods: Mapping[str, Retriev
 
     Methods with the same ``prefill`` attention share one prefill (a dense prompt pass serves dense decoding and
     every decode-only method). The KV cache holds the prompt and ``MAX_NEW_TOKENS``, rounded up to
-    ``cache_multiple`` positions (the tile kernels read whole tiles). Returns ``{method: {"output", "correct",
+    ``cache_multiple`` positions (key-tile gathers then read whole tiles). Returns ``{method: {"output", "correct",
     "seconds"}}``; seconds include the prefill for the first method that needs it.
     """
     tok = tokenizer or load_tokenizer()

@@ -3,8 +3,8 @@ on the command line exit status 2 with one ``kascade-lite <cmd>: error: ...`` li
 
 Cases already covered elsewhere are not repeated here: truncated/corrupt HF safetensors, missing tensor, shape
 mismatch, non-float dtype, truncated GGUF and torch files (``test_convert.py``); schedule version, reuse before an
-anchor, head map out of range, layer count (``test_schedule.py``); budget of `sparse.budget_keys`
-(``test_sparse.py``); hostile headers (``test_security.py``).
+anchor, head map out of range, layer count (``test_schedule.py``); budget of `kascade.keys_kept`
+(``test_kascade.py``); hostile headers (``test_security.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from kascade_lite.cli import main as cli_main
 from kascade_lite.convert import MANIFEST, convert_checkpoint, load_converted, verify_converted
 from kascade_lite.model import Llama, forward
 from kascade_lite.schedule import Schedule
-from kascade_lite.sparse import KascadeAttention
+from kascade_lite.kascade import KascadeAttention
 
 
 def raises(match: str, *names: Path | str):

@@ -1,4 +1,4 @@
-"""Benchmark harness: timing bookkeeping, results files, and the kernel policy inside the model."""
+"""Benchmark harness: timing bookkeeping, results files, the timed policies in the compiled model."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import pytest
 from flax import nnx
 
 from kascade_lite import bench as B
+from kascade_lite.baselines import flash_dense_attention
 from kascade_lite.config import LlamaConfig
+from kascade_lite.kascade import KascadeAttention
 from kascade_lite.model import KVCache, Llama, forward
+from kascade_lite.schedule import default_schedule
 
 CFG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
                   head_dim=8, rope_theta=10_000.0)
@@ -49,7 +52,7 @@ def test_results_round_trip_with_provenance(tmp_path):
 
 
 def test_default_schedule():
-    sched = B.default_schedule("llama-3.1-8b", 32, 8, 5, 32, 0.1)
+    sched = default_schedule("llama-3.1-8b", 32, 8, 5, 32, 0.1)
     assert sched.layer_types.count("anchor") == 4 and sched.layer_types[0] == "dense"
 
 
@@ -62,11 +65,11 @@ def _model_and_tokens():
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["flash", "kascade"])
 def test_policies_match_dense_when_everything_is_kept(policy):
-    """With every tile kept, Kascade through the gather kernels is exact: same logits as dense, prefill and decode."""
+    """With a full budget, Kascade (key tiles, the gather path) is exact: same logits as dense, prefill and decode,
+    through `model.forward` and `bench.compiled_forward` alike."""
     model, tokens = _model_and_tokens()
-    tile = 8
-    sched = B.default_schedule("tiny", CFG.num_layers, CFG.num_kv_heads, 2, tile, 1.0)
-    pol = B.flash_dense_attention if policy == "flash" else B.KernelKascadeAttention(sched, keep=6)
+    sched = default_schedule("tiny", CFG.num_layers, CFG.num_kv_heads, 2, 8, 1.0)
+    pol = flash_dense_attention if policy == "flash" else KascadeAttention(sched, granularity="tile")
     empty = KVCache.empty(CFG, 1, 48)  # 6 tiles of 8
     ref_logits, ref_cache, _ = forward(model, tokens, empty)
     logits, cache, _ = forward(model, tokens, empty, pol)
@@ -77,52 +80,14 @@ def test_policies_match_dense_when_everything_is_kept(policy):
 
 
 @pytest.mark.slow
-def test_kascade_policy_is_sparse_and_carries_tiles():
+def test_kascade_policy_is_sparse_and_carries_selections():
     model, tokens = _model_and_tokens()
-    sched = B.default_schedule("tiny", CFG.num_layers, CFG.num_kv_heads, 2, 8, 0.25)
-    pol = B.KernelKascadeAttention(sched, keep=2)
-    assert hash(pol) == hash(B.KernelKascadeAttention(sched, keep=2))
+    sched = default_schedule("tiny", CFG.num_layers, CFG.num_kv_heads, 2, 8, 0.25)
+    pol = KascadeAttention(sched, granularity="tile")
+    assert hash(pol) == hash(KascadeAttention(sched, granularity="tile"))
     logits, cache, carry = forward(model, tokens, KVCache.empty(CFG, 1, 48), pol)
-    assert set(carry) == set(sched.anchors) and carry[0].shape == (1, CFG.num_kv_heads, 5, 2)
+    assert set(carry) == set(sched.anchors) and carry[0].idx.shape == (1, CFG.num_kv_heads, 1, 5, 1)
     dense_logits = forward(model, tokens, KVCache.empty(CFG, 1, 48))[0]
     assert np.isfinite(np.asarray(logits)).all() and not np.allclose(logits, dense_logits, atol=1e-4)
     _, _, carry = forward(model, tokens[:, -1:], cache, pol)
-    assert carry[0].shape == (1, CFG.num_kv_heads, 2)
-
-
-def test_sink_window_tiles_are_the_sink_and_the_most_recent():
-    idx = np.asarray(B.sink_window_tiles(jnp.arange(8), 3))
-    assert idx.tolist() == [[0, 1, 2], [0, 1, 2], [0, 1, 2], [0, 2, 3], [0, 3, 4], [0, 4, 5], [0, 5, 6], [0, 6, 7]]
-    assert all(len(set(row)) == 3 for row in idx.tolist())
-    with pytest.raises(ValueError, match="keep >= 2"):
-        B.KernelSinkWindow(keep=1)
-
-
-@pytest.mark.slow
-def test_kernel_sink_window_matches_its_masked_reference():
-    """StreamingLLM through the gather kernels equals a masked softmax over tile 0 + the recent tiles, in prefill
-    (per query tile) and in decode (the newest token's tile), inside the model."""
-    from kascade_lite.kernels import masked_dense_attention
-
-    tile, keep = 8, 3
-    pol = B.KernelSinkWindow(keep=keep, tile=tile)
-
-    def reference(layer, q, k, v, *, q_offset, kv_len, carry):
-        if layer == 0:
-            return B.flash_dense_attention(layer, q, k, v, q_offset=q_offset, kv_len=kv_len, carry=carry)
-        q_pos = q_offset + jnp.arange(q.shape[1])
-        k_pos = jnp.arange(k.shape[1])
-        tiles = B.sink_window_tiles(q_pos // tile, keep)                      # [q_len, keep]
-        in_set = (k_pos[None, :, None] // tile == tiles[:, None, :]).any(-1)  # [q_len, kv]
-        allowed = in_set & (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < kv_len)
-        return masked_dense_attention(q, k, v, allowed[None, None]), carry
-
-    model, tokens = _model_and_tokens()
-    empty = KVCache.empty(CFG, 1, 48)
-    logits, cache, _ = forward(model, tokens, empty, pol)
-    ref_logits, ref_cache, _ = forward(model, tokens, empty, reference)
-    np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
-    assert not np.allclose(logits, forward(model, tokens, empty)[0], atol=1e-4)  # it is sparse
-    step = tokens[:, -1:]
-    np.testing.assert_allclose(forward(model, step, cache, pol)[0], forward(model, step, ref_cache, reference)[0],
-                               atol=1e-5)
+    assert carry[0].idx.shape == (1, CFG.num_kv_heads, 1, 1, 2)  # decode: ceil((ceil(0.25 * 48) - 1) / 8) tiles

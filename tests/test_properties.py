@@ -1,9 +1,9 @@
 """Property tests (Hypothesis) not covered elsewhere, and determinism.
 
-Already covered: full budget = dense (``test_sparse.py``), RoPE norms and relative positions (``test_rope.py``),
-head maps in range and DP optimality (``test_schedule.py``). Here: any valid schedule round-trips through JSON;
-our safetensors writer and reader agree on any shape/dtype and row slice; randomly damaged safetensors and GGUF
-headers give a `ValueError` (or load), never another exception; the same seed gives the same calibration,
+Already covered: Kascade's fast path = its oracles and a full budget = dense (``test_kascade.py``), RoPE norms and
+relative positions (``test_rope.py``), head maps in range and DP optimality (``test_schedule.py``). Here: any
+valid schedule round-trips through JSON; our safetensors writer and reader agree on any shape/dtype and row slice;
+randomly damaged safetensors and GGUF headers give a `ValueError` (or load), never another exception; the same seed gives the same calibration,
 schedule and figure data.
 """
 

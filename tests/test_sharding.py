@@ -24,7 +24,7 @@ from kascade_lite import sharding as S
 from kascade_lite.config import LLAMA_3_1_8B, SMOLLM2_135M, LlamaConfig, RopeScaling
 from kascade_lite.model import Llama, expected_shapes
 from kascade_lite.schedule import Schedule
-from kascade_lite.sparse import KascadeAttention
+from kascade_lite.kascade import KascadeAttention
 
 IN_MESH = os.environ.get("KASCADE_MESH_TEST") == "1"
 mesh_only = pytest.mark.skipif(not IN_MESH, reason="runs in the 8-device subprocess (test_sharded_suite_in_subprocess)")

@@ -1,0 +1,332 @@
+r"""Kascade sparse attention, the one implementation: budget, selection, anchors, reuse, prefill and decode.
+
+**Budget.** A query tile of ``q_tile`` consecutive queries (decode: the query token alone, ``q_tile = 1``) attends
+:math:`n_{keep} = \min(n, \max(m, \lceil \beta n \rceil))` keys in all (`keys_kept`), where ``n`` is the context
+(the keys in the cache, or with ``rolling=True`` the keys visible to the tile), ``beta`` the budget and ``m`` the
+floor ``min_keys``. The tile's own keys (its causal keys: ``q_tile`` of them, fewer in a partial last tile) are
+always attended and count towards the budget, so Top-k picks :math:`n_{keep} - n_{own}` keys among those *strictly
+before* the tile (`topk_count`; rounded up to whole key tiles with ``granularity="tile"``). Calibration
+(`calibrate.topk_keys`) uses the same rule.
+
+**Selection** (anchor and dense layers). With the post-softmax attention :math:`P = \mathrm{softmax}(QK^\top/\sqrt d)`
+of every query head, pooled over the ``group`` query heads of each KV head ``h`` (``pool="group"``; ``"all"``: every
+head, one set shared by all KV heads; ``"head"``: no pooling, one set per query head) and over the queries of tile
+``t``, and summed over each key unit ``u`` (a position, or a key tile of ``tile_size`` positions):
+
+.. math:: S_{h,t,u} = \sum_{g}\sum_{i \in t}\sum_{j \in u} P_{h,g,i,j}, \qquad
+          I_{h,t} = \operatorname{TopK}_{u \,:\, \text{start}(u) < \text{start}(t)} S_{h,t,u}.
+
+Scores are computed one chunk of query tiles at a time (`select`), so prefill never holds a ``[heads, T, T]``
+tensor. Layer 0 is dense (its attention is flat) but still selects; an anchor attends over its own Top-k (or
+densely, ``anchor_dense=True``, for filter-layer baselines); a reuse layer ``l`` skips the scoring and its KV head
+``h`` takes the selection of the latest anchor's head ``head_map[l][h]`` (`Selection.remap`; ``remap=False``: head h).
+
+**Attend** (`attend`). Query tile ``t`` gathers its selected keys and values from the model's sequence-major cache
+``[batch, max_len, kv_heads, head_dim]`` plus its own tile's keys (causal inside the tile) and runs one softmax
+over those :math:`n_{keep}` keys only; prefill maps over query tiles with ``lax.map``, so memory is
+:math:`O(T \cdot n_{keep})`. Decode is the same with one query tile of one token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+from .attention import NEG_INF, check_qkv
+from .kernels import flash_attention, gather_positions, gather_tiles_seq
+
+if TYPE_CHECKING:
+    from .schedule import Schedule
+
+Granularity = Literal["position", "tile"]
+Pool = Literal["group", "all", "head"]
+GRANULARITIES = ("position", "tile")
+POOLS = ("group", "all", "head")
+ROUNDING_SLACK = 1e-3  # ceil(budget * n - slack): 0.1 * 130 is 13 keys in float64 and float32 alike
+
+
+# ------------------------------------------------------------------------------------------------ budget
+def check_budget(budget: float | int) -> None:
+    """Raise ``ValueError`` unless ``budget`` is a fraction in (0, 1] (float) or a positive key count (int)."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
+        raise ValueError(f"budget must be a positive fraction (float) or key count (int), got {budget!r}")
+    if isinstance(budget, float) and budget > 1:
+        raise ValueError(f"a fractional budget must be in (0, 1], got {budget}")
+
+
+def keys_kept(context: Any, budget: float | int = 0.1, min_keys: int = 128) -> Any:
+    """Keys a query tile attends in all, its own tile included: ``min(context, max(min_keys, ceil(budget * context)))``.
+
+    ``context``: a Python int (returns an int) or an int array (returns int32 of its shape); ``budget``: a fraction
+    in (0, 1] or, as an int, a fixed count of keys."""
+    check_budget(budget)
+    if isinstance(context, int):
+        k = budget if isinstance(budget, int) else math.ceil(budget * context - ROUNDING_SLACK)
+        return min(context, max(min_keys, k))
+    n = jnp.asarray(context, jnp.int32)
+    k = (jnp.full_like(n, budget) if isinstance(budget, int)
+         else jnp.ceil(budget * n.astype(jnp.float32) - ROUNDING_SLACK).astype(jnp.int32))
+    return jnp.minimum(n, jnp.maximum(k, min_keys))
+
+
+def topk_count(context: Any, own: Any, *, budget: float | int, min_keys: int, unit: int = 1) -> Any:
+    """Units (positions, or key tiles of ``unit`` keys, rounded up) Top-k picks besides the ``own`` keys:
+    ``ceil(max(0, keys_kept(context) - own) / unit)``. Int or int32 array like ``context``."""
+    if isinstance(context, int) and isinstance(own, int):
+        return -(-max(0, keys_kept(context, budget, min_keys) - own) // unit)
+    return -(-jnp.maximum(keys_kept(context, budget, min_keys) - own, 0) // unit)
+
+
+def tiles_kept(context: int, tile: int, budget: float | int = 0.1, min_keys: int = 128) -> int:
+    """Key tiles a prefill query tile attends with ``granularity="tile"``: its own tile plus the Top-k tiles
+    (``keys_kept`` rounded up to whole tiles), at most ``ceil(context / tile)``."""
+    if tile <= 0 or context <= 0:
+        raise ValueError(f"need context > 0 and tile > 0, got context={context}, tile={tile}")
+    return min(-(-context // tile), 1 + topk_count(context, tile, budget=budget, min_keys=min_keys, unit=tile))
+
+
+# ------------------------------------------------------------------------------------------------ selection
+@jax.tree_util.register_dataclass
+@dataclass
+class Selection:
+    """The Top-k of an anchor (or dense) layer, read by the reuse layers after it.
+
+    ``idx``: ``[batch, kv_heads, sets, n_qtiles, k]`` int32 key positions (``unit == 1``) or key-tile numbers (tile
+    ``u`` covers positions ``[u*unit, (u+1)*unit)``); ``keep``: same shape, bool, False for padding (rank past the
+    budget, or fewer eligible keys than ``k``). ``sets`` is 1 (one set per KV head) or ``group`` (``pool="head"``).
+    The ``q_tile`` queries of a tile share a row.
+    """
+
+    idx: jax.Array
+    keep: jax.Array
+    q_tile: int = field(metadata=dict(static=True))
+    unit: int = field(metadata=dict(static=True))
+
+    def remap(self, head_map: Any) -> "Selection":
+        """The selection seen by a reuse layer: its KV head ``h`` takes row ``head_map[h]`` (``[kv_heads]`` ints)."""
+        hm = jnp.asarray(head_map, jnp.int32)
+        return dataclasses.replace(self, idx=self.idx[:, hm], keep=self.keep[:, hm])
+
+    def positions(self) -> tuple[jax.Array, jax.Array]:
+        """Selected key positions and validity, ``[batch, kv_heads, sets, n_qtiles, k * unit]`` each."""
+        pos = (self.idx[..., None] * self.unit + jnp.arange(self.unit)).reshape(*self.idx.shape[:-1], -1)
+        return pos, jnp.repeat(self.keep, self.unit, axis=-1)
+
+
+def query_tiles(q: jax.Array, kv_heads: int, q_tile: int) -> jax.Array:
+    """``[batch, T, heads, d]`` -> scaled float32 ``[n_qtiles, batch, kv_heads, group, q_tile, d]`` (zero padded)."""
+    b, t, heads, d = q.shape
+    n_t = -(-t // q_tile)
+    qp = jnp.pad(q.astype(jnp.float32) * d ** -0.5, [(0, 0), (0, n_t * q_tile - t), (0, 0), (0, 0)])
+    return qp.reshape(b, n_t, q_tile, kv_heads, heads // kv_heads, d).transpose(1, 0, 3, 4, 2, 5)
+
+
+def pooled_scores(p: jax.Array, pool: Pool, unit: int) -> jax.Array:
+    """Pool one query tile's attention ``p: [batch, kv_heads, group, q_tile, L]`` into unit scores
+    ``[batch, kv_heads, sets, ceil(L / unit)]``: summed over the tile's queries, over the group (``"group"``), over
+    every head (``"all"``, broadcast to all KV heads) or not over heads (``"head"``, sets = group), and over the
+    ``unit`` keys of each key tile."""
+    b, h, g, _, length = p.shape
+    s = p.sum(axis=3)                                                  # [b, h, g, L]
+    if pool == "group":
+        s = s.sum(axis=2, keepdims=True)
+    elif pool == "all":
+        s = jnp.broadcast_to(s.sum(axis=(1, 2), keepdims=True), (b, h, 1, length))
+    elif pool != "head":
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    n_u = -(-length // unit)
+    s = jnp.pad(s, [(0, 0)] * 3 + [(0, n_u * unit - length)])
+    return s.reshape(*s.shape[:3], n_u, unit).sum(axis=-1)
+
+
+def topk_units(scores: jax.Array, start: jax.Array, basis: jax.Array, own: jax.Array, *, k_max: int, unit: int,
+               budget: float | int, min_keys: int) -> tuple[jax.Array, jax.Array]:
+    """Top-k of one query tile: ``scores: [batch, kv_heads, sets, n_units]`` -> ``(idx, keep)`` each
+    ``[batch, kv_heads, sets, k_max]``. Eligible units start before ``start`` (the tile's first query); the row keeps
+    ``topk_count(basis, own)`` of them (``own``: the tile's own keys), never more than the keys before ``start``."""
+    n_units = scores.shape[-1]
+    eligible = jnp.arange(n_units) * unit < start
+    k_keys = jnp.minimum(jnp.maximum(keys_kept(basis, budget, min_keys) - own, 0), start)
+    vals, idx = jax.lax.top_k(jnp.where(eligible, scores, NEG_INF), k_max)
+    keep = (jnp.arange(k_max) < -(-k_keys // unit)) & (vals > NEG_INF / 2)
+    return idx.astype(jnp.int32), keep
+
+
+def select(q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any, *, q_tile: int, unit: int, pool: Pool,
+           budget: float | int, min_keys: int, rolling: bool = False, chunk: int = 2) -> Selection:
+    """Anchor scoring: exact attention of each query tile (``chunk`` tiles at a time), pooled, Top-k per row.
+
+    q: ``[batch, T, heads, d]`` at positions ``q_offset + i``; k: ``[batch, L, kv_heads, d]`` valid below ``kv_len``.
+    The budget basis is ``kv_len`` or, with ``rolling``, the keys visible to the tile. Returns a `Selection` with
+    ``n_qtiles = ceil(T / q_tile)`` and a static ``k = ceil((keys_kept(L) - own) / unit)`` (at least 1), where
+    ``own`` is the smallest own tile (the last one may be partial). A tile's own keys are its causal keys below
+    ``kv_len``: ``q_tile`` of them, or fewer in a partial last tile."""
+    kv_heads, _ = check_qkv(q, k, k)
+    t, length = q.shape[1], k.shape[1]
+    n_units = -(-length // unit)
+    own_min = t - (-(-t // q_tile) - 1) * q_tile
+    k_max = max(1, min(n_units, topk_count(length, own_min, budget=budget, min_keys=min_keys, unit=unit)))
+    kf = k.astype(jnp.float32)
+
+    def one_tile(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        qi, i = args                                                   # [b, h, g, q_tile, d], tile number
+        start = q_offset + i * q_tile
+        q_pos = start + jnp.arange(q_tile)
+        s = jnp.einsum("bhgqd,bkhd->bhgqk", qi, kf, preferred_element_type=jnp.float32)
+        visible = (jnp.arange(length) <= q_pos[:, None]) & (jnp.arange(length) < kv_len)
+        p = jax.nn.softmax(jnp.where(visible, s, NEG_INF), axis=-1)
+        p = jnp.where((i * q_tile + jnp.arange(q_tile) < t)[:, None], p, 0.0)  # padded queries do not vote
+        end = jnp.minimum(start + q_tile, kv_len)                       # keys visible to the tile
+        basis = end if rolling else kv_len
+        return topk_units(pooled_scores(p, pool, unit), start, basis, end - start, k_max=k_max, unit=unit,
+                          budget=budget, min_keys=min_keys)
+
+    qt = query_tiles(q, kv_heads, q_tile)
+    idx, keep = jax.lax.map(one_tile, (qt, jnp.arange(qt.shape[0])), batch_size=min(chunk, qt.shape[0]))
+    return Selection(idx=jnp.moveaxis(idx, 0, 3), keep=jnp.moveaxis(keep, 0, 3), q_tile=q_tile, unit=unit)
+
+
+# ------------------------------------------------------------------------------------------------ attend
+def gather_selected(x: jax.Array, sel: Selection, idx: jax.Array) -> jax.Array:
+    """Keys or values of one query tile's selection: ``x: [batch, L, kv_heads, d]``, ``idx: [batch, kv_heads, sets,
+    k]`` -> ``[batch, kv_heads, sets, k * unit, d]`` (whole tiles gathered at once when ``L % unit == 0``)."""
+    b, h, s, k = idx.shape
+    flat = idx.reshape(b, h, s * k)
+    if sel.unit > 1 and x.shape[1] % sel.unit == 0:
+        out = gather_tiles_seq(x, flat, sel.unit)                      # [b, h, s*k, unit, d]
+    else:
+        pos = (flat[..., None] * sel.unit + jnp.arange(sel.unit)).reshape(b, h, -1)
+        out = gather_positions(x, jnp.minimum(pos, x.shape[1] - 1))
+    return out.reshape(b, h, s, k * sel.unit, x.shape[-1])
+
+
+def attend_tile(qi: jax.Array, k: jax.Array, v: jax.Array, sel: Selection, idx: jax.Array, keep: jax.Array,
+                start: jax.Array, n_queries: jax.Array, kv_len: Any) -> jax.Array:
+    """One query tile over its selected keys plus its own tile.
+
+    qi: scaled ``[batch, kv_heads, group, q_tile, d]`` at positions ``start + i`` (``i < n_queries`` are real);
+    k, v: ``[batch, L, kv_heads, d]``; idx, keep: ``[batch, kv_heads, sets, k]``. Returns float32 ``[batch, kv_heads,
+    group, q_tile, d]``: one softmax over the selected keys before ``start`` and the causal keys of the own tile."""
+    tq, n_own = qi.shape[3], min(qi.shape[3], k.shape[1])
+    pos = (idx[..., None] * sel.unit + jnp.arange(sel.unit)).reshape(*idx.shape[:3], -1)
+    ok = jnp.repeat(keep, sel.unit, axis=-1) & (pos < start)           # [b, h, s, n]
+    ks, vs = gather_selected(k, sel, idx), gather_selected(v, sel, idx)
+    if ks.shape[2] == 1:                                               # one set per KV head, shared by its group
+        s_sel = jnp.einsum("bhgqd,bhnd->bhgqn", qi, ks[:, :, 0].astype(jnp.float32))
+    else:                                                              # one set per query head
+        s_sel = jnp.einsum("bhgqd,bhgnd->bhgqn", qi, ks.astype(jnp.float32))
+    s_sel = jnp.where(ok[:, :, :, None, :], s_sel, NEG_INF)
+    first = jnp.clip(start, 0, k.shape[1] - n_own)                     # the own tile, shifted to fit the cache
+    own_pos = first + jnp.arange(n_own)
+    ko = jax.lax.dynamic_slice_in_dim(k, first, n_own, axis=1).astype(jnp.float32)
+    vo = jax.lax.dynamic_slice_in_dim(v, first, n_own, axis=1).astype(jnp.float32)
+    q_pos = start + jnp.minimum(jnp.arange(tq), n_queries - 1)
+    own_ok = (own_pos >= start) & (own_pos <= q_pos[:, None]) & (own_pos < kv_len)   # [tq, n_own]
+    s_own = jnp.where(own_ok, jnp.einsum("bhgqd,bkhd->bhgqk", qi, ko), NEG_INF)
+    p = jax.nn.softmax(jnp.concatenate([s_sel, s_own], axis=-1), axis=-1)
+    p_sel, p_own = p[..., :s_sel.shape[-1]], p[..., s_sel.shape[-1]:]
+    if vs.shape[2] == 1:
+        out = jnp.einsum("bhgqn,bhnd->bhgqd", p_sel, vs[:, :, 0].astype(jnp.float32))
+    else:
+        out = jnp.einsum("bhgqn,bhgnd->bhgqd", p_sel, vs.astype(jnp.float32))
+    return out + jnp.einsum("bhgqk,bkhd->bhgqd", p_own, vo)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, sel: Selection, q_offset: Any, kv_len: Any,
+           chunk: int = 4) -> jax.Array:
+    """Sparse attention over a `Selection`: every query tile attends its selected keys and its own tile only.
+
+    q: ``[batch, T, heads, d]`` at positions ``q_offset + i``; k, v: ``[batch, L, kv_heads, d]`` (the cache, valid
+    below ``kv_len``); ``sel`` with ``ceil(T / sel.q_tile)`` query tiles. Query tiles are mapped ``chunk`` at a time
+    (``lax.map``), so memory is ``O(T * k)``. Returns ``[batch, T, heads, d]`` in ``q.dtype``."""
+    kv_heads, group = check_qkv(q, k, v)
+    b, t, _, d = q.shape
+    n_t = -(-t // sel.q_tile)
+    if sel.idx.shape[:2] != (b, kv_heads) or sel.idx.shape[3] != n_t or sel.idx.shape[2] not in (1, group):
+        raise ValueError(f"selection idx {sel.idx.shape} must be [batch={b}, kv_heads={kv_heads}, sets=1|{group}, "
+                         f"n_qtiles={n_t}, k] for q{q.shape} with q_tile={sel.q_tile}")
+
+    def one_tile(args: tuple[jax.Array, jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        qi, idx, keep, i = args
+        return attend_tile(qi, k, v, sel, idx, keep, q_offset + i * sel.q_tile,
+                           jnp.minimum(t - i * sel.q_tile, sel.q_tile), kv_len)
+
+    qt = query_tiles(q, kv_heads, sel.q_tile)
+    rows = (qt, jnp.moveaxis(sel.idx, 3, 0), jnp.moveaxis(sel.keep, 3, 0), jnp.arange(n_t))
+    out = jax.lax.map(one_tile, rows, batch_size=min(chunk, n_t))      # [n_t, b, h, g, q_tile, d]
+    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, n_t * sel.q_tile, kv_heads * group, d)
+    return out[:, :t].astype(q.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ the policy
+@dataclass(frozen=True)
+class KascadeAttention:
+    """Schedule-driven Kascade, a hashable `model.AttentionFn` (prefill from any position, and decode).
+
+    ``schedule`` says which layers are dense / anchor / reuse, whose Top-k each reuse layer takes and through which
+    ``[layers, kv_heads]`` head map; ``tile_size``, ``budget`` and ``min_keys`` default to the schedule's. Options:
+    ``granularity`` "position" (paper) or "tile" (key tiles of ``tile_size``, the speed variant); ``pool`` "group"
+    (Kascade), "all" or "head"; ``remap=False`` ignores the head map; ``anchor_dense=True`` keeps anchor outputs
+    dense (filter layers); ``rolling`` budgets each prefill tile by the keys visible to it. ``carry`` is a dict
+    ``{anchor layer: Selection}``.
+    """
+
+    schedule: Schedule
+    granularity: Granularity = "position"
+    pool: Pool = "group"
+    remap: bool = True
+    anchor_dense: bool = False
+    rolling: bool = False
+    tile_size: int | None = None
+    budget: float | int | None = None
+    min_keys: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        if self.tile_size is not None and self.tile_size <= 0:
+            raise ValueError(f"tile_size must be positive, got {self.tile_size}")
+        check_budget(self.budget_value)
+
+    @property
+    def q_tile(self) -> int:
+        """Queries per prefill tile (and keys per key tile with ``granularity="tile"``)."""
+        return self.tile_size or self.schedule.tile_size
+
+    @property
+    def budget_value(self) -> float | int:
+        return self.schedule.budget if self.budget is None else self.budget
+
+    @property
+    def min_keys_value(self) -> int:
+        return self.schedule.min_keys if self.min_keys is None else self.min_keys
+
+    def selection(self, q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any) -> Selection:
+        """The Top-k of an anchor or dense layer for queries ``q: [batch, T, heads, d]`` (decode: ``T == 1``)."""
+        q_tile = 1 if q.shape[1] == 1 else self.q_tile
+        return select(q, k, q_offset, kv_len, q_tile=q_tile, unit=self.q_tile if self.granularity == "tile" else 1,
+                      pool=self.pool, budget=self.budget_value, min_keys=self.min_keys_value, rolling=self.rolling)
+
+    def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
+                 kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]:
+        if layer >= self.schedule.num_layers or k.shape[2] != self.schedule.num_kv_heads:
+            raise ValueError(f"schedule for {self.schedule.num_layers} layers x {self.schedule.num_kv_heads} KV heads "
+                             f"cannot run layer {layer} with k{k.shape}")
+        carry = dict(carry or {})
+        kind = self.schedule.layer_types[layer]
+        if kind == "reuse":
+            sel = carry[self.schedule.anchor_of[layer]]
+            if self.remap:
+                sel = sel.remap(self.schedule.head_map[layer])
+            return attend(q, k, v, sel, q_offset, kv_len), carry
+        carry[layer] = sel = self.selection(q, k, q_offset, kv_len)
+        if kind == "dense" or self.anchor_dense:
+            return flash_attention(q, k, v, q_offset=q_offset, kv_len=kv_len), carry
+        return attend(q, k, v, sel, q_offset, kv_len), carry
