@@ -45,7 +45,7 @@ from kascade_lite.eval import nll_per_window
 from kascade_lite.files import provenance, write_json_atomic
 from kascade_lite.model import Llama, dense_attention
 from kascade_lite.schedule import OBJECTIVES, Schedule, write_schedules
-from kascade_lite.sparse import KascadeAttention
+from kascade_lite.kascade import KascadeAttention
 from kascade_lite.tasks import RetrievalMethod, answer_case, make_cases
 
 MODEL = "smollm2-135m"
@@ -134,12 +134,14 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
     cal_dir, sched_dir = out / "calibration", out / "schedules"
     cal_stem = cal_dir / f"{MODEL}-2k"
+    cal_dir.mkdir(parents=True, exist_ok=True)
     seqs = calibration_set(args.seq_len, args.cal_wiki, args.cal_prompts, tok)
     dataset = (f"wikitext-2-v1 validation first {args.cal_wiki} x {args.seq_len} + {args.cal_prompts} retrieval "
                f"prompts (seed {CALIBRATION_SEED})")
     if not (cal_stem.with_suffix(".safetensors").is_file()
             and Calibration.load(cal_stem.with_suffix(".safetensors")).settings.get("dataset") == dataset):
         cal = calibrate(model, seqs, model_name=f"{MODEL}-2k", progress=not args.quiet, dataset=dataset,
+                        partial=cal_stem.with_suffix(".partial.safetensors"), save_every=2,
                         coverage_stride=128, **SETTINGS)  # coverage is chapter 05's (512 tokens); sorting is slow
         cal.save(cal_stem, command=command)
     schedules = candidates(cal_dir, sched_dir, Path(args.previous) if args.previous else None)

@@ -13,6 +13,8 @@ Causality is positional: query ``i`` sits at absolute position ``q_offset + i`` 
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -75,11 +77,17 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = Tr
     ``q_offset`` is the absolute position of the first query (the cache length before this step in decode),
     ``kv_len`` the number of valid cache entries. Returns ``[batch, q_len, q_heads, head_dim]`` in ``q.dtype``.
     """
-    kv_heads, group = check_qkv(q, k, v)
+    check_qkv(q, k, v)
     p = attention_probs(q, k, causal=causal, q_offset=q_offset, kv_len=kv_len, scale=scale)
+    return weighted_values(p, v, q.dtype)
+
+
+def weighted_values(p: jax.Array, v: jax.Array, out_dtype: Any) -> jax.Array:
+    """Attention output from probabilities ``p: [batch, kv_heads, group, q_len, kv]`` and values ``v: [batch, kv,
+    kv_heads, head_dim]``: ``[batch, q_len, kv_heads * group, head_dim]`` in ``out_dtype``."""
+    b, h, g, t, _ = p.shape
     out = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    b, t = q.shape[:2]
-    return out.reshape(b, t, kv_heads * group, q.shape[-1]).astype(q.dtype)
+    return out.reshape(b, t, h * g, v.shape[-1]).astype(out_dtype)
 
 
 def repeat_kv(x: jax.Array, group: int) -> jax.Array:

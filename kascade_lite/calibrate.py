@@ -47,7 +47,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from .attention import attention_probs, gqa_attention
+from .attention import attention_probs, gqa_attention, weighted_values
 from .data import REPO_ROOT
 from .files import atomic_path, provenance, write_json_atomic
 from .kascade import topk_count
@@ -121,8 +121,8 @@ class CalibrationHook:
 
     def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
                  kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]:
-        out = gqa_attention(q, k, v, causal=True, q_offset=q_offset, kv_len=kv_len)
         p = attention_probs(q, k, causal=True, q_offset=q_offset, kv_len=kv_len)
+        out = weighted_values(p, v, q.dtype)  # exact attention from the probabilities already at hand
         prev, own = pool_tiles(p, self.tile_size)
         stats = dict(prev=prev, own=own, mask=topk_mask(prev, self.k_prev),
                      coverage=query_coverage(p, self.fractions, self.coverage_stride))

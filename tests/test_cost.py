@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kascade_lite import cost as C
-from kascade_lite.bench import default_schedule
+from kascade_lite.schedule import default_schedule
 from kascade_lite.config import LLAMA_3_1_8B, LLAMA_3_1_70B
 
 
