@@ -41,7 +41,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from .attention import kv_cache_bytes
 from .config import LLAMA_3_1_8B, LlamaConfig, RopeScaling
-from .data import REPO_ROOT
 from .model import KVCache, Llama, dense_attention, expected_shapes, forward
 from .schedule import Schedule
 from .sparse import KascadeAttention, Selection, budget_keys
@@ -450,16 +449,15 @@ DEFAULT_PLAN_MODELS: dict[str, LlamaConfig] = {"llama-3.1-8b": LLAMA_3_1_8B, "ll
 DEFAULT_PLAN_TOKENS = (8192, 32_768, 131_072)
 
 
-def write_memory_plan(path: str | Path = REPO_ROOT / "data" / "memory_plan.json", anchor_every: int = 8,
-                      budget: float = 0.1, min_keys: int = 128) -> dict[str, Any]:
-    """Write the chapter's plan tables (bf16 weights and cache, batch 1) with provenance. ``anchor_every``: an
-    assumed schedule with ``num_layers // anchor_every`` full-attention layers (layer 0 included)."""
+def write_memory_plan(path: str | Path, *, command: str, smoke: bool, anchor_every: int = 8, budget: float = 0.1,
+                      min_keys: int = 128) -> dict[str, Any]:
+    """Write the chapter's plan tables (bf16 weights and cache, batch 1) to ``path`` with provenance (``smoke``: the
+    tables are arithmetic, the same at any size; recorded as the run was asked). ``anchor_every``: an assumed
+    schedule with ``num_layers // anchor_every`` full-attention layers (layer 0 included)."""
     from .files import provenance, write_json_atomic
 
-    command = (f"python -m kascade_lite.sharding --anchor-every {anchor_every} --budget {budget} "
-               f"--min-keys {min_keys}")
     out: dict[str, Any] = dict(
-        provenance=provenance(command),
+        provenance=provenance(command, smoke=smoke),
         assumptions=dict(bytes_per_param=2, kv_bytes=2, batch=1, budget=budget, min_keys=min_keys,
                          anchor_every=anchor_every, headroom=0.9),
         accelerators={a.name: dict(memory_gb=a.memory_bytes / 1e9, bandwidth_gb_s=a.bandwidth / 1e9,
@@ -471,16 +469,3 @@ def write_memory_plan(path: str | Path = REPO_ROOT / "data" / "memory_plan.json"
             cfg, DEFAULT_PLAN_TOKENS, num_anchor_layers=anchors, budget=budget, min_keys=min_keys))
     write_json_atomic(path, out)
     return out
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Write data/memory_plan.json (Kascade memory plan tables).")
-    parser.add_argument("--out", default=str(REPO_ROOT / "data" / "memory_plan.json"))
-    parser.add_argument("--anchor-every", type=int, default=8)
-    parser.add_argument("--budget", type=float, default=0.1)
-    parser.add_argument("--min-keys", type=int, default=128)
-    args = parser.parse_args()
-    write_memory_plan(args.out, args.anchor_every, args.budget, args.min_keys)
-    print(f"wrote {args.out}")
