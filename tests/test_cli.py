@@ -46,7 +46,7 @@ def test_help_script_is_fast_and_lists_commands() -> None:
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert cli.main(["schedule", "--out", str(tmp_path)]) == 2          # no calibration there
+    assert cli.main(["schedule", "--model", str(tmp_path), "--out", str(tmp_path)]) == 2  # no calibration there
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("kascade-lite schedule: error:") and "calibrate" in err[0]
     assert cli.main(["reproduce", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
@@ -56,7 +56,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_debug_shows_traceback(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
-        cli.main(["--debug", "schedule", "--out", str(tmp_path)])
+        cli.main(["--debug", "schedule", "--model", str(tmp_path), "--out", str(tmp_path)])
 
 
 def test_model_spec() -> None:
