@@ -41,12 +41,17 @@ def set_style() -> None:
 def figures_dir(cwd: str | Path | None = None) -> Path | None:
     """Where chapter figures go: ``$KASCADE_FIGURES_DIR`` if set, else ``book/figures`` of the book checkout that
     ``cwd`` (default: the current folder, which is ``notebooks/`` when the book build runs a chapter) lies in,
-    else None.
+    else None. At smoke size (``KASCADE_SMOKE=1``) only ``$KASCADE_FIGURES_DIR``: the committed figures are
+    full-size ones and a smoke build must not replace them.
 
     Never the package's own location: on a non-editable install that is site-packages, which is not ours to write
     into, and a chapter run outside a checkout (Colab) has no book to put figures in: they are only shown."""
+    from .data import smoke
+
     if os.environ.get(FIGURES_ENV):
         return Path(os.environ[FIGURES_ENV])
+    if smoke():
+        return None
     here = Path(cwd or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         if (folder / "book" / "_config.yml").is_file() and (folder / "notebooks").is_dir():
