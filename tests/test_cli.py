@@ -196,7 +196,8 @@ def test_smoke_without_out_writes_only_to_a_temporary_folder(tmp_path: Path, cap
     monkeypatch.chdir(work)
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    runs = [["calibrate", "--smoke"], ["schedule", "--smoke"], ["eval", "--smoke"],
+    runs = [["calibrate", "--smoke", "--num-sequences", "1"], ["schedule", "--smoke"],
+            ["eval", "--smoke", "--windows", "1", "--batch-size", "1"],
             ["bench", "memory-plan", "--smoke"], ["figures", "--smoke", "--only", "02"],
             ["reproduce", "--smoke", "--steps", "convert,bench-memory-plan", "--figures", "none"]]
     roots = []
