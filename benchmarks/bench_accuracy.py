@@ -60,12 +60,12 @@ def load_model(smoke: bool) -> Llama:
     return load_smollm2()
 
 
-def kascade_schedules(model: Llama, schedule_dir: Path) -> dict[str, Schedule]:
-    """Calibrated schedules from ``schedule_dir`` (DP for each K, greedy) when present; otherwise (or for a model
-    they do not fit) an evenly spaced 5-anchor schedule with the identity head map."""
+def kascade_schedules(model: Llama, schedule_dir: Path | None = None) -> dict[str, Schedule]:
+    """Calibrated schedules from ``schedule_dir`` (default: the shipped ones; DP for each K, greedy) when present;
+    otherwise (or for a model they do not fit) an evenly spaced 5-anchor schedule with the identity head map."""
     cfg = model.cfg
     found = {}
-    for path in sorted(schedule_dir.glob(f"{MODEL}_*.json")):
+    for path in sorted((schedule_dir or shipped_dir() / "schedules").glob(f"{MODEL}_*.json")):
         sched = Schedule.load(path)
         if sched.num_layers == cfg.num_layers and sched.num_kv_heads == cfg.num_kv_heads:
             found[path.stem.removeprefix(f"{MODEL}_")] = sched
@@ -379,7 +379,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.out is None:
         args.out = str(Path(tempfile.mkdtemp(prefix="kascade-lite-smoke-")) / f"accuracy_{args.task}.json")
         print(f"smoke run: writing {args.out}")
-    args.schedule_dir = args.schedule_dir or shipped_dir() / "schedules"
     if args.smoke:
         args.windows_512 = min(args.windows_512, 2)
     command = "python benchmarks/bench_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
