@@ -18,7 +18,7 @@ help:
 	@echo "make book       build the book, executing every notebook -> book/_build/html/index.html"
 	@echo "make test       run the test suite with KASCADE_SMOKE=1 (tiny sizes, includes the book build)"
 	@echo "make setup      create .venv ($(PYTHON)), install the package and Chromium (done by book/test)"
-	@echo "make reproduce  recompute every published result (kascade-lite reproduce)"
+	@echo "make reproduce  recompute every published result into data/ (kascade-lite reproduce --out .)"
 	@echo "make reproduce-smoke  the same pipeline at tiny sizes into /tmp (minutes)"
 	@echo "make bench      rerun the speed benchmarks (attention op, end to end) -> data/bench_*_cpu.json"
 	@echo "make clean      remove book/_build"
@@ -47,14 +47,14 @@ test: setup
 	  exit $$code; }
 
 reproduce: setup
-	$(VENV)/bin/kascade-lite reproduce
+	$(VENV)/bin/kascade-lite reproduce --out $(CURDIR)
 
 reproduce-smoke: setup
 	$(VENV)/bin/kascade-lite reproduce --smoke --out $(or $(OUT),/tmp/kascade-reproduce-smoke)
 
 bench: setup
-	$(PY) benchmarks/bench_attention.py
-	$(PY) benchmarks/bench_e2e.py
+	$(PY) benchmarks/bench_attention.py --out data
+	$(PY) benchmarks/bench_e2e.py --out data
 
 clean:
 	rm -rf book/_build

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,16 +33,15 @@ from kascade_lite.baselines import (BASELINES, DenseAttention, QuestAttention, S
                                     TiledSinkWindow, all_heads_pooled, flash_dense_attention, kascade_no_remap, omnikv,
                                     oracle_topk)
 from kascade_lite.config import LlamaConfig
-from kascade_lite.data import REPO_ROOT, load_tokenizer, token_windows, wikitext_windows
+from kascade_lite.data import load_tokenizer, token_windows, wikitext_windows
 from kascade_lite.eval import nll_per_window
-from kascade_lite.files import provenance, write_json_atomic
+from kascade_lite.files import provenance, shipped_dir, write_json_atomic
 from kascade_lite.kascade import KascadeAttention, tiles_kept
 from kascade_lite.model import Llama
 from kascade_lite.schedule import Schedule, default_schedule
 from kascade_lite.tasks import RetrievalMethod, answer_case, make_cases
 
 MODEL = "smollm2-135m"
-SCHEDULE_DIR = REPO_ROOT / "data" / "schedules"
 
 Config = dict[str, Any]
 
@@ -58,12 +58,12 @@ def load_model(smoke: bool) -> Llama:
     return load_smollm2()
 
 
-def kascade_schedules(model: Llama) -> dict[str, Schedule]:
-    """Calibrated schedules from ``data/schedules`` (DP for each K, greedy) when present; otherwise (or for a model
-    they do not fit) an evenly spaced 5-anchor schedule with the identity head map."""
+def kascade_schedules(model: Llama, schedule_dir: Path | None = None) -> dict[str, Schedule]:
+    """Calibrated schedules from ``schedule_dir`` (default: the shipped ones; DP for each K, greedy) when present;
+    otherwise (or for a model they do not fit) an evenly spaced 5-anchor schedule with the identity head map."""
     cfg = model.cfg
     found = {}
-    for path in sorted(SCHEDULE_DIR.glob(f"{MODEL}_*.json")):
+    for path in sorted((schedule_dir or shipped_dir() / "schedules").glob(f"{MODEL}_*.json")):
         sched = Schedule.load(path)
         if sched.num_layers == cfg.num_layers and sched.num_kv_heads == cfg.num_kv_heads:
             found[path.stem.removeprefix(f"{MODEL}_")] = sched
@@ -103,9 +103,9 @@ class Recorder:
     """Collects result rows and rewrites the JSON after each one; stops starting new work after ``time_budget``."""
 
     def __init__(self, out: Path, command: str, settings: dict[str, Any], time_budget: float, resume: bool = False,
-                 free: tuple[str, ...] = ()):
+                 free: tuple[str, ...] = (), *, smoke: bool):
         self.out, self.start, self.time_budget = out, time.monotonic(), time_budget
-        self.doc: dict[str, Any] = {"provenance": provenance(command), "settings": settings, "results": [],
+        self.doc: dict[str, Any] = {"provenance": provenance(command, smoke=smoke), "settings": settings, "results": [],
                                     "skipped": []}
         if resume and out.is_file():  # keep what an earlier run measured; record this run as a continuation
             old = json.loads(out.read_text())
@@ -167,7 +167,7 @@ def ppl_configs(schedules: dict[str, Schedule], main: str, lengths: list[int]) -
 
 def run_ppl(args: argparse.Namespace, command: str) -> None:
     model = load_model(args.smoke)
-    schedules = kascade_schedules(model)
+    schedules = kascade_schedules(model, args.schedule_dir)
     main = main_schedule(schedules)
     lengths = {128: args.windows_512} if args.smoke else {512: args.windows_512, 2048: args.windows_2048}
     windows = {}
@@ -178,7 +178,7 @@ def run_ppl(args: argparse.Namespace, command: str) -> None:
                     windows={str(k): int(v) for k, v in lengths.items()}, batch_size=args.batch_size,
                     main_schedule=main, schedules={k: v.to_dict() for k, v in schedules.items()},
                     methods=BASELINES)
-    rec = Recorder(Path(args.out), command, settings, args.time_budget, resume=args.resume)
+    rec = Recorder(Path(args.out), command, settings, args.time_budget, resume=args.resume, smoke=args.smoke)
     rec.note(args.note)
     configs = ppl_configs(schedules, main, list(lengths))
     if args.smoke:
@@ -305,7 +305,7 @@ def run_retrieval_bench(args: argparse.Namespace, command: str) -> None:
     """Case by case, round-robin over the lengths (a time budget leaves every length with about as many cases);
     every method answers the same cases; the JSON is rewritten after each case."""
     model = load_model(args.smoke)
-    schedules = kascade_schedules(model)
+    schedules = kascade_schedules(model, args.schedule_dir)
     main = main_schedule(schedules)
     cases = {256: 2} if args.smoke else parse_cases(args.cases)
     names = args.methods.split(",")
@@ -319,7 +319,7 @@ def run_retrieval_bench(args: argparse.Namespace, command: str) -> None:
                     methods={m: describe_method(m) for m in names}, every=every,
                     seed=args.seed)
     rec = Recorder(Path(args.out), command, settings, args.time_budget, resume=args.resume,
-                   free=("cases", "methods", "every"))
+                   free=("cases", "methods", "every"), smoke=args.smoke)
     rec.note(args.note)
     methods = {n: {m: retrieval_method(m, schedules[main], n) for m in names} for n in cases}
     rows = {(r["length"], r["method"]): r for r in rec.doc["results"]}
@@ -359,7 +359,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("task", choices=["ppl", "retrieval"])
     p.add_argument("--smoke", action="store_true", help="tiny random model, tiny sizes (seconds)")
-    p.add_argument("--out", help="JSON path (default data/accuracy_<task>.json)")
+    p.add_argument("--out", help="JSON path (required at full size, e.g. data/accuracy_<task>.json; with --smoke "
+                                 "default: in a new temporary folder)")
+    p.add_argument("--schedule-dir", type=Path, help="folder of <model>_*.json schedules (default: the shipped ones)")
     p.add_argument("--windows-512", type=int, default=8)
     p.add_argument("--windows-2048", type=int, default=2)
     p.add_argument("--cases", default="2048:100,4096:100,8192:100", help="length:count pairs")
@@ -372,8 +374,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", action="store_true", help="keep the results already in --out, run the rest")
     p.add_argument("--note", help="a remark to store in the JSON's notes")
     args = p.parse_args(argv)
+    if args.out is None and not args.smoke:
+        p.error(f"--out is required at full size (e.g. --out data/accuracy_{args.task}.json)")
     if args.out is None:
-        args.out = str(REPO_ROOT / "data" / f"accuracy_{args.task}.json")
+        args.out = str(Path(tempfile.mkdtemp(prefix="kascade-lite-smoke-")) / f"accuracy_{args.task}.json")
+        print(f"smoke run: writing {args.out}")
     if args.smoke:
         args.windows_512 = min(args.windows_512, 2)
     command = "python benchmarks/bench_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])

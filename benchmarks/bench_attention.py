@@ -27,7 +27,6 @@ from kascade_lite import bench as B
 from kascade_lite import kernels as K
 from kascade_lite.config import LLAMA_3_1_8B, SMOLLM2_135M, LlamaConfig
 from kascade_lite.cost import whole_model_time
-from kascade_lite.data import REPO_ROOT
 from kascade_lite.kascade import attend, select, tiles_kept
 from kascade_lite.schedule import default_schedule
 
@@ -123,10 +122,13 @@ def shape_config(cfg: LlamaConfig, **extra: Any) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
-    p.add_argument("--out", type=Path, help="output folder (default: data/, or a temporary folder with --smoke)")
+    p.add_argument("--out", type=Path, help="output folder (required at full size, e.g. data/ to update the "
+                                            "published results; with --smoke default: a new temporary folder)")
     p.add_argument("--only", choices=("attention", "headline"), help="run one of the two parts")
     args = p.parse_args(argv)
-    out = args.out or (Path(tempfile.mkdtemp()) if args.smoke else REPO_ROOT / "data")
+    if args.out is None and not args.smoke:
+        p.error("--out is required at full size (e.g. --out data to update the published results)")
+    out = args.out or Path(tempfile.mkdtemp(prefix="kascade-lite-smoke-"))
     command = ("python benchmarks/bench_attention.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
     cfg, tile, budget = LLAMA_3_1_8B, 32, 0.1
     schedule = default_schedule("llama-3.1-8b", cfg.num_layers, cfg.num_kv_heads, 5, tile, budget)
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
                          reps=2 if args.smoke else 2, schedule=schedule)
         config = shape_config(cfg, model="llama-3.1-8b (attention shape only; random q/k/v)", tile=tile,
                               budget=budget, schedule=B.schedule_summary(schedule), smoke=args.smoke)
-        B.write_results(out / "bench_attention_cpu.json", command, config, rows)
+        B.write_results(out / "bench_attention_cpu.json", command, config, rows, smoke=args.smoke)
     if args.only != "attention":
         rows = []
         for name, shape in (("llama-3.1-8b", cfg), ("smollm2-135m", SMOLLM2_135M)):
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
                     rows.append({"shape": name, **row})
         config = {"setting": "512 tokens, tile 16, 8 of 32 tiles (budget 25 %)", "dtype": "float32", "batch": 1,
                   "claim": "original guide: 1.8-2.2x on CPU", "smoke": args.smoke}
-        B.write_results(out / "bench_headline_cpu.json", command, config, rows)
+        B.write_results(out / "bench_headline_cpu.json", command, config, rows, smoke=args.smoke)
     print(f"wrote results to {out}")
 
 

@@ -5,7 +5,7 @@ files with ``model.safetensors.index.json`` like the real release); it is writte
 ``--tmp`` (``/tmp``), converted to bfloat16 in a child process whose resident memory is sampled from
 ``/proc/<pid>/status`` every ``--interval`` seconds (and read back as ``ru_maxrss``), then deleted.
 
-    python benchmarks/bench_convert.py                      # full size (~16 GB written + ~16 GB converted)
+    python benchmarks/bench_convert.py --out data/bench_convert.json   # full size (~16 GB written + ~16 GB converted)
     python benchmarks/bench_convert.py --scale 0.05 --out /tmp/bench_convert_small.json   # quick check
 """
 
@@ -132,8 +132,11 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="1 = real Llama-3.1-8B shapes; smaller for a quick run")
     ap.add_argument("--tmp", default="/tmp", help="where the synthetic checkpoint and its conversion are written")
     ap.add_argument("--interval", type=float, default=0.05, help="RSS sampling period in seconds")
-    ap.add_argument("--out", default="data/bench_convert.json")
+    ap.add_argument("--out", required=True, help="JSON path (data/bench_convert.json updates the published result)")
+    ap.add_argument("--smoke", action="store_true", help="--scale 0.01 (recorded as smoke)")
     args = ap.parse_args()
+    if args.smoke:
+        args.scale = 0.01
 
     cfg = scaled_config(args.scale)
     runs = []
@@ -161,8 +164,8 @@ def main() -> None:
                      "source_bytes": gguf.stat().st_size, "output_bytes": dir_bytes(work / "smollm2"), **res})
         print(f"SmolLM2 GGUF: {res['wall_s']} s, peak RSS {res['peak_rss_mb']} MB", flush=True)
     cmd = "python benchmarks/bench_convert.py" + "".join(
-        f" --{k} {v}" for k, v in (("scale", args.scale), ("out", args.out)) if v != ap.get_default(k))
-    write_json_atomic(args.out, {"provenance": provenance(cmd), "target_peak_rss_mb": TARGET_PEAK_RSS_MB,
+        f" --{k} {v}" for k, v in (("scale", args.scale), ("out", args.out)) if v != ap.get_default(k)) + (" --smoke" if args.smoke else "")
+    write_json_atomic(args.out, {"provenance": provenance(cmd, smoke=args.smoke), "target_peak_rss_mb": TARGET_PEAK_RSS_MB,
                                  "scale": args.scale, "runs": runs})
     print(f"wrote {args.out}")
 

@@ -1,6 +1,6 @@
 """End-to-end benchmark on SmolLM2-135M: prefill latency and decode tokens/s, dense vs Kascade, one process.
 
-    python benchmarks/bench_e2e.py            # contexts 512, 2k, 8k; ~10 min on 2 CPU cores
+    python benchmarks/bench_e2e.py --out data # contexts 512, 2k, 8k; ~10 min on 2 CPU cores
     python benchmarks/bench_e2e.py --smoke    # one tiny context (CI), writes to a temporary folder unless --out
 
 Policies (all through the model's forward, `bench.compiled_forward`, float32): ``dense`` (the model's default
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from kascade_lite import bench as B
 from kascade_lite.baselines import flash_dense_attention
 from kascade_lite.convert import load_smollm2
-from kascade_lite.data import REPO_ROOT, wikitext_windows
+from kascade_lite.data import wikitext_windows
 from kascade_lite.kascade import KascadeAttention, tiles_kept
 from kascade_lite.model import KVCache, dense_attention
 from kascade_lite.schedule import default_schedule
@@ -73,9 +73,12 @@ def run_context(model, tokens: jax.Array, schedule, *, reps_prefill: int, reps_d
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="one tiny context (CI)")
-    p.add_argument("--out", type=Path, help="output folder (default: data/, or a temporary folder with --smoke)")
+    p.add_argument("--out", type=Path, help="output folder (required at full size, e.g. data/ to update the "
+                                            "published results; with --smoke default: a new temporary folder)")
     args = p.parse_args(argv)
-    out = args.out or (Path(tempfile.mkdtemp()) if args.smoke else REPO_ROOT / "data")
+    if args.out is None and not args.smoke:
+        p.error("--out is required at full size (e.g. --out data to update the published results)")
+    out = args.out or Path(tempfile.mkdtemp(prefix="kascade-lite-smoke-"))
     command = ("python benchmarks/bench_e2e.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
     contexts = [256] if args.smoke else [512, 2048, 8192]
     model = load_smollm2()
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     config = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32)", "dtype": "float32", "batch": 1,
               "tile": TILE, "budget": BUDGET, "schedule": B.schedule_summary(schedule),
               "tokens": "WikiText-2 test, first window", "smoke": args.smoke}
-    B.write_results(out / "bench_e2e_cpu.json", command, config, rows)
+    B.write_results(out / "bench_e2e_cpu.json", command, config, rows, smoke=args.smoke)
     print(f"wrote {out / 'bench_e2e_cpu.json'}")
 
 

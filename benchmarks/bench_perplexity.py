@@ -3,7 +3,8 @@
 Both read the same GGUF weights (ours through `convert.py`, transformers through its own GGUF loader), in float32,
 on the same non-overlapping 512-token windows; the first ``--windows`` windows of the test split are used.
 
-    python benchmarks/bench_perplexity.py --windows 64
+    python benchmarks/bench_perplexity.py --windows 64 --out data/perplexity.json
+    python benchmarks/bench_perplexity.py --smoke --out /tmp/perplexity.json   # 2 windows of 128 tokens
 """
 
 from __future__ import annotations
@@ -47,8 +48,11 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=64, help="number of 512-token windows (the test split has ~560)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--out", default="data/perplexity.json")
+    ap.add_argument("--out", required=True, help="JSON path (data/perplexity.json updates the published result)")
+    ap.add_argument("--smoke", action="store_true", help="2 windows of 128 tokens, batch 2 (recorded as smoke)")
     args = ap.parse_args()
+    if args.smoke:
+        args.windows, args.seq_len, args.batch_size = 2, 128, 2
 
     windows = wikitext_windows("test", args.seq_len, args.windows)
     t0 = time.perf_counter()
@@ -63,7 +67,7 @@ def main() -> None:
             {"implementation": "transformers (PyTorch, float32)", "perplexity": ppl_ref,
              "seconds_including_load": round(t_ref, 1)}]
     result = {
-        "provenance": provenance(f"python benchmarks/bench_perplexity.py --windows {args.windows}"),
+        "provenance": provenance(f"python benchmarks/bench_perplexity.py --windows {args.windows}", smoke=args.smoke),
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)",
         "dataset": "wikitext-2-raw-v1 test", "seq_len": args.seq_len, "windows": int(len(windows)),
         "tokens_predicted": int(len(windows) * (args.seq_len - 1)),

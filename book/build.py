@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kascade_lite.notebooks import chapter_notebooks as find_chapters
+
 REPO = Path(__file__).resolve().parents[1]
 HTML = REPO / "book" / "_build" / "html"
 REPORTS = HTML / "reports"
@@ -21,8 +23,9 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes in the execution logs
 
 
 def chapter_notebooks() -> list[Path]:
-    """The chapter notebooks the TOC glob picks up (``notebooks/NN_name.ipynb``)."""
-    return sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    """The chapter notebooks the TOC glob picks up (``notebooks/NN_name.ipynb``; the one list, shared with
+    ``kascade-lite figures``)."""
+    return find_chapters(REPO / "notebooks")
 
 
 def failed_notebooks() -> dict[str, str]:

@@ -61,9 +61,10 @@ def speedup(baseline: dict, candidate: dict) -> float:
     return baseline["median_s"] / candidate["median_s"]
 
 
-def write_results(path: str | os.PathLike, command: str, config: dict[str, Any], rows: list[dict]) -> dict:
-    """Write ``{"provenance", "config", "results"}`` atomically and return it."""
-    doc = {"provenance": provenance(command), "config": config, "results": rows}
+def write_results(path: str | os.PathLike, command: str, config: dict[str, Any], rows: list[dict], *,
+                  smoke: bool) -> dict:
+    """Write ``{"provenance", "config", "results"}`` atomically and return it (``smoke``: a smoke-size run)."""
+    doc = {"provenance": provenance(command, smoke=smoke), "config": config, "results": rows}
     write_json_atomic(path, doc)
     return doc
 

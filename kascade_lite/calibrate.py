@@ -31,7 +31,6 @@ bit-identical results. The partial file is deleted once the calibration finishes
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -48,7 +47,6 @@ from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
 from .attention import attention_probs, gqa_attention, weighted_values
-from .data import REPO_ROOT
 from .files import atomic_path, provenance, write_json_atomic
 from .kascade import topk_count
 from .model import Llama, forward
@@ -56,7 +54,6 @@ from .model import Llama, forward
 COVERAGE_FRACTIONS: tuple[float, ...] = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5)
 """Shares of keys at which coverage (share of attention mass in the top keys) is measured."""
 
-CALIBRATION_DIR = REPO_ROOT / "data" / "calibration"
 ARRAY_NAMES = ("similarity", "importance", "coverage", "coverage_fractions", "tile_coverage")
 
 
@@ -263,15 +260,16 @@ class Calibration:
         }
 
     # -------------------------------------------------------------------------------------------- files
-    def save(self, stem: str | Path, command: str = "kascade_lite.calibrate") -> tuple[Path, Path]:
-        """Write ``<stem>.safetensors`` (the arrays) and ``<stem>.json`` (settings, summary, provenance)."""
+    def save(self, stem: str | Path, *, command: str, smoke: bool) -> tuple[Path, Path]:
+        """Write ``<stem>.safetensors`` (the arrays) and ``<stem>.json`` (settings, summary, provenance; ``smoke``:
+        a smoke-size run, which the book refuses to show)."""
         stem = Path(stem)
         arrays = {name: np.ascontiguousarray(getattr(self, name), dtype=np.float32) for name in ARRAY_NAMES}
         tensors_path, json_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
         with atomic_path(tensors_path) as tmp:
             save_file(arrays, str(tmp), metadata={"settings": json.dumps(self.settings, sort_keys=True)})
         write_json_atomic(json_path, {"settings": self.settings, "arrays": tensors_path.name,
-                                      "summary": self.summary(), "provenance": provenance(command)})
+                                      "summary": self.summary(), "provenance": provenance(command, smoke=smoke)})
         return tensors_path, json_path
 
     @classmethod
@@ -381,26 +379,43 @@ def calibrate(model: Llama, sequences: Iterable[np.ndarray] | np.ndarray, *, til
     return Calibration(coverage_fractions=np.asarray(fractions, np.float32), settings=settings, **mean)
 
 
-# ------------------------------------------------------------------------------------------------ command line
-def run(model_name: str = "smollm2-135m", num_sequences: int = 100, seq_len: int = 512, tile_size: int = 32,
-        budget: float = 0.1, min_keys: int = 0, out_dir: str | Path = CALIBRATION_DIR,
-        command: str = "python -m kascade_lite.calibrate") -> Calibration:
-    """Calibrate the bundled SmolLM2 on WikiText-2 validation windows and save ``<out_dir>/<model_name>.*``
-    (also ``data/coverage.json`` when writing to the default folder)."""
-    from .convert import load_smollm2
+# ------------------------------------------------------------------------------------------------ a calibration run
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Sizes of a calibration run: the book's (`full`, the defaults) or `smoke` (seconds).
+
+    The smoke size is chosen so that the budget really drops keys: 256-token windows with 16-token tiles give
+    ``k_prev = ceil(0.1 * 256) - 16 = 10`` keys chosen by Top-k (128-token windows of 32 would give 0)."""
+
+    num_sequences: int = 100
+    seq_len: int = 512
+    tile_size: int = 32
+    budget: float = 0.1
+    min_keys: int = 0
+
+    @classmethod
+    def smoke(cls) -> "CalibrationSettings":
+        return cls(num_sequences=2, seq_len=256, tile_size=16)
+
+
+def run_calibration(model: Llama, root: str | Path, settings: CalibrationSettings, *, model_name: str,
+                    tokenizer=None, smoke: bool, command: str, coverage: bool = False) -> list[Path]:
+    """Calibrate ``model`` on WikiText-2 validation windows (resuming an interrupted run) and write
+    ``ROOT/data/calibration/<model_name>.{safetensors,json}`` and, with ``coverage``, ``ROOT/data/coverage.json``
+    (chapter 05). ``tokenizer``: the model's (default SmolLM2's). Returns the written paths."""
     from .data import wikitext_windows
 
-    if model_name != "smollm2-135m":
-        raise ValueError(f"unknown model {model_name!r}: only the bundled 'smollm2-135m' can be calibrated here")
-    model = load_smollm2(dtype=jnp.float32)
-    windows = wikitext_windows("validation", seq_len, num_sequences)
-    cal = calibrate(model, windows, tile_size=tile_size, budget=budget, min_keys=min_keys, model_name=model_name,
-                    dataset=f"wikitext-2-v1 validation, {num_sequences} x {seq_len} tokens",
-                    partial=partial_path(out_dir, model_name))
-    cal.save(Path(out_dir) / model_name, command=command)
-    if Path(out_dir).resolve() == CALIBRATION_DIR.resolve():
-        write_coverage_json(cal, REPO_ROOT / "data" / "coverage.json", command)
-    return cal
+    data = Path(root) / "data"
+    windows = wikitext_windows("validation", settings.seq_len, settings.num_sequences, tokenizer=tokenizer)
+    cal = calibrate(model, windows, tile_size=settings.tile_size, budget=settings.budget,
+                    min_keys=settings.min_keys, model_name=model_name,
+                    dataset=f"wikitext-2-v1 validation, {settings.num_sequences} x {settings.seq_len} tokens",
+                    partial=partial_path(data / "calibration", model_name))
+    paths = list(cal.save(data / "calibration" / model_name, command=command, smoke=smoke))
+    if coverage:
+        write_coverage_json(cal, data / "coverage.json", command, smoke=smoke)
+        paths.append(data / "coverage.json")
+    return paths
 
 
 def partial_path(out_dir: str | Path, model_name: str) -> Path:
@@ -408,30 +423,10 @@ def partial_path(out_dir: str | Path, model_name: str) -> Path:
     return Path(out_dir) / f"{model_name}.partial.safetensors"
 
 
-def write_coverage_json(cal: Calibration, path: str | Path, command: str) -> None:
+def write_coverage_json(cal: Calibration, path: str | Path, command: str, *, smoke: bool) -> None:
     """``data/coverage.json``: per-layer coverage (mean over KV heads) at each key fraction, with provenance."""
     write_json_atomic(path, {
         "model": cal.settings.get("model"), "settings": cal.settings,
         "fractions": [float(f) for f in cal.coverage_fractions],
         "coverage_per_layer": [[round(float(c), 5) for c in row] for row in cal.coverage.mean(axis=1)],
-        "coverage_mean": cal.summary()["coverage_mean"], "provenance": provenance(command)})
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kascade_lite.calibrate", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--num-sequences", type=int, default=100)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--tile-size", type=int, default=32, choices=(16, 32, 64))
-    parser.add_argument("--budget", type=float, default=0.1, help="share of keys kept (default 0.1)")
-    parser.add_argument("--min-keys", type=int, default=0, help="floor on the number of keys kept")
-    parser.add_argument("--out-dir", default=str(CALIBRATION_DIR))
-    args = parser.parse_args(argv)
-    command = " ".join(["python -m kascade_lite.calibrate", *(sys.argv[1:] if argv is None else argv)])
-    cal = run(args.model, args.num_sequences, args.seq_len, args.tile_size, args.budget, args.min_keys,
-              args.out_dir, command)
-    print(json.dumps({k: v for k, v in cal.summary().items() if k != "coverage_per_layer"}, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+        "coverage_mean": cal.summary()["coverage_mean"], "provenance": provenance(command, smoke=smoke)})

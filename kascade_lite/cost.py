@@ -161,15 +161,13 @@ DEFAULT_PLAN_MODELS: dict[str, LlamaConfig] = {name: PRESETS[name] for name in (
 DEFAULT_PLAN_TOKENS = (8192, 32_768, 131_072)
 
 
-def write_memory_plan(path: str | os.PathLike, anchor_every: int = 8, budget: float = 0.1,
-                      min_keys: int = 128) -> dict[str, Any]:
-    """Write chapter 09's plan tables (bf16 weights and cache, batch 1) with provenance to ``path`` and return them.
-    ``anchor_every``: an assumed schedule with ``num_layers // anchor_every`` full-attention layers (layer 0
-    included)."""
-    command = (f"python -m kascade_lite.cost --out {path} --anchor-every {anchor_every} --budget {budget} "
-               f"--min-keys {min_keys}")
+def write_memory_plan(path: str | os.PathLike, *, command: str, smoke: bool, anchor_every: int = 8,
+                      budget: float = 0.1, min_keys: int = 128) -> dict[str, Any]:
+    """Write chapter 09's plan tables (bf16 weights and cache, batch 1) to ``path`` with provenance and return them
+    (``smoke``: the tables are arithmetic, the same at any size; recorded as the run was asked). ``anchor_every``: an
+    assumed schedule with ``num_layers // anchor_every`` full-attention layers (layer 0 included)."""
     out: dict[str, Any] = dict(
-        provenance=provenance(command),
+        provenance=provenance(command, smoke=smoke),
         assumptions=dict(bytes_per_param=2, kv_bytes=2, batch=1, budget=budget, min_keys=min_keys,
                          anchor_every=anchor_every, headroom=0.9),
         accelerators={a.name: dict(memory_gb=a.memory_bytes / 1e9, bandwidth_gb_s=a.bandwidth / 1e9,
@@ -181,16 +179,3 @@ def write_memory_plan(path: str | os.PathLike, anchor_every: int = 8, budget: fl
             cfg, DEFAULT_PLAN_TOKENS, num_anchor_layers=anchors, budget=budget, min_keys=min_keys))
     write_json_atomic(path, out)
     return out
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Write chapter 09's memory plan tables (memory_plan.json).")
-    parser.add_argument("--out", required=True, help="the JSON file to write")
-    parser.add_argument("--anchor-every", type=int, default=8)
-    parser.add_argument("--budget", type=float, default=0.1)
-    parser.add_argument("--min-keys", type=int, default=128)
-    args = parser.parse_args()
-    write_memory_plan(args.out, args.anchor_every, args.budget, args.min_keys)
-    print(f"wrote {args.out}")

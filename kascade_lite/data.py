@@ -1,7 +1,9 @@
 """Data: the bundled SmolLM2 checkpoint and tokenizer, WikiText-2 (hub or local copy), token windows.
 
 Nothing here downloads silently when a local copy is configured. Local WikiText-2 is found, in order, at
-``$KASCADE_DATA_DIR``, then ``shared/data`` beside the repository (``<repo>/../shared/data``).
+``$KASCADE_DATA_DIR``, then ``shared/data`` beside the repository checkout the package runs from
+(``<repo>/../shared/data``; see `checkout_root`). The book's own results are not found here but with
+`kascade_lite.files.results_file` (they ship inside the package).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # (datasets config, split) -> file inside the local data folder
@@ -21,6 +22,14 @@ WIKITEXT_FILES = {
     ("wikitext-2-raw-v1", "test"): "wikitext-2-raw/wiki.test.raw",
     ("wikitext-2-v1", "validation"): "wikitext-2/wiki.valid.tokens",
 }
+
+
+def checkout_root() -> Path | None:
+    """The repository checkout the package is imported from (an editable install or ``PYTHONPATH``), or None for
+    an installed copy. Used to find code that only a checkout has (``benchmarks/``, ``notebooks/``) and the local
+    WikiText copy beside it; never as a place to write to or to read the book's results from."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() and (root / "kascade_lite").is_dir() else None
 
 
 def smollm2_gguf_path() -> Path:
@@ -46,8 +55,11 @@ def load_tokenizer(source: str | None = None):
 
 
 def local_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
-    """The local data folder: the argument, ``$KASCADE_DATA_DIR``, or ``<repo>/../shared/data``; None if absent."""
-    for cand in (data_dir, os.environ.get("KASCADE_DATA_DIR"), REPO_ROOT.parent / "shared" / "data"):
+    """The local data folder: the argument, ``$KASCADE_DATA_DIR``, or ``<checkout>/../shared/data``; None if
+    absent."""
+    checkout = checkout_root()
+    beside = checkout.parent / "shared" / "data" if checkout is not None else None
+    for cand in (data_dir, os.environ.get("KASCADE_DATA_DIR"), beside):
         if cand is not None and Path(cand).is_dir():
             return Path(cand)
     if data_dir is not None:

@@ -1,4 +1,12 @@
-"""Small file utilities shared by every writer: atomic writes and checksums (nothing is ever left half-written)."""
+"""Small file utilities shared by every writer and reader of results: atomic writes (nothing is ever left
+half-written), checksums, provenance, and `results_file` / `load_results`, which find the shipped results.
+
+Results files are JSON with a ``"provenance"`` object (`provenance`) that records, among the command and machine,
+``"smoke": true|false``. Shipped results (the repository's ``data/``, installed as the package data
+``kascade_lite.shipped``, so they are there without a checkout, e.g. on Colab) are found with `results_file`:
+``$KASCADE_RESULTS_DIR`` first (``kascade-lite figures --out ROOT`` sets it to ``ROOT/data``), then the shipped copy.
+Smoke results are refused unless ``KASCADE_SMOKE=1``: the book never shows a smoke run as a measurement.
+"""
 
 from __future__ import annotations
 
@@ -50,8 +58,9 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def provenance(command: str) -> dict[str, Any]:
-    """What made a results file: the command, the machine (CPU model, cores, JAX backend/devices), date, versions."""
+def provenance(command: str, *, smoke: bool) -> dict[str, Any]:
+    """What made a results file: the command, whether it ran at smoke sizes, the machine (CPU model, cores, JAX
+    backend/devices), date and versions."""
     import datetime
     import platform
 
@@ -74,8 +83,70 @@ def provenance(command: str) -> dict[str, Any]:
             pass
     return {
         "command": command,
+        "smoke": bool(smoke),
         "machine": f"{cpu}, {os.cpu_count()} cores, jax backend {jax.default_backend()} "
                    f"({devices[0].device_kind} x{len(devices)})",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions,
     }
+
+
+RESULTS_ENV = "KASCADE_RESULTS_DIR"
+"""Environment variable naming a results folder searched before the shipped results."""
+
+
+class SmokeResultsError(ValueError):
+    """A chapter asked for a measurement and found a smoke-size run."""
+
+
+def record_provenance(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``provenance`` object of a results document (top level, or under ``meta`` for a schedule)."""
+    prov = doc.get("provenance", (doc.get("meta") or {}).get("provenance"))
+    return prov if isinstance(prov, dict) else None
+
+
+def is_smoke(doc: dict[str, Any]) -> bool:
+    """True if the results document says it was a smoke run (files without the flag are not)."""
+    prov = record_provenance(doc)
+    return bool(prov and prov.get("smoke"))
+
+
+def shipped_dir() -> Path:
+    """The results shipped with the package (``kascade_lite.shipped``: the repository's ``data/``)."""
+    from importlib.resources import files
+
+    try:
+        return Path(str(files("kascade_lite.shipped")))
+    except ModuleNotFoundError as e:
+        raise FileNotFoundError("the shipped results (package kascade_lite.shipped) are not installed: reinstall "
+                                "the package (`pip install -e .` in a checkout)") from e
+
+
+def results_file(name: str, *, allow_smoke: bool | None = None) -> Path:
+    """Path of results file ``name`` (e.g. ``"coverage.json"``, ``"calibration/smollm2-135m.safetensors"``):
+    from ``$KASCADE_RESULTS_DIR`` if it holds it, else the shipped copy.
+
+    Raises ``FileNotFoundError`` naming the places searched, and `SmokeResultsError` if the file (or, for a
+    non-JSON file, the ``.json`` beside it) records a smoke run, unless ``allow_smoke`` (default: ``KASCADE_SMOKE=1``,
+    a smoke run of the chapter, which shows nothing as a measurement)."""
+    from .data import smoke
+
+    places = [Path(d) for d in (os.environ.get(RESULTS_ENV),) if d] + [shipped_dir()]
+    path = next((d / name for d in places if (d / name).is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"results file {name!r} not found in {', '.join(map(str, places))}")
+    allow = smoke() if allow_smoke is None else allow_smoke
+    record = path if path.suffix == ".json" else path.with_suffix(".json")
+    if not allow and record.is_file() and is_smoke(json.loads(record.read_text())):
+        raise SmokeResultsError(f"{record} holds a smoke-size run (provenance smoke: true), not a measurement: "
+                                f"rerun it at full size, or set KASCADE_SMOKE=1 to run the chapter at smoke size")
+    return path
+
+
+def load_results(name: str, *, allow_smoke: bool | None = None) -> dict[str, Any]:
+    """The JSON results file ``name`` found by `results_file` (smoke runs refused the same way)."""
+    path = results_file(name, allow_smoke=allow_smoke)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read results JSON ({e})") from e

@@ -21,18 +21,15 @@ Two ways to choose the anchors from a calibration (`calibrate.Calibration`):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .data import REPO_ROOT
 from .files import provenance, write_json_atomic
 
 if TYPE_CHECKING:
@@ -168,7 +165,6 @@ class Schedule:
 
 
 # ------------------------------------------------------------------------------------------------ anchor selection
-SCHEDULES_DIR = REPO_ROOT / "data" / "schedules"
 MAX_REUSE_DIST = 4
 CALIB_THRESHOLD = 0.1
 DP_ANCHOR_COUNTS = tuple(range(2, 9))
@@ -293,11 +289,11 @@ def greedy_schedule(calib: "Calibration", *, max_reuse_dist: int = MAX_REUSE_DIS
     return _schedule_from_calibration(calib, anchors, "greedy", model, tile_size, budget, min_keys, meta)
 
 
-def write_schedules(calib: "Calibration", out_dir: str | os.PathLike = SCHEDULES_DIR, *,
-                    anchor_counts: tuple[int, ...] = DP_ANCHOR_COUNTS, command: str = "python -m kascade_lite.schedule",
-                    **kw: Any) -> list[Path]:
+def write_schedules(calib: "Calibration", out_dir: str | os.PathLike, *, command: str, smoke: bool,
+                    anchor_counts: tuple[int, ...] = DP_ANCHOR_COUNTS, **kw: Any) -> list[Path]:
     """Write ``<model>_dp_k{K}.json`` (similarity objective) and ``<model>_dpimp_k{K}.json`` (importance-weighted)
-    for each K, and ``<model>_greedy.json``; returns the paths."""
+    for each K, and ``<model>_greedy.json`` into ``out_dir``; returns the paths. ``smoke`` (recorded in each file's
+    provenance): made from a smoke-size calibration."""
     schedules = [dp_schedule(calib, k, objective=o, **kw) for o in OBJECTIVES for k in anchor_counts
                  if k <= calib.num_layers]
     schedules.append(greedy_schedule(calib, **kw))
@@ -307,29 +303,7 @@ def write_schedules(calib: "Calibration", out_dir: str | os.PathLike = SCHEDULES
         prefix = "dp" if meta.get("objective") == "similarity" else "dpimp"
         suffix = f"{prefix}_k{meta['num_anchors']}" if sched.method == "dp" else sched.method
         path = Path(out_dir) / f"{sched.model}_{suffix}.json"
-        meta = dict(sched.meta, provenance=provenance(command))
+        meta = dict(sched.meta, provenance=provenance(command, smoke=smoke))
         dataclasses.replace(sched, meta=tuple(sorted(meta.items()))).save(path)
         paths.append(path)
     return paths
-
-
-def main(argv: list[str] | None = None) -> None:
-    from .calibrate import CALIBRATION_DIR, Calibration
-
-    parser = argparse.ArgumentParser(prog="python -m kascade_lite.schedule",
-                                     description="Kascade schedules (DP for K = 2..8 anchors, and greedy) from a "
-                                                 "calibration file")
-    parser.add_argument("--calibration", default=str(CALIBRATION_DIR / "smollm2-135m.safetensors"))
-    parser.add_argument("--out-dir", default=str(SCHEDULES_DIR))
-    parser.add_argument("--min-keys", type=int, default=128, help="inference-time floor on kept keys")
-    args = parser.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
-    calib = Calibration.load(args.calibration)
-    for path in write_schedules(calib, args.out_dir, min_keys=args.min_keys,
-                                command=" ".join(["python -m kascade_lite.schedule", *argv])):
-        sched = Schedule.load(path)
-        print(f"{path}: anchors {list(sched.anchors)}")
-
-
-if __name__ == "__main__":
-    main()

@@ -40,7 +40,7 @@ def test_compare_runs_every_candidate_warmup_plus_reps_times():
 
 def test_results_round_trip_with_provenance(tmp_path):
     path = tmp_path / "r.json"
-    B.write_results(path, "python x.py", {"tile": 32}, [{"context": 1}])
+    B.write_results(path, "python x.py", {"tile": 32}, [{"context": 1}], smoke=True)
     doc = B.load_results(path)
     assert doc["results"] == [{"context": 1}] and doc["provenance"]["command"] == "python x.py"
     assert "machine" in doc["provenance"] and "jax" in doc["provenance"]["versions"]

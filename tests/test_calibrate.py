@@ -151,13 +151,14 @@ def test_calibration_is_deterministic(model: Llama, sequences: np.ndarray, calib
 
 
 def test_save_load_round_trip(calib: Calibration, tmp_path) -> None:
-    tensors, meta = calib.save(tmp_path / "tiny", command="pytest")
+    tensors, meta = calib.save(tmp_path / "tiny", command="pytest", smoke=True)
     loaded = Calibration.load(tensors)
     for name in ("similarity", "importance", "coverage", "coverage_fractions", "tile_coverage"):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(calib, name))
     assert loaded.settings == calib.settings
     doc = json.loads(meta.read_text())
     assert doc["provenance"]["command"] == "pytest" and "coverage_mean" in doc["summary"]
+    assert doc["provenance"]["smoke"] is True
 
 
 def test_invalid_calibration_is_rejected(calib: Calibration, tmp_path) -> None:

@@ -1,4 +1,5 @@
-"""The ``kascade-lite`` command line: every ``--help``, errors, and the whole ``reproduce --smoke`` pipeline.
+"""The ``kascade-lite`` command line: every ``--help``, errors, the whole ``reproduce --smoke`` pipeline, and that
+no command writes into the repository unless ``--out`` names it.
 
 The pipeline test runs in a temporary results root. To stay within a few minutes on 2 busy cores it leaves out
 the six slowest benchmark steps (`SLOW_BENCH`: minutes each even at smoke size; `test_benchmark_flags_exist`
@@ -12,12 +13,15 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from kascade_lite import cli
-from kascade_lite.data import REPO_ROOT
+from kascade_lite.data import checkout_root, smollm2_gguf_path
+
+REPO = checkout_root()
 
 SUBCOMMANDS = ("convert", "calibrate", "schedule", "eval", "bench", "figures", "reproduce")
 SLOW_BENCH = ("bench-attention", "bench-e2e", "bench-perplexity", "bench-convert", "bench-accuracy-retrieval",
@@ -42,7 +46,7 @@ def test_help_script_is_fast_and_lists_commands() -> None:
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert cli.main(["schedule", "--out", str(tmp_path)]) == 2          # no calibration there
+    assert cli.main(["schedule", "--model", str(tmp_path), "--out", str(tmp_path)]) == 2  # no calibration there
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("kascade-lite schedule: error:") and "calibrate" in err[0]
     assert cli.main(["reproduce", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
@@ -52,23 +56,21 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_debug_shows_traceback(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
-        cli.main(["--debug", "schedule", "--out", str(tmp_path)])
+        cli.main(["--debug", "schedule", "--model", str(tmp_path), "--out", str(tmp_path)])
 
 
 def test_model_spec() -> None:
     assert cli.model_spec(None).name == cli.SMOLLM2 and cli.model_spec(None).dtype == "float32"
-    spec = cli.model_spec(str(REPO_ROOT / "notebooks"))  # any existing folder: name and dtype only
-    assert spec.name == "notebooks" and spec.dtype == "bfloat16" and spec.tokenizer == str(REPO_ROOT / "notebooks")
+    spec = cli.model_spec(str(REPO / "notebooks"))  # any existing folder: name and dtype only
+    assert spec.name == "notebooks" and spec.dtype == "bfloat16" and spec.tokenizer == str(REPO / "notebooks")
 
 
 def test_benchmark_flags_exist() -> None:
     """Every flag the CLI passes to a benchmark script is defined by that script (read, not run)."""
     for name, bench in cli.BENCHMARKS.items():
-        if bench.module:
-            source = (REPO_ROOT / "kascade_lite" / f"{bench.script.split('.')[-1]}.py").read_text()
-        else:
-            source = (REPO_ROOT / "benchmarks" / bench.script).read_text()
-        for flag in {a for a in bench.args + bench.smoke_args if a.startswith("--")}:
+        source = (REPO / "benchmarks" / bench.script).read_text()
+        flags = {a for a in bench.args + bench.smoke_args if a.startswith("--")}
+        for flag in flags | ({"--schedule-dir"} if bench.reads_schedules else set()):
             assert f'"{flag}"' in source, f"{bench.script} has no {flag} (benchmark {name})"
         assert "--smoke" not in bench.smoke_args or '"--smoke"' in source
 
@@ -91,6 +93,7 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture) -> str:
 def test_reproduce_smoke(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     from safetensors.numpy import load_file
 
+    from kascade_lite.files import is_smoke
     from kascade_lite.schedule import Schedule
 
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
@@ -111,6 +114,13 @@ def test_reproduce_smoke(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypa
     assert len(schedules) == 8 and all(Schedule.load(p).num_layers == 30 for p in schedules)
     results = json.loads((data / "eval_smollm2-135m.json").read_text())["results"]
     assert [r["policy"] for r in results] == ["dense", "kascade_dp_k4"] and all(r["ppl"] > 1 for r in results)
+    # the smoke sizes exercise the method: Top-k drops keys, so Kascade's perplexity is not dense's
+    assert json.loads((data / "calibration" / "smollm2-135m.json").read_text())["settings"]["k_prev"] > 0
+    assert abs(results[1]["delta_vs_dense_pct"]) > 1e-3, results
+    assert Schedule.load(schedules[0]).min_keys == cli.SMOKE_MIN_KEYS
+    for path in [*schedules, *(data / n for n in ("coverage.json", "eval_smollm2-135m.json", "accuracy_ppl.json",
+                                                  "memory_plan.json"))]:
+        assert is_smoke(json.loads(path.read_text())), path
     pngs = sorted((tmp_path / "book" / "figures").glob("*.png"))
     assert {p.stem for p in pngs} >= {"01_rope_toeplitz", "01_rope_wavelengths", "01_rope_llama31_scaling"}
     assert all(p.read_bytes()[:8] == PNG_MAGIC for p in pngs)
@@ -159,3 +169,45 @@ def test_reproduce_model_path(tmp_path: Path, capsys: pytest.CaptureFixture,
     assert sorted(p.stem for p in (data / "schedules").glob("*.json")) == [
         "tiny-llama_dp_k2", "tiny-llama_dp_k3", "tiny-llama_dp_k4", "tiny-llama_greedy"]
     assert json.loads((data / "eval_tiny-llama.json").read_text())["results"][1]["policy"] == "kascade_dp_k4"
+
+
+def _git_status(*paths: str) -> str:
+    return subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_full_size_without_out_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for argv in (["calibrate"], ["schedule"], ["eval"], ["bench", "memory-plan"], ["figures"], ["reproduce"]):
+        assert cli.main(argv) == 2, argv
+        assert "--out" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_smoke_without_out_writes_only_to_a_temporary_folder(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every command at smoke size with no --out, from a folder outside the checkout: nothing in the repository's
+    data/ or book/figures changes, and each run says which new temporary folder it wrote."""
+    assert _git_status("data", "book/figures") == "", "data/ or book/figures is modified before the test"
+    work, temp = tmp_path / "cwd", tmp_path / "tmp"
+    work.mkdir(), temp.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    runs = [["calibrate", "--smoke", "--num-sequences", "1"], ["schedule", "--smoke"],
+            ["eval", "--smoke", "--windows", "1", "--batch-size", "1"],
+            ["bench", "memory-plan", "--smoke"], ["figures", "--smoke", "--only", "02"],
+            ["reproduce", "--smoke", "--steps", "convert,bench-memory-plan", "--figures", "none"]]
+    roots = []
+    for argv in runs:
+        out = _run(argv, capsys)
+        found = re.search(r"smoke run: writing under (\S+)", out)
+        assert found, (argv, out)
+        roots.append(Path(found.group(1)))
+        assert roots[-1].parent == temp and any(roots[-1].rglob("*.*")), argv
+    assert _run(["convert", str(smollm2_gguf_path()), str(work / "converted"), "--quiet"], capsys)
+    assert _git_status("data", "book/figures") == ""
+    evaluated = json.loads((roots[2] / "data" / "eval_smollm2-135m.json").read_text())
+    assert abs(evaluated["results"][1]["delta_vs_dense_pct"]) > 1e-3  # the shipped schedules drop keys too

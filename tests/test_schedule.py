@@ -116,7 +116,7 @@ def test_head_maps_always_in_range(seed: int, heads: int, k: int) -> None:
 
 def test_write_schedules_round_trip(tmp_path) -> None:
     calib = fake_calibration(3, layers=10)
-    paths = write_schedules(calib, tmp_path, anchor_counts=(2, 3), command="pytest")
+    paths = write_schedules(calib, tmp_path, anchor_counts=(2, 3), command="pytest", smoke=True)
     assert [p.name for p in paths] == ["fake_dp_k2.json", "fake_dp_k3.json", "fake_dpimp_k2.json",
                                        "fake_dpimp_k3.json", "fake_greedy.json"]
     for path in paths:
@@ -124,7 +124,8 @@ def test_write_schedules_round_trip(tmp_path) -> None:
         objective = "importance" if "dpimp" in path.stem else "similarity"
         want = dp_schedule(calib, int(path.stem[-1]), objective=objective) if "dp" in path.stem else greedy_schedule(calib)
         assert loaded == want
-        assert json.loads(path.read_text())["meta"]["provenance"]["command"] == "pytest"
+        prov = json.loads(path.read_text())["meta"]["provenance"]
+        assert prov["command"] == "pytest" and prov["smoke"] is True
 
 
 def valid_dict() -> dict:
@@ -156,11 +157,15 @@ def test_unreadable_schedule(tmp_path) -> None:
 
 
 def test_schedule_command_line(tmp_path, capsys) -> None:
-    from kascade_lite.schedule import main
+    """`kascade-lite schedule` (the one entry point; the module has no main): a smoke calibration makes smoke
+    schedules with the smoke key floor."""
+    from kascade_lite.cli import SMOKE_MIN_KEYS, main
 
-    fake_calibration(5, layers=9).save(tmp_path / "fake", command="pytest")
-    main(["--calibration", str(tmp_path / "fake.safetensors"), "--out-dir", str(tmp_path / "out")])
-    written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == ([f"fake_dp_k{k}.json" for k in range(2, 9)] + [f"fake_dpimp_k{k}.json" for k in range(2, 9)]
-                       + ["fake_greedy.json"])
+    fake_calibration(5, layers=9).save(tmp_path / "fake", command="pytest", smoke=True)
+    assert main(["schedule", "--calibration", str(tmp_path / "fake.safetensors"), "--out", str(tmp_path)]) == 0
+    written = sorted((tmp_path / "data" / "schedules").iterdir())
+    assert [p.name for p in written] == ([f"fake_dp_k{k}.json" for k in range(2, 9)]
+                                         + [f"fake_dpimp_k{k}.json" for k in range(2, 9)] + ["fake_greedy.json"])
     assert "anchors [0" in capsys.readouterr().out
+    doc = json.loads(written[0].read_text())
+    assert doc["meta"]["provenance"]["smoke"] is True and doc["min_keys"] == SMOKE_MIN_KEYS

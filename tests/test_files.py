@@ -1,0 +1,77 @@
+"""`kascade_lite.files` and `plots.save_figure`: shipped results are found without a checkout path, smoke results
+are refused as measurements, every shipped file says it is a full-size run, and nothing is written into the
+package's install location."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+
+from kascade_lite import files, plots  # noqa: E402
+from kascade_lite.data import checkout_root  # noqa: E402
+
+PACKAGE = Path(files.__file__).resolve().parent
+
+
+def test_shipped_results_are_full_size_runs() -> None:
+    shipped = files.shipped_dir()
+    docs = sorted(shipped.rglob("*.json"))
+    assert len(docs) >= 19 and (shipped / "calibration" / "smollm2-135m.safetensors").is_file()
+    for path in docs:
+        prov = files.record_provenance(json.loads(path.read_text()))
+        assert prov is not None and prov["smoke"] is False, path
+
+
+def test_results_file_prefers_results_dir_and_refuses_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KASCADE_SMOKE", raising=False)
+    monkeypatch.delenv(files.RESULTS_ENV, raising=False)
+    assert files.results_file("coverage.json") == files.shipped_dir() / "coverage.json"
+    assert files.load_results("memory_plan.json")["provenance"]["smoke"] is False
+    doc = {"x": 1, "provenance": files.provenance("pytest", smoke=True)}
+    (tmp_path / "coverage.json").write_text(json.dumps(doc))
+    (tmp_path / "calibration").mkdir()
+    (tmp_path / "calibration" / "m.safetensors").write_bytes(b"")
+    (tmp_path / "calibration" / "m.json").write_text(json.dumps(doc))
+    monkeypatch.setenv(files.RESULTS_ENV, str(tmp_path))
+    assert files.results_file("perplexity.json") == files.shipped_dir() / "perplexity.json"  # not there: shipped
+    for name in ("coverage.json", "calibration/m.safetensors"):
+        with pytest.raises(files.SmokeResultsError, match="smoke-size run"):
+            files.results_file(name)
+    monkeypatch.setenv("KASCADE_SMOKE", "1")  # a smoke run of a chapter may read smoke results
+    assert files.load_results("coverage.json") == doc
+    with pytest.raises(FileNotFoundError, match="nothing.json"):
+        files.results_file("nothing.json")
+
+
+def test_save_figure_never_writes_outside_a_book(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(plots.FIGURES_ENV, raising=False)
+    monkeypatch.setenv("KASCADE_SMOKE", "0")
+    monkeypatch.chdir(tmp_path)
+    fig = plt.figure()
+    assert plots.figures_dir() is None and plots.save_figure(fig, "00_test") is None
+    assert not any(tmp_path.iterdir()) and not (PACKAGE.parent / "book" / "figures" / "00_test.png").exists()
+    repo = checkout_root()
+    if repo is not None:
+        assert plots.figures_dir(repo / "notebooks") == repo / "book" / "figures"
+        monkeypatch.setenv("KASCADE_SMOKE", "1")  # smoke figures never replace the committed ones
+        assert plots.figures_dir(repo / "notebooks") is None
+    monkeypatch.setenv(plots.FIGURES_ENV, str(tmp_path / "figs"))
+    assert plots.save_figure(fig, "00_test") == tmp_path / "figs" / "00_test.png"
+    assert (tmp_path / "figs" / "00_test.png").read_bytes()[:4] == b"\x89PNG"
+    plt.close(fig)
+
+
+def test_package_has_one_entry_point_and_no_repository_paths() -> None:
+    """The CLI is the only entry point (no module-level mains) and no module locates data by a checkout path."""
+    for module in sorted(PACKAGE.glob("*.py")):
+        text = module.read_text()
+        assert "REPO_ROOT" not in text, module
+        if module.name != "cli.py":
+            assert not re.search(r"^if __name__ == .__main__.:|^def main\(", text, re.M), module
