@@ -54,9 +54,9 @@ def test_smallest_model_axis_grows_with_context() -> None:
 
 def test_write_memory_plan(tmp_path: Path) -> None:
     path = tmp_path / "memory_plan.json"
-    doc = C.write_memory_plan(path, anchor_every=8)
+    doc = C.write_memory_plan(path, command="pytest", smoke=False, anchor_every=8)
     assert json.loads(path.read_text()) == json.loads(json.dumps(doc))
-    assert "kascade_lite.cost" in doc["provenance"]["command"]
+    assert doc["provenance"]["command"] == "pytest" and doc["provenance"]["smoke"] is False
     assert set(doc["models"]) == {"llama-3.1-8b", "llama-3.1-70b"}
     assert doc["models"]["llama-3.1-70b"]["num_anchor_layers"] == 10
     rows = doc["models"]["llama-3.1-8b"]["rows"]
