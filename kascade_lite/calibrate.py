@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .attention import attention_probs, gqa_attention
 from .data import REPO_ROOT

@@ -290,7 +290,7 @@ def run_eval(spec: ModelSpec, root: Path, settings: EvalSettings, *, cache: str 
     """WikiText-2 (raw, test) perplexity, dense and with Kascade under each schedule, into
     ``ROOT/data/eval_<model>.json`` (per-window NLL included). Returns the written path."""
     import numpy as np
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     from .data import wikitext_windows
     from .eval import nll_per_window
@@ -508,7 +508,7 @@ def execute_notebook(path: Path, root: Path, *, smoke: bool, timeout: int = 3600
 
 def run_figures(root: Path, only: Sequence[str] = (), *, smoke: bool = False) -> list[Path]:
     """Execute the chapter notebooks (all, or ``only``) into ``ROOT/book/figures``; return the PNGs written."""
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     figures = root / "book" / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -666,7 +666,7 @@ def run_pipeline(steps: list[Step], root: Path, *, force: bool = False, only: Se
     """Run ``steps`` in order, skipping those whose stamp is current (unless ``force``); ``only`` restricts to
     the named steps, ``skip`` leaves the named ones out. Returns ``{step: "ran" | "skipped"}`` (steps left out are
     absent) and prints one status line per step."""
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     unknown = sorted((set(only) | set(skip)) - {s.name for s in steps})
     if unknown:
