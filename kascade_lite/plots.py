@@ -261,9 +261,9 @@ def coverage_heatmaps(per_row: np.ndarray, pooled: np.ndarray, fraction: float, 
     heat = dict(annot=True, fmt=".0f", cmap="mako", vmin=0, vmax=100, annot_kws=dict(fontsize=9), cbar=False,
                 yticklabels=[str(i) if i % 2 == 0 else "" for i in range(layers)])
     sns.heatmap(100 * np.asarray(per_row), ax=axes[0], **heat)
-    axes[0].set(title=f"per query row: top {fraction:.0%} of keys", xlabel="KV head", ylabel="layer")
+    axes[0].set(title=f"per query row:\ntop {fraction:.0%} of keys", xlabel="KV head", ylabel="layer")
     sns.heatmap(100 * np.asarray(pooled), ax=axes[1], **heat)
-    axes[1].set(title=f"pooled tile set: own tile + {k_prev} keys", xlabel="KV head", ylabel="")
+    axes[1].set(title=f"Kascade's pooled set:\nown tile + {k_prev} keys", xlabel="KV head", ylabel="")
     fig.colorbar(axes[1].collections[0], ax=axes.tolist(), label="% of attention mass", shrink=0.6)
     for ax in axes:
         ax.tick_params(axis="y", labelrotation=0)
