@@ -184,3 +184,18 @@ def test_chapter_page_has_no_console_noise(built_book: Build, chapter: str) -> N
         pytest.skip(f"{page} was not built (see test_chapter_page_renders)")
     noise = page_noise(page.read_text())
     assert not noise, f"{page} shows console noise:\n  " + "\n  ".join(noise)
+
+
+def test_build_script_finds_stderr_warnings() -> None:
+    """book/build.py fails the build on myst-nb's ``stderr was found`` warnings (stderr_output: remove-warn)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("book_build", REPO / "book" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    log = ("\x1b[91m/work/x/notebooks/05_attention_sparsity.ipynb:10005: WARNING: stderr was found in the cell "
+           "outputs of cell 12 [mystnb.stderr]\x1b[39;49;00m\nreading sources... [ 60%] notebooks/06_calibration\n")
+    assert build.stderr_cells(log) == [
+        "notebooks/05_attention_sparsity.ipynb: stderr was found in the cell outputs of cell 12"]
+    assert build.stderr_cells("/work/x/notebooks/01_rope.ipynb: Executed notebook in 15.05 seconds [mystnb]") == []
+    assert build.html_dir(Path("/tmp/b")) == Path("/tmp/b/_build/html")
