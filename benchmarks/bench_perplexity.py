@@ -24,7 +24,7 @@ def transformers_nll(windows: np.ndarray, batch_size: int) -> np.ndarray:
     """Mean token NLL ``[n]`` of each window under transformers' LlamaForCausalLM (float32, GGUF weights)."""
     import torch
     import torch.nn.functional as F
-    from tqdm.auto import tqdm
+    from kascade_lite.progress import tqdm
     from transformers import LlamaForCausalLM
 
     gguf = smollm2_gguf_path()

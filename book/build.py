@@ -1,13 +1,23 @@
 """Build the book, executing every chapter, and fail loudly if any chapter did not execute cleanly.
 
-Usage (from anywhere): ``python book/build.py``. Output: ``book/_build/html``. Sizes follow ``KASCADE_SMOKE``
-(``1``: tiny CI sizes). The previous HTML is removed first, so no stale page can pass for a built one. myst-nb
-writes one ``reports/<docname>.err.log`` per notebook whose execution failed; this script lists them and exits
-non-zero naming the failing notebooks.
+Usage (from anywhere): ``python book/build.py [OUTPUT_DIR]``. The HTML lands in ``OUTPUT_DIR/_build/html``;
+``OUTPUT_DIR`` defaults to ``book`` (so ``book/_build/html``, what ``make book`` builds); the tests pass a temporary
+folder so that they never replace that book. Sizes follow ``KASCADE_SMOKE`` (``1``: tiny CI sizes). The previous
+HTML is removed first, so no stale page can pass for a built one.
+
+The build fails when
+
+- a notebook did not execute: myst-nb writes one ``reports/<docname>.err.log`` per failed notebook, listed here;
+- a chapter has no HTML page;
+- a cell wrote to stderr: ``book/_config.yml`` sets ``execute.stderr_output: remove-warn``, so stderr never shows up
+  as a box on a page, and myst-nb logs ``stderr was found in the cell outputs ... [mystnb.stderr]`` instead; this
+  script turns those log lines into a failure. Warnings and progress bars belong to the package to silence at
+  their source; a cell whose stderr is expected can carry the ``remove-stderr`` tag.
 """
 
 from __future__ import annotations
 
+import argparse
 import re
 import shutil
 import subprocess
@@ -17,9 +27,15 @@ from pathlib import Path
 from kascade_lite.notebooks import chapter_notebooks as find_chapters
 
 REPO = Path(__file__).resolve().parents[1]
-HTML = REPO / "book" / "_build" / "html"
-REPORTS = HTML / "reports"
+DEFAULT_OUTPUT = REPO / "book"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes in the execution logs
+STDERR_WARNING = re.compile(r"^(?P<file>\S+?\.ipynb)(?::\d+)?: WARNING: (?P<msg>stderr was found in the cell outputs"
+                            r" of cell \d+)", re.M)
+
+
+def html_dir(output: Path = DEFAULT_OUTPUT) -> Path:
+    """Where ``jupyter-book build --path-output output`` puts the HTML."""
+    return Path(output) / "_build" / "html"
 
 
 def chapter_notebooks() -> list[Path]:
@@ -28,41 +44,70 @@ def chapter_notebooks() -> list[Path]:
     return find_chapters(REPO / "notebooks")
 
 
-def failed_notebooks() -> dict[str, str]:
-    """``{docname: error log}`` for every notebook whose execution failed in the last build."""
+def failed_notebooks(html: Path) -> dict[str, str]:
+    """``{docname: error log}`` for every notebook whose execution failed in the last build into ``html``."""
     failed = {}
-    for log in sorted(REPORTS.rglob("*.err.log")):
-        docname = log.relative_to(REPORTS).as_posix().removesuffix(".err.log")
+    for log in sorted((html / "reports").rglob("*.err.log")):
+        docname = log.relative_to(html / "reports").as_posix().removesuffix(".err.log")
         failed[docname] = ANSI.sub("", log.read_text(errors="replace"))
     return failed
 
 
-def missing_pages() -> list[str]:
+def missing_pages(html: Path) -> list[str]:
     """Chapter notebooks that have no HTML page after the build."""
-    return [nb.name for nb in chapter_notebooks() if not (HTML / "notebooks" / f"{nb.stem}.html").is_file()]
+    return [nb.name for nb in chapter_notebooks() if not (html / "notebooks" / f"{nb.stem}.html").is_file()]
 
 
-def build() -> int:
-    """Build into ``book/_build/html``; return 0 only if every chapter executed and has a page."""
-    shutil.rmtree(HTML, ignore_errors=True)
+def stderr_cells(log: str) -> list[str]:
+    """``"notebooks/NN.ipynb: stderr was found in the cell outputs of cell N"`` for each such myst-nb warning."""
+    found = []
+    for m in STDERR_WARNING.finditer(ANSI.sub("", log)):
+        name = Path(m["file"]).as_posix()
+        name = name[name.find("notebooks/"):] if "notebooks/" in name else name
+        found.append(f"{name}: {m['msg']}")
+    return found
+
+
+def build(output: Path = DEFAULT_OUTPUT) -> int:
+    """Build into ``output/_build/html``; return 0 only if every chapter executed cleanly and has a page."""
+    output = Path(output).resolve()
+    html = html_dir(output)
+    shutil.rmtree(html, ignore_errors=True)
     jupyter_book = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()"]
     cmd = [*jupyter_book, "build", str(REPO), "--config", "book/_config.yml", "--toc", "book/_toc.yml",
-           "--path-output", "book", "--all"]
-    code = subprocess.run(cmd, cwd=REPO).returncode
+           "--path-output", str(output), "--all"]
+    # jupyter-book's output is echoed as it comes and kept, to find myst-nb's stderr warnings in it.
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace")
+    lines = []
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        lines.append(line)
+    code = proc.wait()
     if code:
         print(f"book/build.py: jupyter-book exited with {code}", file=sys.stderr)
         return code
-    failures, missing = failed_notebooks(), missing_pages()
+    failures, missing, stderr = failed_notebooks(html), missing_pages(html), stderr_cells("".join(lines))
     for docname, log in failures.items():
         print(f"\n=== {docname}.ipynb failed to execute ===\n{log[-3000:]}", file=sys.stderr)
     if missing:
         print(f"book/build.py: no HTML page for {', '.join(missing)}", file=sys.stderr)
-    if failures or missing:
+    if stderr:
+        print("book/build.py: cells wrote to stderr (fix the source, or tag the cell remove-stderr):\n  "
+              + "\n  ".join(stderr), file=sys.stderr)
+    if failures or missing or stderr:
         print(f"book/build.py: FAILED notebooks: {', '.join(failures) or '-'}", file=sys.stderr)
         return 1
-    print(f"book/build.py: {len(chapter_notebooks())} chapters executed; open {HTML / 'index.html'}")
+    print(f"book/build.py: {len(chapter_notebooks())} chapters executed; open {html / 'index.html'}")
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output", nargs="?", type=Path, default=DEFAULT_OUTPUT,
+                        help="folder for _build/ (default: book, i.e. book/_build/html)")
+    return build(parser.parse_args(argv).output)
+
+
 if __name__ == "__main__":
-    sys.exit(build())
+    sys.exit(main())

@@ -110,3 +110,60 @@ def random_qkv(key: jax.Array, batch: int, t: int, length: int, q_heads: int, kv
     return (jax.random.normal(kq, (batch, t, q_heads, head_dim), dtype),
             jax.random.normal(kk, (batch, length, kv_heads, head_dim), dtype),
             jax.random.normal(kv, (batch, length, kv_heads, head_dim), dtype))
+
+
+# ------------------------------------------------------------------------------------------------ roofline, results
+def measure_peaks(n_matmul: int, copy_mb: int, reps: int = 5) -> dict[str, float]:
+    """Rough peaks XLA reaches on this backend: FLOP/s of an ``n x n`` float32 matmul and bytes/s of an elementwise
+    pass over ``copy_mb`` MiB (read + write)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n_matmul, n_matmul), jnp.float32)
+    x = jax.random.normal(jax.random.PRNGKey(1), (copy_mb * 2**20 // 4,), jnp.float32)
+    mm, cp = jax.jit(lambda a: a @ a), jax.jit(lambda x: x * 1.0001)
+    t = compare({"matmul": lambda: mm(a), "copy": lambda: cp(x)}, reps=reps)
+    return {"FLOP/s": 2 * n_matmul**3 / t["matmul"]["median_s"], "bytes/s": 2 * x.nbytes / t["copy"]["median_s"]}
+
+
+def whole_model_ratio(t_dense: float, t_anchor: float, t_reuse: float, *, num_layers: int = 32,
+                      num_anchors: int = 4) -> float:
+    """Dense time of ``num_layers`` layers over Kascade's (layer 0 dense, ``num_anchors`` anchors, the rest reuse)."""
+    reuse = num_layers - 1 - num_anchors
+    if reuse < 0:
+        raise ValueError(f"{num_anchors} anchors do not fit in {num_layers} layers")
+    return num_layers * t_dense / (t_dense + num_anchors * t_anchor + reuse * t_reuse)
+
+
+def min_ratio(result: dict, name: str, dense: str) -> float:
+    """Speedup of ``name`` over ``dense`` from each candidate's fastest repetition (``min_s``) in one result."""
+    return result["times"][dense]["min_s"] / result["times"][name]["min_s"]
+
+
+def whole_model_ratio_from_minima(result: dict, dense: str, anchor: str, reuse: str, **kw: int) -> float:
+    """`whole_model_ratio` of one benchmark result from each candidate's fastest repetition."""
+    t = {n: result["times"][n]["min_s"] for n in (dense, anchor, reuse)}
+    return whole_model_ratio(t[dense], t[anchor], t[reuse], **kw)
+
+
+def find_result(doc: dict, phase: str, context: int | None = None, **match: Any) -> dict:
+    """The result of ``doc["results"]`` with this phase and context (default: the largest context)."""
+    rows = [r for r in doc["results"] if r["phase"] == phase and all(r.get(k) == v for k, v in match.items())]
+    if not rows:
+        raise KeyError(f"no {phase} result matching {match}")
+    if context is None:
+        return max(rows, key=lambda r: r["context"])
+    for r in rows:
+        if r["context"] == context:
+            return r
+    raise KeyError(f"no {phase} result at context {context}; have {sorted(r['context'] for r in rows)}")
+
+
+def speedup_rows(doc: dict, key: str = "speedup") -> list[dict[str, Any]]:
+    """One row per result of a ``bench_attention`` JSON: phase, context, the fastest dense baseline and its median
+    time, the speedups over it (``vs_best``) and the reuse layer's speedup over each dense baseline."""
+    rows = []
+    for r in doc["results"]:
+        s = r[key]
+        rows.append({"phase": r["phase"], "context": r["context"], "best dense": s["best_dense"],
+                     "dense ms": r["times"][s["best_dense"]]["median_s"] * 1e3, **s["vs_best"],
+                     **{f"{k.removeprefix('vs_')} (reuse)": v["reuse"] for k, v in s.items()
+                        if k.startswith("vs_") and k != "vs_best"}})
+    return rows

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .attention import attention_probs, gqa_attention, weighted_values
 from .files import atomic_path, provenance, write_json_atomic

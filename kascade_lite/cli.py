@@ -298,7 +298,7 @@ def run_eval(spec: ModelSpec, root: Path, settings: EvalSettings, *, smoke: bool
     the shipped ones for SmolLM2 when ROOT has none), into ``ROOT/data/eval_<model>.json`` (per-window NLL
     included). Returns the written path."""
     import numpy as np
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     from .data import wikitext_windows
     from .eval import nll_per_window
@@ -513,7 +513,7 @@ def figures_env(root: Path, *, smoke: bool) -> dict[str, str]:
 def run_figures(root: Path, only: Sequence[str] = (), *, smoke: bool = False) -> list[Path]:
     """Execute the chapter notebooks (all, or ``only``) with `notebooks.execute_notebook`, saving figures into
     ``ROOT/book/figures``; return the PNGs written."""
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     from .notebooks import execute_notebook
 
@@ -685,7 +685,7 @@ def run_pipeline(steps: list[Step], root: Path, *, force: bool = False, only: Se
     """Run ``steps`` in order, skipping those whose stamp is current (unless ``force``); ``only`` restricts to
     the named steps, ``skip`` leaves the named ones out. Returns ``{step: "ran" | "skipped"}`` (steps left out are
     absent) and prints one status line per step."""
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     unknown = sorted((set(only) | set(skip)) - {s.name for s in steps})
     if unknown:

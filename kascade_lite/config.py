@@ -61,6 +61,15 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig: rope_theta={self.rope_theta} must be positive")
 
     @property
+    def num_parameters(self) -> int:
+        """Parameter count: embeddings (and an untied output head), per layer the four attention projections, the
+        three MLP matrices and two norms, and the final norm."""
+        attention = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return embeddings + self.num_layers * (attention + mlp + 2 * self.hidden_size) + self.hidden_size
+
+    @property
     def group_size(self) -> int:
         """Query heads per KV head (4 for Llama-3.1-8B, 3 for SmolLM2-135M)."""
         return self.num_heads // self.num_kv_heads

@@ -174,7 +174,7 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, dt
     refuses a directory holding another model unless ``force``. Raises ``ValueError`` naming the file and tensor
     for damaged or inconsistent input; the manifest is marked complete only when every file is written.
     """
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")

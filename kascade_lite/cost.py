@@ -64,6 +64,23 @@ def whole_model_time(schedule: Schedule, t_dense: float, t_anchor: float, t_reus
     return sum(cost[t] for t in schedule.layer_types)
 
 
+def cost_rows(phase: str, context: int, keep_keys: int, *, q_heads: int, kv_heads: int, head_dim: int,
+              bytes_per_value: int = 4) -> list[dict[str, Any]]:
+    """`attention_cost` of a dense, an anchor and a reuse layer as table rows: GFLOP, MB, FLOPs per byte."""
+    rows = []
+    for kind in ("dense", "anchor", "reuse"):
+        c = attention_cost(phase, kind, context, keep_keys, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
+                           bytes_per_value=bytes_per_value)
+        rows.append({"layer": kind, "GFLOP": c["flops"] / 1e9, "MB": c["bytes"] / 1e6,
+                     "FLOPs/byte": c["flops"] / c["bytes"]})
+    return rows
+
+
+def roofline_time(cost: dict[str, float], peak_flops: float, bandwidth: float) -> float:
+    """Lower bound on a kernel's time: the slower of its compute (``flops / peak``) and memory traffic."""
+    return max(cost["flops"] / peak_flops, cost["bytes"] / bandwidth)
+
+
 # ------------------------------------------------------------------------------------------------ memory
 @dataclass(frozen=True)
 class Accelerator:

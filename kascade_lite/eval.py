@@ -32,7 +32,7 @@ def nll_per_window(model: Llama, windows: np.ndarray, *, attention: AttentionFn 
     Windows are independent sequences (no cache is carried across them); batches are padded to ``batch_size`` so
     the jitted forward compiles once.
     """
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     windows = np.asarray(windows)
     if windows.ndim != 2 or windows.shape[1] < 2 or windows.shape[0] == 0:

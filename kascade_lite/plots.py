@@ -1,40 +1,54 @@
-"""Shared plotting helpers: one visual style for every chapter, and atomic figure files for the book.
+"""Shared plotting helpers: one visual style, one function per book figure, tables, atomic figure files.
 
-Notebooks call `set_style()` once, draw with matplotlib/seaborn, then `save_figure(fig, "NN_name")`: the figure is
-still shown inline by the notebook, and written (atomically) to the book's figure folder when there is one (see
-`figures_dir`); elsewhere, on Colab say, nothing is written.
+Notebooks call `set_style()` once, then one function per figure (``rope_wavelengths``, ``kv_cache_bars``,
+``speedup_vs_context``, ...) that draws it from the shipped JSON in ``data/`` or from arrays the chapter computed and
+returns the `Figure`; `save_figure(fig, "NN_name")` writes it (atomically) to the book's figure folder when there is
+one (see `figures_dir`; elsewhere, on Colab say, nothing is written) and the notebook still shows it inline. The style is sized for the book's content column: figures are at most
+``BOOK_WIDTH_IN`` inches wide at 100 dpi (~700 px), so they are shown at their natural size and 10-12 pt text stays
+10-12 pt on the page. `table` turns rows into a styled HTML table (no index column, fixed number formats, blanks
+for missing cells).
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 import seaborn as sns
+from matplotlib.colors import LogNorm
+from matplotlib.ticker import FixedLocator, NullLocator
 
 from .files import atomic_path
 
 FIGURES_ENV = "KASCADE_FIGURES_DIR"
 """Environment variable naming the folder chapter figures go to (``kascade-lite figures --out ROOT`` sets it)."""
+BOOK_WIDTH_IN = 7.0  # inches at figure.dpi 100: ~700 px, the width of the book's content column
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def set_style() -> None:
-    """Seaborn ``whitegrid`` with sizes readable in the book (and in a Colab cell)."""
+    """Seaborn ``whitegrid`` with font sizes for ~700 px wide figures (the book's column, and a Colab cell)."""
     sns.set_theme(style="whitegrid", context="notebook", palette="colorblind")
     matplotlib.rcParams.update({
-        "figure.figsize": (7.0, 4.0),
+        "figure.figsize": (BOOK_WIDTH_IN, 4.0),
         "figure.dpi": 100,
         "savefig.dpi": 150,
         "savefig.bbox": "tight",
-        "axes.titlesize": 13,
-        "axes.labelsize": 12,
+        "font.size": 11,
+        "axes.titlesize": 12,
+        "axes.labelsize": 11,
         "legend.fontsize": 10,
+        "legend.title_fontsize": 10,
         "xtick.labelsize": 10,
         "ytick.labelsize": 10,
+        "figure.titlesize": 13,
     })
 
 
@@ -74,3 +88,258 @@ def save_figure(fig: plt.Figure, name: str, directory: str | Path | None = None)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _format_cell(value: Any, fmt: str | Callable[[Any], str] | None) -> str:
+    """One table cell as text: ``fmt`` (a format spec such as ``"{:.2f}"`` or a callable) or a default that prints
+    ints with thousands separators, floats with 3 significant digits, booleans as yes/no and missing values blank."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    if callable(fmt):
+        return fmt(value)
+    if fmt is not None:
+        return fmt.format(value)
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.3g}" if abs(value) < 1e6 else f"{float(value):,.0f}"
+    return str(value)
+
+
+def table(rows: Sequence[Mapping[str, Any]] | pd.DataFrame, columns: Sequence[str] | Mapping[str, str] | None = None,
+          formats: Mapping[str, str | Callable[[Any], str]] | None = None, *, caption: str | None = None):
+    """Rows as an HTML table for the book: a pandas ``Styler`` without the 0..N index column.
+
+    ``rows``: a list of dicts (or a DataFrame; its index is dropped, ``reset_index()`` first to keep it).
+    ``columns``: the keys to show, in order, or ``{key: header}`` to rename them (default: every key of the first
+    row). ``formats``: ``{key or header: "{:.2f}" | callable}``; other cells get `_format_cell`'s defaults (3
+    significant digits, thousands separators, yes/no, "–" for a missing value), so no float noise or ``NaN``
+    reaches the page. Cells are formatted to strings here, so the table looks the same in any notebook front end.
+    """
+    frame = rows.reset_index(drop=True) if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+    if columns is None:
+        columns = list(frame.columns)
+    headers = dict(columns) if isinstance(columns, Mapping) else {c: c for c in columns}
+    missing = [c for c in headers if c not in frame.columns]
+    if missing:
+        raise KeyError(f"table: no column {missing} in rows with columns {list(frame.columns)}")
+    formats = dict(formats or {})
+    cells = {header: [_format_cell(v, formats.get(key, formats.get(header))) for v in frame[key]]
+             for key, header in headers.items()}
+    styler = pd.DataFrame(cells, columns=list(headers.values())).style.hide(axis="index")
+    styler = styler.set_table_attributes('class="kascade-table"')
+    numeric = [h for k, h in headers.items() if pd.api.types.is_numeric_dtype(frame[k])
+               and not pd.api.types.is_bool_dtype(frame[k])]
+    if numeric:
+        styler = styler.set_properties(subset=numeric, **{"text-align": "right"})
+    if caption:
+        styler = styler.set_caption(caption)
+    return styler
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Chapter 01: RoPE
+
+
+def rope_toeplitz(scores: np.ndarray) -> plt.Figure:
+    """Scores ``<RoPE(q, m), RoPE(k, n)>`` over a grid of positions (``[m, n]``): constant along diagonals."""
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    im = ax.imshow(np.asarray(scores), cmap="RdBu_r")
+    ax.set(xlabel="key position n", ylabel="query position m", title="⟨RoPE(q, m), RoPE(k, n)⟩")
+    ax.grid(False)
+    fig.colorbar(im, ax=ax)
+    return fig
+
+
+def rope_wavelengths(wavelengths_by_theta: Mapping[float, np.ndarray], context: int = 8192) -> plt.Figure:
+    """Wavelength of each dimension pair (log scale) for several RoPE bases θ, with a line at ``context`` tokens."""
+    fig, ax = plt.subplots()
+    for theta, wl in wavelengths_by_theta.items():
+        ax.semilogy(np.arange(len(wl)), wl, label=f"θ = {theta:,.0f}")
+    ax.axhline(context, color="gray", ls="--", lw=1)
+    ax.annotate(f"{context} tokens", (0, context), xytext=(4, 4), textcoords="offset points", color="gray")
+    ax.set(xlabel="dimension pair i", ylabel="wavelength 2π/ω_i (tokens)",
+           title=f"RoPE wavelengths, head_dim = {2 * len(next(iter(wavelengths_by_theta.values())))}")
+    ax.legend(loc="lower right")
+    return fig
+
+
+def rope_scaling(base: np.ndarray, scaled: np.ndarray, band: tuple[float, float]) -> plt.Figure:
+    """Wavelengths before and after Llama-3.1 scaling; ``band`` = (high, low) wavelength bounds of interpolation."""
+    fig, ax = plt.subplots()
+    pairs = np.arange(len(base))
+    ax.semilogy(pairs, base, label="unscaled (θ = 500 000)")
+    ax.semilogy(pairs, scaled, "--", label="Llama-3.1 scaled (factor 8)")
+    ax.axhspan(*band, color="orange", alpha=0.15, label=f"interpolated band ({band[0]:.0f} – {band[1]:.0f} tokens)")
+    ax.set(xlabel="dimension pair i", ylabel="wavelength (tokens)", title="Llama-3.1 RoPE scaling")
+    ax.legend(loc="upper left")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Chapter 02: GQA
+
+
+def gqa_masks(masks: Mapping[str, np.ndarray]) -> plt.Figure:
+    """Causal masks side by side (``{title: [q, kv] bool}``), one tick per query and key slot."""
+    masks = {t: np.asarray(m) for t, m in masks.items()}
+    fig, axes = plt.subplots(1, len(masks), figsize=(BOOK_WIDTH_IN, 2.9), squeeze=False,
+                             gridspec_kw={"width_ratios": [m.shape[1] for m in masks.values()]})
+    for ax, (title, mask) in zip(axes[0], masks.items()):
+        ax.imshow(mask, cmap="Blues", vmin=0, vmax=1.3, aspect="equal")
+        ax.set_title(title, fontsize=9.5)
+        ax.set_xlabel("key slot j", fontsize=10)
+        ax.set_xticks(range(mask.shape[1]), [str(j) if j % 2 == 0 else "" for j in range(mask.shape[1])],
+                      fontsize=8.5)
+        ax.set_yticks(range(mask.shape[0]), range(mask.shape[0]), fontsize=8.5)
+        ax.grid(False)
+    axes[0][0].set_ylabel("query i", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def kv_cache_bars(contexts: Sequence[int], grouped_gib: Sequence[float], expanded_gib: Sequence[float],
+                  card_gib: float, card_label: str = "80 GB accelerator") -> plt.Figure:
+    """KV-cache size per context length, grouped vs expanded heads, against one accelerator's memory."""
+    fig, ax = plt.subplots()
+    xs = np.arange(len(contexts))
+    ax.bar(xs - 0.2, grouped_gib, width=0.4, label="GQA (8 KV heads)")
+    ax.bar(xs + 0.2, expanded_gib, width=0.4, label="expanded to 32 heads")
+    ax.axhline(card_gib, color="gray", ls="--", lw=1)
+    # the label sits above its line, clear of it and of the bars (which stop below the top of the axes)
+    ax.annotate(f"{card_label} ({card_gib:.1f} GiB)", (0, card_gib), xycoords=("axes fraction", "data"),
+                xytext=(4, 3), textcoords="offset points", color="gray", va="bottom")
+    ax.set_xticks(xs, [f"{c // 1024}k" for c in contexts])
+    ax.set(xlabel="context length", ylabel="KV cache (GiB, batch 1, bf16)", title="Llama-3.1-8B KV cache")
+    ax.set_ylim(0, card_gib * 1.2)
+    ax.legend(loc="upper left", bbox_to_anchor=(0, 0.8))
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Chapter 03: conversion
+
+
+def convert_rss(bench: Mapping[str, Any]) -> plt.Figure:
+    """Resident memory over time while converting the 8B checkpoint, from ``data/bench_convert.json``."""
+    big = next(r for r in bench["runs"] if r["name"].startswith("llama-3.1-8b"))
+    t, rss = np.asarray(big["rss_timeline_mb"], dtype=float).T
+    fig, ax = plt.subplots(figsize=(BOOK_WIDTH_IN, 3.6))
+    ax.plot(t, rss / 1024, label=f"converting {big['source_bytes'] / 1e9:.1f} GB")
+    target = bench["target_peak_rss_mb"]
+    ax.axhline(target / 1024, color="C3", ls="--", label=f"target: {target} MB")
+    ax.axhline(big["source_bytes"] / 2**30, color="C7", ls=":", label="the whole checkpoint in memory")
+    ax.set(xlabel="seconds", ylabel="resident memory (GiB)", title="Streaming conversion: resident memory")
+    ax.legend(loc="center right")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Chapter 05: sparsity
+
+
+def attention_maps(maps: np.ndarray, layers: Sequence[int]) -> plt.Figure:
+    """One post-softmax attention map per layer (``maps: [len(layers), q, kv]``) on a log colour scale."""
+    maps = np.asarray(maps)
+    n = maps.shape[-1]
+    fig, axes = plt.subplots(1, len(layers), figsize=(BOOK_WIDTH_IN, 3.3), squeeze=False,
+                             layout="constrained")
+    ticks = np.arange(0, n + 1, max(n // 4, 1))
+    for ax, layer, m in zip(axes[0], layers, maps):
+        im = ax.imshow(np.where(m > 0, m, np.nan), norm=LogNorm(vmin=1e-4, vmax=1), cmap="rocket_r",
+                       interpolation="nearest")
+        ax.set(title=f"layer {layer}, query head 0", xlabel="key position", xticks=ticks, yticks=ticks)
+        ax.grid(False)
+    axes[0][0].set_ylabel("query position")
+    fig.colorbar(im, ax=axes[0].tolist(), label="weight", shrink=0.9)
+    return fig
+
+
+def coverage_curves(fractions: np.ndarray, per_layer: np.ndarray) -> plt.Figure:
+    """Coverage (% of attention mass) against % of keys kept, one line per layer plus the mean."""
+    fractions, per_layer = np.asarray(fractions), np.asarray(per_layer)
+    fig, ax = plt.subplots(figsize=(BOOK_WIDTH_IN, 4.2))
+    colors = plt.cm.viridis(np.linspace(0, 1, len(per_layer)))
+    for layer, curve in enumerate(per_layer):
+        ax.plot(100 * fractions, 100 * curve, color=colors[layer], marker=".", lw=1.2)
+    ax.plot(100 * fractions, 100 * per_layer.mean(0), color="black", lw=2.5, ls="--", label="mean over layers")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(100 * fractions))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{100 * f:g}" for f in fractions])
+    ax.set(xlabel="% of keys kept (top by weight)", ylabel="% of attention mass",
+           title="Coverage per layer (layer 0 purple … last yellow)")
+    ax.axhline(95, color="grey", lw=0.8)
+    ax.legend(loc="lower right")
+    return fig
+
+
+def coverage_heatmaps(per_row: np.ndarray, pooled: np.ndarray, fraction: float, k_prev: int) -> plt.Figure:
+    """Per layer and KV head: per-row coverage at ``fraction`` of the keys, next to Kascade's pooled tile set."""
+    layers, heads = np.asarray(per_row).shape
+    fig, axes = plt.subplots(1, 2, figsize=(BOOK_WIDTH_IN, max(4.0, 0.24 * layers + 1.2)), layout="constrained")
+    heat = dict(annot=True, fmt=".0f", cmap="mako", vmin=0, vmax=100, annot_kws=dict(fontsize=9), cbar=False,
+                yticklabels=[str(i) if i % 2 == 0 else "" for i in range(layers)])
+    sns.heatmap(100 * np.asarray(per_row), ax=axes[0], **heat)
+    axes[0].set(title=f"per query row:\ntop {fraction:.0%} of keys", xlabel="KV head", ylabel="layer")
+    sns.heatmap(100 * np.asarray(pooled), ax=axes[1], **heat)
+    axes[1].set(title=f"Kascade's pooled set:\nown tile + {k_prev} keys", xlabel="KV head", ylabel="")
+    fig.colorbar(axes[1].collections[0], ax=axes.tolist(), label="% of attention mass", shrink=0.6)
+    for ax in axes:
+        ax.tick_params(axis="y", labelrotation=0)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Chapter 08: speedups
+
+SPEEDUP_SERIES = (("reuse", "o-", "reuse layer"), ("whole_model", "s-", "whole model"),
+                  ("whole_model_conservative", "s--", "whole model (conservative)"), ("anchor", "^-", "anchor layer"))
+DENSE_BASELINES = ("dense_heads", "dense_seq", "flash", "xla")
+
+
+def _context_label(tokens: int) -> str:
+    return f"{tokens // 1024}k" if tokens >= 1024 else str(tokens)
+
+
+def speedup_vs_context(att: Mapping[str, Any]) -> plt.Figure:
+    """Speedup over the fastest dense baseline against context, decode and prefill, from
+    ``data/bench_attention_cpu.json`` (``speedup.vs_best`` of each result)."""
+    fig, axes = plt.subplots(1, 2, figsize=(BOOK_WIDTH_IN, 3.6), sharey=True)
+    for ax, phase in zip(axes, ("decode", "prefill")):
+        rows = sorted((r for r in att["results"] if r["phase"] == phase), key=lambda r: r["context"])
+        contexts = [r["context"] for r in rows]
+        for key, style, label in SPEEDUP_SERIES:
+            ax.plot(contexts, [r["speedup"]["vs_best"][key] for r in rows], style, label=label, ms=5)
+        ax.axhline(1, color="gray", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(contexts))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([_context_label(c) for c in contexts])
+        ax.set(xlabel="context (tokens)", title=f"{phase}")
+    axes[0].set_ylabel("speedup vs fastest dense (×)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False, bbox_to_anchor=(0.5, -0.01))
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    return fig
+
+
+def anchor_vs_reuse(att: Mapping[str, Any]) -> plt.Figure:
+    """Median time per layer of every candidate at the largest decode and prefill context (head-major layout),
+    dense baselines in grey, from ``data/bench_attention_cpu.json``."""
+    fig, axes = plt.subplots(2, 1, figsize=(BOOK_WIDTH_IN, 5.2))
+    for ax, phase in zip(axes, ("decode", "prefill")):
+        r = max((x for x in att["results"] if x["phase"] == phase), key=lambda x: x["context"])
+        names = [n for n in r["times"] if not n.endswith("_seq")]
+        ms = [r["times"][n]["median_s"] * 1e3 for n in names]
+        ax.barh(names, ms, color=["tab:gray" if n in DENSE_BASELINES else "tab:blue" for n in names])
+        ax.invert_yaxis()
+        ax.set(xlabel="median time per layer (ms)", title=f"{phase}, {_context_label(r['context'])} tokens")
+    fig.tight_layout()
+    return fig

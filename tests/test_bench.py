@@ -91,3 +91,32 @@ def test_kascade_policy_is_sparse_and_carries_selections():
     assert np.isfinite(np.asarray(logits)).all() and not np.allclose(logits, dense_logits, atol=1e-4)
     _, _, carry = forward(model, tokens[:, -1:], cache, pol)
     assert carry[0].idx.shape == (1, CFG.num_kv_heads, 1, 1, 2)  # decode: ceil((ceil(0.25 * 48) - 1) / 8) tiles
+
+
+def test_result_readers_on_the_shipped_json() -> None:
+    """The helpers chapter 08 reads the published benchmark with."""
+    from kascade_lite.files import results_file
+
+    att = B.load_results(results_file("bench_attention_cpu.json"))
+    rows = B.speedup_rows(att)
+    assert len(rows) == len(att["results"]) and {"phase", "context", "best dense", "reuse", "whole_model"} <= set(rows[0])
+    big = B.find_result(att, "decode")
+    assert big["context"] == max(r["context"] for r in att["results"] if r["phase"] == "decode")
+    assert B.find_result(att, "decode", 2048)["context"] == 2048
+    t = big["times"]
+    assert B.min_ratio(big, "reuse_heads", "dense_heads") == t["dense_heads"]["min_s"] / t["reuse_heads"]["min_s"]
+    ratio = B.whole_model_ratio_from_minima(big, "dense_heads", "anchor_heads", "reuse_heads")
+    d, a, r = (t[n]["min_s"] for n in ("dense_heads", "anchor_heads", "reuse_heads"))
+    assert abs(ratio - 32 * d / (d + 4 * a + 27 * r)) < 1e-12
+    assert B.whole_model_ratio(1.0, 1.0, 1.0) == 1.0
+
+
+def test_cost_rows_and_roofline() -> None:
+    from kascade_lite.cost import cost_rows, roofline_time
+
+    rows = cost_rows("decode", 1024, 128, q_heads=32, kv_heads=8, head_dim=128)
+    assert [r["layer"] for r in rows] == ["dense", "anchor", "reuse"]
+    assert abs(rows[0]["FLOPs/byte"] - 2.0) < 1e-12  # 2g/b = 2 * 4 / 4 for float32
+    assert roofline_time({"flops": 10.0, "bytes": 4.0}, peak_flops=5.0, bandwidth=1.0) == 4.0
+    peaks = B.measure_peaks(64, 1, reps=1)
+    assert peaks["FLOP/s"] > 0 and peaks["bytes/s"] > 0

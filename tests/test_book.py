@@ -1,6 +1,9 @@
-"""Build the whole book with ``KASCADE_SMOKE=1`` (executing every chapter notebook once), then render each chapter
-in headless Chromium: one screenshot per chapter in ``book/_build/screenshots/NN_name.png``; fail on a notebook that
-did not execute, a missing page, a Python traceback on a page, or an image that does not load."""
+"""Build the whole book with ``KASCADE_SMOKE=1`` (executing every chapter notebook once) into a temporary folder
+(``book/build.py <folder>``; the book ``make book`` built in ``book/_build/html`` is left alone), then render each
+chapter in headless Chromium: one screenshot per chapter in ``<folder>/_build/screenshots/NN_name.png`` (the folder
+is printed; ``KASCADE_BOOK_TEST_DIR`` picks it and keeps it). Fail on a notebook that did not execute, a cell that
+wrote to stderr, a missing page, a Python traceback on a page, an image that does not load, or console noise on a
+page (progress bars, warnings, raw ``PosixPath`` reprs, stderr boxes)."""
 
 from __future__ import annotations
 
@@ -18,8 +21,6 @@ from xml.etree import ElementTree
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-HTML = REPO / "book" / "_build" / "html"
-SCREENSHOTS = REPO / "book" / "_build" / "screenshots"
 CHROMIUM = Path("/usr/bin/chromium")
 CHAPTERS = ["01_rope", "02_gqa", "03_weight_conversion", "04_the_model", "05_attention_sparsity",
             "06_calibration", "07_kascade_attention", "08_speedups", "09_scaling_out"]  # docs/CONTRIBUTING.md
@@ -38,6 +39,17 @@ window.addEventListener("load", () => {
 </script>"""
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 TRACEBACK = re.compile(r"Traceback \(most recent call last\)|class=\"[^\"]*\btraceback\b")
+# Console noise that must never reach a page: what each pattern catches.
+NOISE = {
+    "a tqdm progress bar": re.compile(r"\d+%\|"),
+    "a progress rate (it/s])": re.compile(r"(?:it|s)/(?:s|it)\]"),
+    "TqdmWarning": re.compile(r"TqdmWarning"),
+    "an absl log line": re.compile(r"WARNING:absl|I\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \w+\.(?:cc|py):\d+\]"),
+    "a Python warning": re.compile(r"\b(?:User|Deprecation|Future|Runtime)Warning\b"),
+    "a raw PosixPath repr": re.compile(r"PosixPath\("),
+    "a stderr output box": re.compile(r"class=\"[^\"]*\boutput stderr\b"),
+    "an empty output box": re.compile(r"<div class=\"output [^\"]*\"><div class=\"highlight\"><pre><span></span></pre>"),
+}
 
 pytestmark = pytest.mark.slow
 
@@ -51,23 +63,28 @@ class Build:
     """Result of the one smoke build: the HTML folder, book/build.py's exit code and output, failed notebooks."""
 
     html: Path
+    screenshots: Path
     returncode: int
     output: str
     failed: dict[str, str]  # chapter name -> its execution error log (ANSI colours removed)
 
 
 @pytest.fixture(scope="session")
-def built_book() -> Build:
-    """Run ``book/build.py`` once with smoke sizes (this executes every chapter notebook)."""
+def built_book(tmp_path_factory: pytest.TempPathFactory) -> Build:
+    """Run ``book/build.py <temporary folder>`` once with smoke sizes (this executes every chapter notebook)."""
+    chosen = os.environ.get("KASCADE_BOOK_TEST_DIR")
+    out = Path(chosen) if chosen else tmp_path_factory.mktemp("book")
+    html, screenshots = out / "_build" / "html", out / "_build" / "screenshots"
+    print(f"test book: {html} (screenshots in {screenshots})")
     env = {**os.environ, "KASCADE_SMOKE": "1", "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-    proc = subprocess.run([sys.executable, str(REPO / "book" / "build.py")], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, str(REPO / "book" / "build.py"), str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True)
     failed = {p.name.removesuffix(".err.log"): ANSI.sub("", p.read_text(errors="replace"))
-              for p in sorted((HTML / "reports").rglob("*.err.log"))}
+              for p in sorted((html / "reports").rglob("*.err.log"))}
     output = f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    if not (HTML / "index.html").is_file():
+    if not (html / "index.html").is_file():
         pytest.fail(f"the book did not build (exit {proc.returncode}):\n{output}")
-    return Build(HTML, proc.returncode, output, failed)
+    return Build(html, screenshots, proc.returncode, output, failed)
 
 
 def test_book_builds_and_every_notebook_executes(built_book: Build) -> None:
@@ -119,8 +136,8 @@ def test_chapter_page_renders(built_book: Build, chapter: str) -> None:
     for image in local_image_files(page):
         assert_valid_image(image)
 
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    shot = SCREENSHOTS / f"{chapter}.png"
+    built_book.screenshots.mkdir(parents=True, exist_ok=True)
+    shot = built_book.screenshots / f"{chapter}.png"
     shot.unlink(missing_ok=True)
     chromium("--window-size=1280,8000", f"--screenshot={shot}", page.as_uri())
     assert shot.is_file() and shot.stat().st_size > 10_000, f"no screenshot of {page}"
@@ -136,3 +153,49 @@ def test_chapter_page_renders(built_book: Build, chapter: str) -> None:
     probe = json.loads(html.unescape(found.group(1)))
     assert not probe["broken"], f"{page}: images failed to load in Chromium: {probe['broken']}"
 
+
+
+def page_noise(text: str) -> list[str]:
+    """What console noise (`NOISE`) a page shows, each with a little context."""
+    found = []
+    for what, pattern in NOISE.items():
+        for m in list(pattern.finditer(text))[:2]:
+            context = re.sub(r"<[^>]+>", "", text[max(0, m.start() - 80):m.end() + 80]).replace("\n", " ")
+            found.append(f"{what}: ...{html.unescape(context)}...")
+    return found
+
+
+def test_noise_patterns_catch_what_they_name() -> None:
+    samples = ["calibrating smollm2-135m:  50%|█████     | 1/2 [00:05<00:05,  5.92s/seq]", "12.3it/s]",
+               "TqdmWarning: IProgress not found", "WARNING:absl:No GPU/TPU found",
+               "/x.py:3: UserWarning: careful", "PosixPath('/work/book/figures/08_x.png')",
+               '<div class="output stderr highlight-myst-ansi notranslate">']
+    for sample in samples:
+        assert page_noise(sample), sample
+    assert not page_noise("<p>10 % of the keys | 95 % of the mass; 3.2 tokens/s</p>")
+
+
+@pytest.mark.parametrize("chapter", existing_chapters())
+def test_chapter_page_has_no_console_noise(built_book: Build, chapter: str) -> None:
+    """No progress bars, warnings, raw reprs or stderr boxes on a rendered page: they belong to the package to
+    silence at their source (see kascade_lite/progress.py), not to the reader."""
+    page = built_book.html / "notebooks" / f"{chapter}.html"
+    if not page.is_file():
+        pytest.skip(f"{page} was not built (see test_chapter_page_renders)")
+    noise = page_noise(page.read_text())
+    assert not noise, f"{page} shows console noise:\n  " + "\n  ".join(noise)
+
+
+def test_build_script_finds_stderr_warnings() -> None:
+    """book/build.py fails the build on myst-nb's ``stderr was found`` warnings (stderr_output: remove-warn)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("book_build", REPO / "book" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    log = ("\x1b[91m/work/x/notebooks/05_attention_sparsity.ipynb:10005: WARNING: stderr was found in the cell "
+           "outputs of cell 12 [mystnb.stderr]\x1b[39;49;00m\nreading sources... [ 60%] notebooks/06_calibration\n")
+    assert build.stderr_cells(log) == [
+        "notebooks/05_attention_sparsity.ipynb: stderr was found in the cell outputs of cell 12"]
+    assert build.stderr_cells("/work/x/notebooks/01_rope.ipynb: Executed notebook in 15.05 seconds [mystnb]") == []
+    assert build.html_dir(Path("/tmp/b")) == Path("/tmp/b/_build/html")

@@ -66,3 +66,11 @@ def test_foreign_format_errors(tmp_path) -> None:
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json"):
         LlamaConfig.load(tmp_path / "config.json")
+
+
+def test_num_parameters_matches_the_models() -> None:
+    """SmolLM2-135M (tied) and Llama-3.1-8B: the published sizes, and the count of the NNX model's tensors."""
+    from kascade_lite.config import LLAMA_3_1_8B, SMOLLM2_135M
+
+    assert round(SMOLLM2_135M.num_parameters / 1e6, 1) == 134.5
+    assert round(LLAMA_3_1_8B.num_parameters / 1e9, 2) == 8.03

@@ -1,0 +1,130 @@
+"""kascade_lite.plots: every book figure draws from the shipped JSON in data/ (or from arrays like the chapter's),
+and `table` renders rows without index, NaN or float noise."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from kascade_lite import plots  # noqa: E402
+from kascade_lite.data import REPO_ROOT  # noqa: E402
+
+DATA = REPO_ROOT / "data"
+
+
+@pytest.fixture(autouse=True)
+def style_and_close():
+    plots.set_style()
+    yield
+    plt.close("all")
+
+
+def fits_the_book(fig: plt.Figure) -> None:
+    width, _ = fig.get_size_inches()
+    assert width <= plots.BOOK_WIDTH_IN + 1e-9, f"figure is {width} in wide, more than the book's column"
+    fig.canvas.draw()  # layout and text rendering work
+
+
+def test_set_style_font_sizes() -> None:
+    rc = matplotlib.rcParams
+    assert rc["figure.figsize"][0] == plots.BOOK_WIDTH_IN and rc["figure.dpi"] == 100
+    assert 10 <= rc["xtick.labelsize"] <= 12 and 10 <= rc["axes.labelsize"] <= 12
+
+
+def test_rope_figures() -> None:
+    scores = np.add.outer(np.arange(8), -np.arange(8)).astype(float)
+    fig = plots.rope_toeplitz(scores)
+    assert len(fig.axes) == 2 and fig.axes[0].images  # the map and its colour bar
+    fits_the_book(fig)
+    wl = {10_000.0: np.geomspace(6, 6e4, 64), 500_000.0: np.geomspace(6, 3e6, 64)}
+    fig = plots.rope_wavelengths(wl)
+    ax = fig.axes[0]
+    assert len(ax.get_lines()) == 3 and ax.get_yscale() == "log"  # two bases and the context line
+    assert ax.get_legend() is not None and "128" in ax.get_title()
+    fits_the_book(fig)
+    fig = plots.rope_scaling(wl[500_000.0], wl[500_000.0] * 2, (2048.0, 8192.0))
+    assert len(fig.axes[0].get_lines()) == 2 and len(fig.axes[0].patches) == 1
+    fits_the_book(fig)
+
+
+def test_gqa_figures() -> None:
+    masks = {"a": np.tril(np.ones((8, 8), bool)), "b": np.ones((1, 12), bool), "c": np.ones((3, 12), bool)}
+    fig = plots.gqa_masks(masks)
+    assert len(fig.axes) == 3 and [len(ax.get_xticks()) for ax in fig.axes] == [8, 12, 12]
+    fits_the_book(fig)
+    fig = plots.kv_cache_bars([8192, 32768, 131072], [1.0, 4.0, 16.0], [4.0, 16.0, 64.0], 74.5)
+    ax = fig.axes[0]
+    assert len(ax.patches) == 6 and len(ax.get_lines()) == 1
+    label = next(t for t in ax.texts if "80 GB" in t.get_text())
+    fig.canvas.draw()
+    line_y = ax.transData.transform((0, 74.5))[1]
+    box = label.get_window_extent()
+    assert box.y0 >= line_y, "the accelerator label must sit above its line, not on it"
+    fits_the_book(fig)
+
+
+def test_convert_rss_from_the_shipped_json() -> None:
+    bench = json.loads((DATA / "bench_convert.json").read_text())
+    fig = plots.convert_rss(bench)
+    ax = fig.axes[0]
+    assert len(ax.get_lines()) == 3  # the timeline, the target, the whole checkpoint
+    big = next(r for r in bench["runs"] if r["name"].startswith("llama-3.1-8b"))
+    assert len(ax.get_lines()[0].get_xdata()) == len(big["rss_timeline_mb"])
+    fits_the_book(fig)
+
+
+def test_sparsity_figures_from_the_shipped_calibration() -> None:
+    from kascade_lite.calibrate import CALIBRATION_DIR, Calibration
+
+    cal = Calibration.load(CALIBRATION_DIR / "smollm2-135m.safetensors")
+    fig = plots.coverage_curves(cal.coverage_fractions, cal.coverage.mean(axis=1))
+    ax = fig.axes[0]
+    assert len(ax.get_lines()) == cal.num_layers + 2  # one per layer, the mean, the 95 % line
+    assert [t.get_text() for t in ax.get_xticklabels()] == [f"{100 * f:g}" for f in cal.coverage_fractions]
+    fits_the_book(fig)
+    i10 = int(np.argmin(np.abs(cal.coverage_fractions - 0.1)))
+    fig = plots.coverage_heatmaps(cal.coverage[:, :, i10], cal.tile_coverage, 0.1, cal.settings["k_prev"])
+    assert len(fig.axes) == 3  # two heatmaps and one colour bar
+    assert len(fig.axes[0].texts) == cal.coverage.shape[0] * cal.coverage.shape[1]
+    fits_the_book(fig)
+    maps = np.tril(np.random.default_rng(0).random((2, 64, 64)))
+    fig = plots.attention_maps(maps / maps.sum(-1, keepdims=True), (0, 15))
+    assert len(fig.axes) == 3 and "layer 15" in fig.axes[1].get_title()
+    fits_the_book(fig)
+
+
+def test_speedup_figures_from_the_shipped_json() -> None:
+    att = json.loads((DATA / "bench_attention_cpu.json").read_text())
+    fig = plots.speedup_vs_context(att)
+    decode, prefill = fig.axes
+    assert len(decode.get_lines()) == len(plots.SPEEDUP_SERIES) + 1  # the series and the 1x line
+    contexts = sorted(r["context"] for r in att["results"] if r["phase"] == "decode")
+    assert [t.get_text() for t in decode.get_xticklabels()] == [plots._context_label(c) for c in contexts]
+    assert not decode.xaxis.get_minorticklabels() or all(not t.get_text() for t in decode.xaxis.get_minorticklabels())
+    assert decode.get_legend() is None and fig.legends  # one legend for the figure, below the plots
+    fits_the_book(fig)
+    fig = plots.anchor_vs_reuse(att)
+    assert len(fig.axes) == 2 and all(ax.patches for ax in fig.axes)
+    fits_the_book(fig)
+
+
+def test_table_hides_the_index_and_formats_cells() -> None:
+    rows = [{"name": "a", "ms": 54.700001, "n": 12345, "ok": True, "gap": None},
+            {"name": "b", "ms": 1.0 / 3, "n": 7, "ok": False, "gap": float("nan")}]
+    html = plots.table(rows, {"name": "method", "ms": "time (ms)", "n": "count", "ok": "met", "gap": "gap"},
+                       {"ms": "{:.1f}"}).to_html()
+    assert "54.7<" in html and "54.700001" not in html and "0.3<" in html
+    assert "12,345" in html and "yes" in html and "no" in html
+    assert "nan" not in html.lower() and "None" not in html and "–" in html
+    assert "time (ms)" in html and "<th class=\"blank" not in html and 'class="kascade-table"' in html
+    default = plots.table(rows, ["name", "ms"]).to_html()
+    assert "54.7<" in default and "0.333<" in default
+    with pytest.raises(KeyError, match="nope"):
+        plots.table(rows, ["nope"])
