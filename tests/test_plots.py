@@ -14,9 +14,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from kascade_lite import plots  # noqa: E402
-from kascade_lite.data import REPO_ROOT  # noqa: E402
+from kascade_lite.files import load_results  # noqa: E402
 
-DATA = REPO_ROOT / "data"
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +70,7 @@ def test_gqa_figures() -> None:
 
 
 def test_convert_rss_from_the_shipped_json() -> None:
-    bench = json.loads((DATA / "bench_convert.json").read_text())
+    bench = load_results("bench_convert.json")
     fig = plots.convert_rss(bench)
     ax = fig.axes[0]
     assert len(ax.get_lines()) == 3  # the timeline, the target, the whole checkpoint
@@ -101,7 +100,7 @@ def test_sparsity_figures_from_the_shipped_calibration() -> None:
 
 
 def test_speedup_figures_from_the_shipped_json() -> None:
-    att = json.loads((DATA / "bench_attention_cpu.json").read_text())
+    att = load_results("bench_attention_cpu.json")
     fig = plots.speedup_vs_context(att)
     decode, prefill = fig.axes
     assert len(decode.get_lines()) == len(plots.SPEEDUP_SERIES) + 1  # the series and the 1x line
