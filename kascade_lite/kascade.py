@@ -302,10 +302,12 @@ class KascadeAttention:
 
     @property
     def budget_value(self) -> float | int:
+        """The budget in force: ``budget``, else the schedule's."""
         return self.schedule.budget if self.budget is None else self.budget
 
     @property
     def min_keys_value(self) -> int:
+        """The key floor in force: ``min_keys``, else the schedule's."""
         return self.schedule.min_keys if self.min_keys is None else self.min_keys
 
     def selection(self, q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any) -> Selection:

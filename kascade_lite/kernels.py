@@ -196,8 +196,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.A
             corr = jnp.exp(m - m_new)
             return m_new, l * corr + p.sum(-1), acc * corr[..., None] + jnp.einsum("bhgqk,bkhd->bhgqd", p, vj)
 
-        init = (jnp.full(qi.shape[:-1], NEG_INF, jnp.float32), jnp.zeros(qi.shape[:-1], jnp.float32),
-                jnp.zeros(qi.shape, jnp.float32))
+        # *_like(qi): the loop state carries qi's sharding type, so the loop also runs inside `jax.shard_map`
+        init = (jnp.full_like(qi[..., 0], NEG_INF), jnp.zeros_like(qi[..., 0]), jnp.zeros_like(qi))
         _, l, acc = jax.lax.fori_loop(0, n_blocks, step, init)
         return acc / jnp.maximum(l, 1e-30)[..., None]
 
