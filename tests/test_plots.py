@@ -80,9 +80,10 @@ def test_convert_rss_from_the_shipped_json() -> None:
 
 
 def test_sparsity_figures_from_the_shipped_calibration() -> None:
-    from kascade_lite.calibrate import CALIBRATION_DIR, Calibration
+    from kascade_lite.calibrate import Calibration
+    from kascade_lite.files import results_file
 
-    cal = Calibration.load(CALIBRATION_DIR / "smollm2-135m.safetensors")
+    cal = Calibration.load(results_file("calibration/smollm2-135m.safetensors"))
     fig = plots.coverage_curves(cal.coverage_fractions, cal.coverage.mean(axis=1))
     ax = fig.axes[0]
     assert len(ax.get_lines()) == cal.num_layers + 2  # one per layer, the mean, the 95 % line
