@@ -74,20 +74,31 @@ def kascade_schedules(model: Llama, schedule_dir: Path | None = None) -> dict[st
 
 
 def main_schedule(schedules: dict[str, Schedule]) -> str:
-    """The schedule used for the budget sweep and the ablations: DP with 5 anchors if present, else the first."""
-    for name in ("dp_k5", "dp_k4", "dp_k6"):
+    """The schedule Kascade runs in the tables: the one chosen by held-out accuracy (``schedule_selection.json``'s
+    ``chosen``, benchmarks/select_schedule.py) when it is among ``schedules``; else DP with 5 anchors, else the
+    first."""
+    chosen = None
+    if (path := shipped_dir() / "schedule_selection.json").is_file():
+        chosen = json.loads(path.read_text()).get("chosen")
+    for name in (chosen, "dp_k5", "dp_k4", "dp_k6"):
         if name in schedules:
             return name
     return next(iter(schedules))
 
 
+SINKS, RECENT = 4, 32
+"""Our variant ``kascade_sw``: the first 4 and the 32 latest key positions are always among an anchor's Top-k (inside
+the same budget), as StreamingLLM keeps sinks and a window."""
+
+
 def policy(method: str, sched: Schedule, *, num_layers: int, kv_heads: int, budget: float, min_keys: int,
-           tile: int, granularity: str = "tile") -> Any:
+           tile: int, granularity: str = "position") -> Any:
     """The attention function of ``method`` (a `baselines.BASELINES` name) at one budget setting."""
     opts = dict(tile_size=tile, budget=budget, min_keys=min_keys, granularity=granularity)
     return {
         "dense": lambda: DenseAttention(),
         "kascade": lambda: KascadeAttention(sched, **opts),
+        "kascade_sw": lambda: KascadeAttention(sched, sinks=SINKS, recent=RECENT, **opts),
         "kascade_no_remap": lambda: kascade_no_remap(sched, **opts),
         "all_heads_pooled": lambda: all_heads_pooled(sched, **opts),
         "omnikv": lambda: omnikv(sched, **opts),
@@ -149,18 +160,19 @@ def ppl_configs(schedules: dict[str, Schedule], main: str, lengths: list[int]) -
     the longer windows. At 512 tokens the 10 % rows have no floor (10 % of 512 is below 128), plus one row with it."""
     def row(seq_len: int, method: str, budget: float = 0.1, schedule: str | None = main, **kw: Any) -> Config:
         short = seq_len <= 512
-        return dict(dict(seq_len=seq_len, tile_size=16 if short else 32, granularity="tile", method=method,
+        return dict(dict(seq_len=seq_len, tile_size=16 if short else 32, granularity="position", method=method,
                          schedule=schedule, budget=budget, min_keys=0 if short else 128), **kw)
 
     short, long = [n for n in lengths if n <= 512], [n for n in lengths if n > 512]
     tiers = [[row(n, "dense", 1.0, None, min_keys=0) for n in lengths]
-             + [row(n, "kascade", min_keys=128) for n in short] + [row(n, "kascade") for n in lengths],
+             + [row(n, "kascade", min_keys=128) for n in short] + [row(n, "kascade") for n in lengths]
+             + [row(n, "kascade_sw", min_keys=128) for n in short] + [row(n, "kascade_sw") for n in long],
              [row(n, m, schedule=main if m in ("kascade_no_remap", "all_heads_pooled", "omnikv") else None)
               for n in lengths for m in ("kascade_no_remap", "all_heads_pooled", "omnikv", "sink_window", "quest")]
              + [row(n, "oracle", schedule=None) for n in short],
              [row(n, "kascade", schedule=name) for n in short for name in schedules if name != main],
              [row(n, "kascade", budget) for n in lengths for budget in (0.2, 0.3)]
-             + [row(n, "kascade", granularity="position") for n in lengths]
+             + [row(n, "kascade", granularity="tile") for n in lengths]
              + [row(n, "oracle", schedule=None) for n in long]]
     return [c for tier in tiers for c in tier]
 
@@ -209,9 +221,14 @@ def run_ppl(args: argparse.Namespace, command: str) -> None:
 
 RETRIEVAL_METHODS: dict[str, str] = {
     "dense": "exact attention in prefill and decode (kernels.flash_attention)",
-    "kascade": "Kascade in prefill and decode (kascade.KascadeAttention, granularity='tile'): key tiles of 32, "
-               "10 % of the keys with the 128-key floor, the query's own tile included",
-    "kascade_decode": "dense prefill, Kascade (key tiles of 32) in every decode step",
+    "kascade": "Kascade in prefill and decode (kascade.KascadeAttention, the paper's setting): Top-k key positions "
+               "pooled over the GQA group and query tiles of 32, decode Top-k per token, 10 % of the keys with the "
+               "128-key floor, the query's own tile included",
+    "kascade_decode": "dense prefill, Kascade (key positions) in every decode step",
+    "kascade_tiles": "as kascade with whole key tiles of 32 (the block-sparse speed variant)",
+    "kascade_tiles_decode": "dense prefill, Kascade with key tiles of 32 in every decode step",
+    "kascade_sw": "our variant: kascade with the first 4 and the 32 latest positions always in the Top-k (same budget)",
+    "kascade_sw_decode": "dense prefill, kascade_sw in every decode step",
     "oracle_decode": "dense prefill; in every decode step each query head of every layer but 0 keeps its own exact "
                      "Top-k key positions (the Top-k ceiling at this budget)",
     "quest": "dense prefill, Quest in every decode step (the setting of Quest's paper; pages of 16, layers 0-1 "
@@ -225,8 +242,6 @@ RETRIEVAL_METHODS: dict[str, str] = {
     "pooled_decode": "dense prefill; in decode every layer but 0 keeps its own Top-k key positions, pooled over the "
                      "GQA group (oracle + group pooling, no reuse)",
     "pooled_tiles_decode": "as pooled_decode with key tiles of 32: oracle + pooling + tiles, no reuse",
-    "kascade_decode_positions": "dense prefill; Kascade with key positions (the paper's default) in decode: "
-                                "pooling + reuse, no tiles",
 }
 """Retrieval methods; ``name@B`` (e.g. ``kascade_decode@0.3``) runs ``name`` at the key budget ``B`` instead of
 10 %."""
@@ -247,17 +262,18 @@ def retrieval_method(name: str, sched: Schedule, length: int, tile: int = 32, mi
     opts = dict(tile_size=tile, budget=budget, min_keys=min_keys)
     if base == "dense":
         return RetrievalMethod(flash, flash)
-    if base in ("kascade", "kascade_decode", "kascade_no_remap"):
-        policy = KascadeAttention(sched, granularity="tile", remap=base != "kascade_no_remap", **opts)
-        return RetrievalMethod(flash if base == "kascade_decode" else policy, policy)
+    if base.startswith("kascade"):
+        variant = base.removesuffix("_decode")
+        policy = KascadeAttention(sched, granularity="tile" if variant == "kascade_tiles" else "position",
+                                  remap=variant != "kascade_no_remap",
+                                  **(dict(sinks=SINKS, recent=RECENT) if variant == "kascade_sw" else {}), **opts)
+        return RetrievalMethod(flash if base.endswith("_decode") else policy, policy)
     if base in ("pooled_decode", "pooled_tiles_decode"):
         every_layer = Schedule.from_anchors(sched.model, sched.num_layers, sched.num_kv_heads,
                                             list(range(1, sched.num_layers)), tile_size=tile, budget=budget,
                                             min_keys=min_keys, method="every layer an anchor")
         granularity = "tile" if base == "pooled_tiles_decode" else "position"
         return RetrievalMethod(flash, KascadeAttention(every_layer, granularity=granularity))
-    if base == "kascade_decode_positions":
-        return RetrievalMethod(flash, KascadeAttention(sched, granularity="position", **opts))
     if base == "oracle_decode":
         return RetrievalMethod(flash, oracle_topk(sched.num_layers, sched.num_kv_heads, budget=budget,
                                                   min_keys=min_keys))
@@ -270,9 +286,21 @@ def retrieval_method(name: str, sched: Schedule, length: int, tile: int = 32, mi
     return RetrievalMethod(sink, sink)
 
 
+def method_schedule(name: str, schedules: dict[str, Schedule], main: str) -> tuple[str, Schedule]:
+    """``method+schedule@budget`` (e.g. ``kascade_decode+dp_k8@0.3``) -> (``method@budget``, that schedule); without
+    ``+schedule`` the main schedule. For the anchors x budget frontier."""
+    head, at, budget = name.partition("@")
+    method, _, sched = head.partition("+")
+    if sched and sched not in schedules:
+        raise ValueError(f"retrieval method {name!r}: no schedule {sched!r}; have {sorted(schedules)}")
+    return method + at + budget, schedules[sched or main]
+
+
 def describe_method(name: str) -> str:
-    base, _, budget = name.partition("@")
-    return RETRIEVAL_METHODS[base] + (f"; key budget {100 * float(budget):g} % instead of 10 %" if budget else "")
+    head, _, budget = name.partition("@")
+    base, _, sched = head.partition("+")
+    return (RETRIEVAL_METHODS[base] + (f"; schedule {sched} instead of the main one" if sched else "")
+            + (f"; key budget {100 * float(budget):g} % instead of 10 %" if budget else ""))
 
 
 def parse_pairs(spec: str, flag: str, example: str) -> dict[str, int]:
@@ -310,7 +338,7 @@ def run_retrieval_bench(args: argparse.Namespace, command: str) -> None:
     cases = {256: 2} if args.smoke else parse_cases(args.cases)
     names = args.methods.split(",")
     for name in names:  # fail before loading anything
-        retrieval_method(name, schedules[main], min(cases))
+        retrieval_method(*method_schedule(name, schedules, main), min(cases))
     every = parse_every(args.every, names)
     tok = load_tokenizer()
     settings = dict(model=MODEL if not args.smoke else "tiny-random (smoke)", task="single needle, RULER noise "
@@ -321,7 +349,7 @@ def run_retrieval_bench(args: argparse.Namespace, command: str) -> None:
     rec = Recorder(Path(args.out), command, settings, args.time_budget, resume=args.resume,
                    free=("cases", "methods", "every"), smoke=args.smoke)
     rec.note(args.note)
-    methods = {n: {m: retrieval_method(m, schedules[main], n) for m in names} for n in cases}
+    methods = {n: {m: retrieval_method(*method_schedule(m, schedules, main), n) for m in names} for n in cases}
     rows = {(r["length"], r["method"]): r for r in rec.doc["results"]}
     for length in cases:
         for name in names:

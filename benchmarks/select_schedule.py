@@ -23,8 +23,9 @@ measured. Full size on a 2-core CPU (about an hour)::
     python benchmarks/select_schedule.py --out /tmp/selection          # then copy into data/ when satisfied
     python benchmarks/select_schedule.py --out data                    # writes data/schedule_selection.json,
                                                                        # data/calibration/smollm2-135m-2k.*,
-                                                                       # data/schedules/smollm2-135m-2k_*.json
-``--smoke`` runs a tiny random model (seconds; for the tests) and marks its JSON ``"smoke": true``.
+                                                                       # data/schedules/smollm2-135m_*.json
+``--smoke`` runs a tiny random model (seconds; for the tests) and records ``"smoke": true`` in every file's
+provenance; smoke and full runs alike need ``--out`` or write into a new temporary folder.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import numpy as np
 from kascade_lite.calibrate import Calibration, calibrate
 from kascade_lite.data import load_tokenizer, wikitext_windows
 from kascade_lite.eval import nll_per_window
-from kascade_lite.files import provenance, write_json_atomic
+from kascade_lite.files import provenance, shipped_dir, write_json_atomic
 from kascade_lite.model import Llama, dense_attention
 from kascade_lite.schedule import OBJECTIVES, Schedule, write_schedules
 from kascade_lite.kascade import KascadeAttention
@@ -87,12 +88,13 @@ def held_out_windows(seq_len: int, num: int, skip: int, tok: Any) -> np.ndarray:
     return windows[-num:]
 
 
-def candidates(cal_dir: Path, sched_dir: Path, previous: Path | None) -> dict[str, Schedule]:
-    """Every schedule of the new calibration (DP both objectives, K = 2..8, greedy) and the previously shipped one."""
+def candidates(cal_dir: Path, sched_dir: Path, previous: Path | None, command: str, smoke: bool
+               ) -> dict[str, Schedule]:
+    """Every schedule of the new calibration (DP both objectives, K = 2..8, greedy), written to ``sched_dir`` as
+    ``<model>_<name>.json``, and the previously shipped one (``shipped_dpimp_k5_512``, not written)."""
     cal = Calibration.load(cal_dir / f"{MODEL}-2k.safetensors")
-    write_schedules(cal, sched_dir, model=f"{MODEL}-2k", command="python benchmarks/select_schedule.py",
-                    min_keys=SETTINGS["min_keys"])
-    found = {p.stem.removeprefix(f"{MODEL}-2k_"): Schedule.load(p) for p in sorted(sched_dir.glob(f"{MODEL}-2k_*.json"))}
+    paths = write_schedules(cal, sched_dir, model=MODEL, command=command, smoke=smoke, min_keys=SETTINGS["min_keys"])
+    found = {p.stem.removeprefix(f"{MODEL}_"): Schedule.load(p) for p in paths}
     if previous is not None and previous.is_file():
         old = Schedule.load(previous)
         if (old.num_layers, old.num_kv_heads) == (cal.num_layers, cal.num_kv_heads):
@@ -116,7 +118,7 @@ def choose(rows: dict[str, dict[str, Any]]) -> str:
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     out = Path(args.out)
     model, tok = load(args.smoke), load_tokenizer()
-    doc: dict[str, Any] = {"provenance": provenance(command), "smoke": args.smoke, "settings": dict(
+    doc: dict[str, Any] = {"provenance": provenance(command, smoke=args.smoke), "settings": dict(
         SETTINGS, model=MODEL, seq_len=args.seq_len, calibration=dict(wikitext_windows=args.cal_wiki,
         retrieval_prompts=args.cal_prompts, seed=CALIBRATION_SEED), held_out=dict(
         retrieval_cases=args.cases, seed=SELECTION_SEED, ppl_windows=args.ppl_windows,
@@ -140,11 +142,11 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                f"prompts (seed {CALIBRATION_SEED})")
     if not (cal_stem.with_suffix(".safetensors").is_file()
             and Calibration.load(cal_stem.with_suffix(".safetensors")).settings.get("dataset") == dataset):
-        cal = calibrate(model, seqs, model_name=f"{MODEL}-2k", progress=not args.quiet, dataset=dataset,
+        cal = calibrate(model, seqs, model_name=MODEL, progress=not args.quiet, dataset=dataset,
                         partial=cal_stem.with_suffix(".partial.safetensors"), save_every=2,
                         coverage_stride=128, **SETTINGS)  # coverage is chapter 05's (512 tokens); sorting is slow
-        cal.save(cal_stem, command=command)
-    schedules = candidates(cal_dir, sched_dir, Path(args.previous) if args.previous else None)
+        cal.save(cal_stem, command=command, smoke=args.smoke)
+    schedules = candidates(cal_dir, sched_dir, Path(args.previous) if args.previous else None, command, args.smoke)
     windows = held_out_windows(args.seq_len, args.ppl_windows, args.cal_wiki, tok)
     cases = make_cases(args.seq_len, args.cases, seed=SELECTION_SEED, tokenizer=tok)
 
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cal-prompts", type=int, default=16, help="retrieval prompts in the calibration set")
     p.add_argument("--cases", type=int, default=30, help="held-out retrieval cases (selection seed)")
     p.add_argument("--ppl-windows", type=int, default=6, help="held-out WikiText-2 validation windows")
-    p.add_argument("--previous", default="data/schedules/smollm2-135m_dp_k5.json",
+    p.add_argument("--previous", default=str(shipped_dir() / "schedules" / f"{MODEL}_previous_dpimp_k5_512.json"),
                    help="the schedule shipped before, compared on the same held-out data ('' to skip)")
     p.add_argument("--finalists", type=int, default=4, help="stage-1 best candidates run in stage 2")
     p.add_argument("--smoke", action="store_true", help="tiny random model, tiny sizes")

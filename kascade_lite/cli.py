@@ -378,7 +378,7 @@ class Benchmark:
     reads_schedules: bool = False  # passed --schedule-dir ROOT/data/schedules when ROOT has schedules
 
 
-ABLATION = "dense,oracle_decode,pooled_decode,pooled_tiles_decode,kascade_decode_positions,kascade_decode"
+ABLATION = "dense,oracle_decode,pooled_decode,kascade_decode,pooled_tiles_decode,kascade_tiles_decode"
 """The decode-only retrieval ladder of chapter 07: from the per-head oracle to Kascade, one change at a time."""
 
 BENCHMARKS: dict[str, Benchmark] = {

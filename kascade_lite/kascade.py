@@ -47,6 +47,7 @@ Granularity = Literal["position", "tile"]
 Pool = Literal["group", "all", "head"]
 GRANULARITIES = ("position", "tile")
 POOLS = ("group", "all", "head")
+FORCED = 1e6  # added to the score of a unit that must be chosen (pooled scores are sums of probabilities, < 1e4)
 ROUNDING_SLACK = 1e-3  # ceil(budget * n - slack): 0.1 * 130 is 13 keys in float64 and float32 alike
 
 
@@ -158,11 +159,14 @@ def topk_units(scores: jax.Array, start: jax.Array, basis: jax.Array, own: jax.A
 
 
 def select(q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any, *, q_tile: int, unit: int, pool: Pool,
-           budget: float | int, min_keys: int, rolling: bool = False, chunk: int = 2) -> Selection:
+           budget: float | int, min_keys: int, rolling: bool = False, chunk: int = 2, sinks: int = 0,
+           recent: int = 0) -> Selection:
     """Anchor scoring: exact attention of each query tile (``chunk`` tiles at a time), pooled, Top-k per row.
 
     q: ``[batch, T, heads, d]`` at positions ``q_offset + i``; k: ``[batch, L, kv_heads, d]`` valid below ``kv_len``.
-    The budget basis is ``kv_len`` or, with ``rolling``, the keys visible to the tile. Returns a `Selection` with
+    The budget basis is ``kv_len`` or, with ``rolling``, the keys visible to the tile. ``sinks`` / ``recent``: the
+    units holding the first ``sinks`` positions and the ``recent`` positions just before the tile are chosen first
+    (inside the same budget; StreamingLLM's sinks and window, Xiao et al. 2023). Returns a `Selection` with
     ``n_qtiles = ceil(T / q_tile)`` and a static ``k = ceil((keys_kept(L) - own) / unit)`` (at least 1), where
     ``own`` is the smallest own tile (the last one may be partial). A tile's own keys are its causal keys below
     ``kv_len``: ``q_tile`` of them, or fewer in a partial last tile."""
@@ -183,8 +187,13 @@ def select(q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any, *, q_tile: in
         p = jnp.where((i * q_tile + jnp.arange(q_tile) < t)[:, None], p, 0.0)  # padded queries do not vote
         end = jnp.minimum(start + q_tile, kv_len)                       # keys visible to the tile
         basis = end if rolling else kv_len
-        return topk_units(pooled_scores(p, pool, unit), start, basis, end - start, k_max=k_max, unit=unit,
-                          budget=budget, min_keys=min_keys)
+        scores = pooled_scores(p, pool, unit)
+        if sinks or recent:
+            first = jnp.arange(scores.shape[-1]) * unit                 # first position of each unit
+            forced = (first < sinks) | (first + unit > start - recent)
+            scores = jnp.where(forced, scores + FORCED, scores)
+        return topk_units(scores, start, basis, end - start, k_max=k_max, unit=unit, budget=budget,
+                          min_keys=min_keys)
 
     qt = query_tiles(q, kv_heads, q_tile)
     idx, keep = jax.lax.map(one_tile, (qt, jnp.arange(qt.shape[0])), batch_size=min(chunk, qt.shape[0]))
@@ -273,7 +282,8 @@ class KascadeAttention:
     ``granularity`` "position" (paper) or "tile" (key tiles of ``tile_size``, the speed variant); ``pool`` "group"
     (Kascade), "all" or "head"; ``remap=False`` ignores the head map; ``anchor_dense=True`` keeps anchor outputs
     dense (filter layers); ``rolling`` budgets each prefill tile by the keys visible to it. ``carry`` is a dict
-    ``{anchor layer: Selection}``.
+    ``{anchor layer: Selection}``. ``sinks`` / ``recent`` (our variant, default off): the first ``sinks`` and the
+    ``recent`` latest key positions are always among an anchor's Top-k, inside the same budget (see `select`).
     """
 
     schedule: Schedule
@@ -285,8 +295,12 @@ class KascadeAttention:
     tile_size: int | None = None
     budget: float | int | None = None
     min_keys: int | None = None
+    sinks: int = 0
+    recent: int = 0
 
     def __post_init__(self) -> None:
+        if self.sinks < 0 or self.recent < 0:
+            raise ValueError(f"sinks and recent must be >= 0, got sinks={self.sinks}, recent={self.recent}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.pool not in POOLS:
@@ -314,7 +328,8 @@ class KascadeAttention:
         """The Top-k of an anchor or dense layer for queries ``q: [batch, T, heads, d]`` (decode: ``T == 1``)."""
         q_tile = 1 if q.shape[1] == 1 else self.q_tile
         return select(q, k, q_offset, kv_len, q_tile=q_tile, unit=self.q_tile if self.granularity == "tile" else 1,
-                      pool=self.pool, budget=self.budget_value, min_keys=self.min_keys_value, rolling=self.rolling)
+                      pool=self.pool, budget=self.budget_value, min_keys=self.min_keys_value, rolling=self.rolling,
+                      sinks=self.sinks, recent=self.recent)
 
     def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
                  kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]:

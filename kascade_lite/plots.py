@@ -343,3 +343,66 @@ def anchor_vs_reuse(att: Mapping[str, Any]) -> plt.Figure:
         ax.set(xlabel="median time per layer (ms)", title=f"{phase}, {_context_label(r['context'])} tokens")
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Chapters 06 and 07: schedules and accuracy
+
+
+def objective_sweep(candidates: Mapping[str, Mapping[str, Any]], dense_correct: int, n_cases: int) -> plt.Figure:
+    """Held-out perplexity increase and decode-only needles found against the number of anchors, one line per DP
+    objective (``candidates``: ``schedule_selection.json``'s rows; the previously shipped schedule is left out)."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(BOOK_WIDTH_IN, 2.9))
+    for objective, marker in (("similarity", "o"), ("importance", "s")):
+        rows = sorted((r["num_anchors"], r) for name, r in candidates.items()
+                      if r.get("objective") == objective and r.get("method") == "dp" and not name.startswith("shipped"))
+        ax1.plot([k for k, _ in rows], [100 * r["ppl_delta"] for _, r in rows], marker=marker, label=objective)
+        ax2.plot([k for k, _ in rows], [r["decode_only_correct"] for _, r in rows], marker=marker, label=objective)
+    ax2.axhline(dense_correct, color="k", lw=1, ls="--", label="dense")
+    ax1.set(xlabel="anchors K", ylabel="held-out ppl increase (%)")
+    ax2.set(xlabel="anchors K", ylabel=f"needles found (of {n_cases})", ylim=(-0.5, n_cases + 0.5))
+    ax2.legend(fontsize=9, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def retrieval_accuracy(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> plt.Figure:
+    """Needle-retrieval accuracy per prompt length, one bar per method with its 95 % Wilson interval. ``rows``:
+    ``accuracy_retrieval.json``'s results (``length``, ``method``, ``n_cases``, ``n_correct``)."""
+    from .tasks import wilson_interval
+
+    rows = [r for r in rows if r["n_cases"] > 0 and r["method"] in methods]
+    lengths = sorted({r["length"] for r in rows})
+    fig, ax = plt.subplots(figsize=(BOOK_WIDTH_IN, 3.6))
+    width = 0.8 / len(methods)
+    for j, method in enumerate(methods):
+        mine = {r["length"]: r for r in rows if r["method"] == method}
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i, n in enumerate(lengths) if n in mine]
+        acc = [mine[n]["n_correct"] / mine[n]["n_cases"] for n in lengths if n in mine]
+        ci = [wilson_interval(mine[n]["n_correct"], mine[n]["n_cases"]) for n in lengths if n in mine]
+        err = np.clip([[a - lo for a, (lo, _) in zip(acc, ci)], [hi - a for a, (_, hi) in zip(acc, ci)]], 0, None)
+        ax.bar(xs, acc, width, yerr=err, capsize=2, label=method)
+    ax.set(xticks=range(len(lengths)), xticklabels=[_context_label(n) for n in lengths], ylim=(0, 1.05),
+           xlabel="prompt length (tokens)", ylabel="exact-match accuracy")
+    ax.legend(fontsize=9, ncol=min(4, len(methods)), loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    fig.tight_layout()
+    return fig
+
+
+def ppl_deltas(rows: Sequence[Mapping[str, Any]], target_pct: float = 2.0) -> plt.Figure:
+    """Perplexity increase over dense (%) per method, one bar per window length, with the target as a dashed line.
+    ``rows``: dicts with ``method``, ``seq_len`` and ``delta_vs_dense_pct``."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lengths = sorted({r["seq_len"] for r in rows})
+    fig, ax = plt.subplots(figsize=(BOOK_WIDTH_IN, 0.5 * len(methods) + 1.4))
+    height = 0.8 / len(lengths)
+    for j, n in enumerate(lengths):
+        value = {r["method"]: r["delta_vs_dense_pct"] for r in rows if r["seq_len"] == n}
+        ys = [i + (j - (len(lengths) - 1) / 2) * height for i, m in enumerate(methods) if m in value]
+        ax.barh(ys, [value[m] for m in methods if m in value], height, label=f"{n} tokens")
+    ax.axvline(target_pct, color="k", ls="--", lw=1, label=f"{target_pct:g} % target")
+    ax.set(yticks=range(len(methods)), yticklabels=methods, xlabel="perplexity increase over dense (%)")
+    ax.invert_yaxis()
+    ax.legend(fontsize=9, loc="lower right")
+    fig.tight_layout()
+    return fig

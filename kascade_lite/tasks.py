@@ -13,6 +13,7 @@ several methods, sharing the prompt pass between methods that prefill alike.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -155,3 +156,14 @@ def run_retrieval(model: Llama, cases: Sequence[RetrievalCase],
         if progress is not None:
             progress(i + 1)
     return results
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % (``z = 1.96``) Wilson score interval of an accuracy ``correct / n``: ``(low, high)`` in [0, 1]. Unlike the
+    normal approximation it stays inside [0, 1] and is not degenerate at 0 or ``n`` correct."""
+    if n <= 0 or not 0 <= correct <= n:
+        raise ValueError(f"need 0 <= correct <= n and n > 0, got correct={correct}, n={n}")
+    p, denom = correct / n, 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -94,6 +94,19 @@ def test_rolling_budget_grows_with_position(rng) -> None:
     np.testing.assert_array_equal(np.asarray(rolling.keep).sum(-1)[0, 0, 0], [0, 0, 0, 0, 2, 4, 6, 8])
 
 
+def test_sinks_and_recent_keys_are_chosen_first_inside_the_budget(rng) -> None:
+    q, k, _ = qkv(rng, 64, 64, batch=1)
+    kw = dict(q_tile=8, unit=1, pool="group", budget=0.25, min_keys=0)
+    plain, forced = select(q, k, 0, 64, **kw), select(q, k, 0, 64, sinks=2, recent=3, **kw)
+    np.testing.assert_array_equal(np.asarray(forced.keep).sum(-1), np.asarray(plain.keep).sum(-1))  # same budget
+    idx, keep = np.asarray(forced.idx)[0, 0, 0], np.asarray(forced.keep)[0, 0, 0]
+    for t in range(1, 8):  # tile t starts at 8 t: positions 0, 1 and 8 t - 3 .. 8 t - 1 are among its keys
+        chosen = set(idx[t][keep[t]].tolist())
+        assert {0, 1, 8 * t - 3, 8 * t - 2, 8 * t - 1} <= chosen, (t, sorted(chosen))
+    with pytest.raises(ValueError, match="sinks"):
+        KascadeAttention(schedule(), sinks=-1)
+
+
 # ------------------------------------------------------------------------------------------------ selection
 @pytest.mark.slow
 @settings(max_examples=12, phases=NO_SHRINK)

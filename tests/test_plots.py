@@ -128,3 +128,25 @@ def test_table_hides_the_index_and_formats_cells() -> None:
     assert "54.7<" in default and "0.333<" in default
     with pytest.raises(KeyError, match="nope"):
         plots.table(rows, ["nope"])
+
+
+def test_accuracy_figures_draw_from_result_rows() -> None:
+    rows = [dict(length=n, method=m, n_cases=10, n_correct=c) for n, m, c in
+            ((2048, "dense", 10), (2048, "kascade", 6), (4096, "dense", 9), (4096, "kascade", 0))]
+    fig = plots.retrieval_accuracy(rows, ["dense", "kascade"])
+    bars = fig.axes[0].patches
+    assert [round(b.get_height(), 2) for b in bars] == [1.0, 0.9, 0.6, 0.0]
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["2k", "4k"]
+    fits_the_book(fig)
+    ppl = [dict(method=m, seq_len=n, delta_vs_dense_pct=d) for m, n, d in
+           (("kascade", 512, 3.0), ("kascade", 2048, 5.0), ("quest", 512, 40.0))]
+    fig = plots.ppl_deltas(ppl)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["kascade", "quest"]
+    assert sorted(round(b.get_width(), 1) for b in fig.axes[0].patches) == [3.0, 5.0, 40.0]
+    fits_the_book(fig)
+    cands = {f"dp_k{k}": dict(num_anchors=k, objective="similarity", method="dp", ppl_delta=0.1 / k,
+                              decode_only_correct=k) for k in (2, 3, 4)}
+    cands["dpimp_k3"] = dict(num_anchors=3, objective="importance", method="dp", ppl_delta=0.05, decode_only_correct=1)
+    fig = plots.objective_sweep(cands, dense_correct=9, n_cases=10)
+    assert [list(line.get_ydata()) for line in fig.axes[1].get_lines()[:2]] == [[2, 3, 4], [1]]
+    fits_the_book(fig)

@@ -106,3 +106,14 @@ def test_methods_sharing_a_prefill_match_their_own_runs(tok) -> None:
         assert answer_case(model, case, {name: method}, tokenizer=tok)[name]["output"] == together[name]["output"]
     reference = answer_case(model, case, {"ref": RetrievalMethod(dense_attention, dense_attention)}, tokenizer=tok)
     assert reference["ref"]["output"] == together["dense"]["output"]
+
+
+def test_wilson_interval() -> None:
+    from kascade_lite.tasks import wilson_interval
+
+    low, high = wilson_interval(50, 100)
+    assert low < 0.5 < high and abs((0.5 - low) - (high - 0.5)) < 1e-12 and 0.09 < high - low < 0.2
+    assert wilson_interval(0, 10)[0] == 0.0 and 0.2 < wilson_interval(0, 10)[1] < 0.35
+    assert wilson_interval(10, 10)[1] == 1.0 and wilson_interval(10, 10)[0] > 0.6
+    with pytest.raises(ValueError, match="correct"):
+        wilson_interval(3, 2)
