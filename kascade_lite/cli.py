@@ -379,23 +379,28 @@ class Benchmark:
 
 
 ABLATION = "dense,oracle_decode,pooled_decode,kascade_decode,pooled_tiles_decode,kascade_tiles_decode"
+FRONTIER = ",".join(f"kascade_decode{s}{b}" for s in ("", "+dp_k3", "+dpimp_k8") for b in ("", "@0.2", "@0.3", "@0.5"))
+"""Decode-only Kascade over anchors (the chosen schedule, DP K=3, DP+importance K=8) x key budget (10-50 %)."""
+RETRIEVAL = "dense,kascade,kascade_decode,kascade_sw,tidal,oracle_decode,quest"
 """The decode-only retrieval ladder of chapter 07: from the per-head oracle to Kascade, one change at a time."""
 
 BENCHMARKS: dict[str, Benchmark] = {
+    "schedule-selection": Benchmark("select_schedule.py", ("--out", "{data}"), ("--smoke", "--out", "{data}"),
+                                    ("schedule_selection.json",)),
     "accuracy-ppl": Benchmark("bench_accuracy.py",
-                              ("ppl", "--windows-512", "8", "--windows-2048", "2", "--time-budget", "1260",
+                              ("ppl", "--windows-512", "24", "--windows-2048", "6", "--time-budget", "900",
                                "--out", "{data}/accuracy_ppl.json"),
                               ("ppl", "--smoke", "--out", "{data}/accuracy_ppl.json"), ("accuracy_ppl.json",),
                               reads_schedules=True),
     "accuracy-retrieval": Benchmark("bench_accuracy.py",
-                                    ("retrieval", "--cases", "2048:100,4096:100,8192:100", "--methods",
-                                     "dense,kascade,kascade_decode,oracle_decode,quest,sink_window,"
-                                     "kascade_decode@0.3,kascade_decode@0.5", "--time-budget", "0",
+                                    ("retrieval", "--cases", "2048:100,4096:100,8192:100", "--methods", RETRIEVAL,
+                                     "--every", "kascade_sw:2", "--time-budget", "0",
                                      "--out", "{data}/accuracy_retrieval.json"),
                                     ("retrieval", "--smoke", "--out", "{data}/accuracy_retrieval.json"),
                                     ("accuracy_retrieval.json",), reads_schedules=True),
     "accuracy-retrieval-ablation": Benchmark(
-        "bench_accuracy.py", ("retrieval", "--cases", "2048:50", "--methods", ABLATION, "--time-budget", "0",
+        "bench_accuracy.py", ("retrieval", "--cases", "2048:40", "--methods", f"{ABLATION},{FRONTIER.split(',', 1)[1]}",
+                              "--time-budget", "0",
                               "--out", "{data}/accuracy_retrieval_ablation.json"),
         ("retrieval", "--smoke", "--methods", ABLATION, "--out", "{data}/accuracy_retrieval_ablation.json"),
         ("accuracy_retrieval_ablation.json",), reads_schedules=True),

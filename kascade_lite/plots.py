@@ -406,3 +406,22 @@ def ppl_deltas(rows: Sequence[Mapping[str, Any]], target_pct: float = 2.0) -> pl
     ax.legend(fontsize=9, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def survival_maps(needle: np.ndarray, survival: Mapping[str, np.ndarray]) -> plt.Figure:
+    """Heatmaps over (KV head, layer): the dense attention mass of the answer's first query on the needle
+    (``needle [L, H]``), then for each named schedule the share of each layer-head's mass its Kascade keys keep
+    (``survival[name]: [L, H]``, from `calibrate.reuse_survival`)."""
+    panels = [("needle mass (dense)", needle, "magma")] + [(f"mass kept: {n}", s, "viridis") for n, s in survival.items()]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(BOOK_WIDTH_IN, 1.25 * len(panels) + 0.6), sharex=True)
+    for ax, (title, values, cmap) in zip(np.atleast_1d(axes), panels):
+        im = ax.imshow(np.asarray(values).T, aspect="auto", cmap=cmap, vmin=0, vmax=None if cmap == "magma" else 1,
+                       interpolation="nearest")
+        ax.set_title(title, fontsize=10, loc="left")
+        ax.set_ylabel("KV head", fontsize=9)
+        ax.set_yticks(range(values.shape[1]))
+        ax.grid(False)
+        fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
+    np.atleast_1d(axes)[-1].set_xlabel("layer")
+    fig.tight_layout()
+    return fig

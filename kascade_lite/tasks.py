@@ -40,12 +40,13 @@ MAX_NEW_TOKENS = 9  # " " + 7 digits + "."
 @dataclass(frozen=True)
 class RetrievalCase:
     """One prompt ``ids: [length]`` int32 and its expected 7-digit ``answer``; ``depth`` is where the needle sits
-    (0 = start of the haystack, 1 = end)."""
+    (0 = start of the haystack, 1 = end), ``needle`` its token positions ``[start, end)`` in ``ids``."""
 
     ids: np.ndarray
     key: str
     answer: str
     depth: float
+    needle: tuple[int, int] = (0, 0)
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
@@ -81,15 +82,18 @@ def make_case(length: int, rng: np.random.Generator, *, num_distractors: int = 0
     boundaries = [i + 1 for i, t in enumerate(fill) if tok.decode([t]).strip().endswith(".")]
     spots = sorted(rng.choice(boundaries, size=len(needles), replace=False).tolist())
     order = rng.permutation(len(needles))  # which needle goes to which spot
-    hay, last = [], 0
+    hay, last, span = [], 0, (0, 0)
     for spot, j in zip(spots, order):
-        hay += fill[last:spot] + needles[j]
+        hay += fill[last:spot]
+        if j == 0:
+            span = (len(before) + len(hay), len(before) + len(hay) + len(needles[0]))
+        hay += needles[j]
         last = spot
     hay += fill[last:]
     ids = np.asarray(before + hay + after, np.int32)
     assert ids.shape == (length,), ids.shape
     depth = spots[list(order).index(0)] / n_fill
-    return RetrievalCase(ids=ids, key=key, answer=values[0], depth=float(depth))
+    return RetrievalCase(ids=ids, key=key, answer=values[0], depth=float(depth), needle=span)
 
 
 def make_cases(length: int, num: int, seed: int = 0, **kw: Any) -> list[RetrievalCase]:

@@ -150,3 +150,10 @@ def test_accuracy_figures_draw_from_result_rows() -> None:
     fig = plots.objective_sweep(cands, dense_correct=9, n_cases=10)
     assert [list(line.get_ydata()) for line in fig.axes[1].get_lines()[:2]] == [[2, 3, 4], [1]]
     fits_the_book(fig)
+
+
+def test_survival_maps() -> None:
+    needle = np.random.default_rng(0).random((30, 3))
+    fig = plots.survival_maps(needle, {"a": needle / 2, "b": needle / 3})
+    assert [ax.get_title(loc="left") for ax in fig.axes[:3]] == ["needle mass (dense)", "mass kept: a", "mass kept: b"]
+    fits_the_book(fig)

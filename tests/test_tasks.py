@@ -29,6 +29,8 @@ def test_cases_have_exact_length_and_hold_the_needle(length, tok) -> None:
         assert text.rstrip().endswith(f"The special magic number for {case.key} is")
         assert text.count(case.answer) == 1 and 0 <= case.depth <= 1
         assert text.startswith("<|im_start|>system")
+        start, end = case.needle
+        assert tok.decode(case.ids[start:end].tolist()).strip() == f"The special magic number for {case.key} is {case.answer}."
 
 
 def test_cases_are_reproducible(tok) -> None:
