@@ -32,7 +32,7 @@ import numpy as np
 from kascade_lite.baselines import (BASELINES, DenseAttention, QuestAttention, SinkWindowAttention, TidalDecode,
                                     TiledSinkWindow, all_heads_pooled, flash_dense_attention, kascade_no_remap, omnikv,
                                     oracle_topk)
-from kascade_lite.config import LlamaConfig
+from kascade_lite.convert import smollm2_or_tiny
 from kascade_lite.data import load_tokenizer, token_windows, wikitext_windows
 from kascade_lite.eval import nll_per_window
 from kascade_lite.files import provenance, shipped_dir, write_json_atomic
@@ -49,13 +49,7 @@ Config = dict[str, Any]
 # ------------------------------------------------------------------------------------------------ model + schedules
 def load_model(smoke: bool) -> Llama:
     """SmolLM2-135M (float32), or with ``smoke`` a tiny random Llama with the same vocabulary and head layout."""
-    if smoke:
-        cfg = LlamaConfig(vocab_size=49152, hidden_size=48, intermediate_size=96, num_layers=4, num_heads=9,
-                          num_kv_heads=3, head_dim=16, max_position_embeddings=8192, tie_word_embeddings=True)
-        return Llama(cfg)
-    from kascade_lite.convert import load_smollm2
-
-    return load_smollm2()
+    return smollm2_or_tiny(smoke)
 
 
 def kascade_schedules(model: Llama, schedule_dir: Path | None = None) -> dict[str, Schedule]:

@@ -41,10 +41,11 @@ from typing import Any
 import numpy as np
 
 from kascade_lite.calibrate import Calibration, calibrate
+from kascade_lite.convert import smollm2_or_tiny
 from kascade_lite.data import load_tokenizer, wikitext_windows
 from kascade_lite.eval import nll_per_window
 from kascade_lite.files import provenance, shipped_dir, write_json_atomic
-from kascade_lite.model import Llama, dense_attention
+from kascade_lite.model import dense_attention
 from kascade_lite.schedule import OBJECTIVES, Schedule, write_schedules
 from kascade_lite.kascade import KascadeAttention
 from kascade_lite.tasks import RetrievalMethod, answer_case, make_cases
@@ -53,19 +54,6 @@ MODEL = "smollm2-135m"
 CALIBRATION_SEED = 1  # retrieval prompts mixed into the calibration set
 SELECTION_SEED = 2    # held-out retrieval cases for choosing; the published tables use seed 0
 SETTINGS = dict(tile_size=32, budget=0.1, min_keys=128)
-
-
-def load(smoke: bool) -> Llama:
-    """SmolLM2-135M (float32), or with ``smoke`` a tiny random Llama with the same vocabulary and head layout."""
-    if smoke:
-        from kascade_lite.config import LlamaConfig
-
-        cfg = LlamaConfig(vocab_size=49152, hidden_size=48, intermediate_size=96, num_layers=6, num_heads=9,
-                          num_kv_heads=3, head_dim=16, max_position_embeddings=8192, tie_word_embeddings=True)
-        return Llama(cfg)
-    from kascade_lite.convert import load_smollm2
-
-    return load_smollm2()
 
 
 def kascade(schedule: Schedule) -> KascadeAttention:
@@ -117,7 +105,7 @@ def choose(rows: dict[str, dict[str, Any]]) -> str:
 
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     out = Path(args.out)
-    model, tok = load(args.smoke), load_tokenizer()
+    model, tok = smollm2_or_tiny(args.smoke, num_layers=6), load_tokenizer()
     doc: dict[str, Any] = {"provenance": provenance(command, smoke=args.smoke), "settings": dict(
         SETTINGS, model=MODEL, seq_len=args.seq_len, calibration=dict(wikitext_windows=args.cal_wiki,
         retrieval_prompts=args.cal_prompts, seed=CALIBRATION_SEED), held_out=dict(

@@ -285,3 +285,13 @@ def converted_smollm2(*, progress: bool = False) -> Path:
 def load_smollm2(*, dtype: Any = jnp.float32) -> Llama:
     """SmolLM2-135M-Instruct as a `Llama` (converted once, cached; weights and activations in ``dtype``)."""
     return load_converted(converted_smollm2(), param_dtype=dtype, dtype=dtype)
+
+
+def smollm2_or_tiny(smoke: bool, num_layers: int = 4) -> Llama:
+    """SmolLM2-135M (float32), or with ``smoke`` a tiny random Llama of ``num_layers`` layers with SmolLM2's
+    vocabulary and head layout (9 query / 3 KV heads): what the benchmark scripts run at full and smoke size."""
+    if not smoke:
+        return load_smollm2()
+    return Llama(LlamaConfig(vocab_size=49152, hidden_size=48, intermediate_size=96, num_layers=num_layers,
+                             num_heads=9, num_kv_heads=3, head_dim=16, max_position_embeddings=8192,
+                             tie_word_embeddings=True))
