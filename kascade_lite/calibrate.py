@@ -49,7 +49,7 @@ from .progress import tqdm
 from .attention import attention_probs, gqa_attention, weighted_values
 from .files import atomic_path, provenance, write_json_atomic
 from .kascade import topk_count
-from .model import KVCache, Llama, forward
+from .model import AttentionFn, KVCache, Llama, dense_attention, forward
 
 if TYPE_CHECKING:
     from .schedule import Schedule
@@ -153,7 +153,8 @@ def attention_maps(model: Llama, tokens: np.ndarray, layers: tuple[int, ...]) ->
 
 
 def reuse_survival(model: Llama, prompt: np.ndarray, schedules: Mapping[str, "Schedule"], span: tuple[int, int], *,
-                   budget: float = 0.1, min_keys: int = 128) -> dict[str, Any]:
+                   budget: float = 0.1, min_keys: int = 128, prefill: AttentionFn = dense_attention
+                   ) -> dict[str, Any]:
     """Where a schedule loses a needle: exact attention of a prompt's last token (the query that starts the answer),
     per layer ``l`` and KV head ``h`` (means over the ``group`` query heads), ``[L, H]`` each:
 
@@ -165,10 +166,11 @@ def reuse_survival(model: Llama, prompt: np.ndarray, schedules: Mapping[str, "Sc
 
     Top-k keeps `kascade.topk_count` keys (``budget``, ``min_keys``, the query token counted) of those before the
     query. prompt: ``[length]`` token ids. Hidden states are the dense model's, so the layers are compared on the
-    same queries."""
+    same queries. ``prefill``: the dense attention of the prompt pass (`model.dense_attention`; a long prompt
+    wants `baselines.flash_dense_attention`, which never forms the ``[T, T]`` scores)."""
     ids = jnp.asarray(np.asarray(prompt, np.int32)[None])
     length = ids.shape[1]
-    _, cache, _ = forward(model, ids[:, :-1], KVCache.empty(model.cfg, 1, length))
+    _, cache, _ = forward(model, ids[:, :-1], KVCache.empty(model.cfg, 1, length), prefill)
     _, _, probs = forward(model, ids[:, -1:], cache, ProbsHook(tuple(range(model.cfg.num_layers))))
     p = np.stack([np.asarray(x[0, :, :, 0, :length], np.float64) for x in probs])   # [L, H, G, length]
     q_pos, k = length - 1, int(topk_count(length, 1, budget=budget, min_keys=min_keys))
