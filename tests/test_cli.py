@@ -2,7 +2,7 @@
 no command writes into the repository unless ``--out`` names it.
 
 The pipeline test runs in a temporary results root. To stay within a few minutes on 2 busy cores it leaves out
-the six slowest benchmark steps (`SLOW_BENCH`: minutes each even at smoke size; `test_benchmark_flags_exist`
+the seven slowest benchmark steps (`SLOW_BENCH`: minutes each even at smoke size; `test_benchmark_flags_exist`
 checks statically that their scripts accept the flags the CLI passes) and executes only the 01_rope notebook for
 figures (the book test executes every notebook).
 """
@@ -25,7 +25,7 @@ REPO = checkout_root()
 
 SUBCOMMANDS = ("convert", "calibrate", "schedule", "eval", "bench", "figures", "reproduce")
 SLOW_BENCH = ("bench-attention", "bench-e2e", "bench-perplexity", "bench-convert", "bench-accuracy-retrieval",
-              "bench-accuracy-retrieval-ablation")
+              "bench-accuracy-retrieval-ablation", "bench-schedule-selection")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -111,7 +111,7 @@ def test_reproduce_smoke(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypa
     arrays = load_file(str(data / "calibration" / "smollm2-135m.safetensors"))
     assert arrays["similarity"].shape == (30, 30, 3, 3)
     schedules = sorted((data / "schedules").glob("smollm2-135m_*.json"))
-    assert len(schedules) == 8 and all(Schedule.load(p).num_layers == 30 for p in schedules)
+    assert len(schedules) == 15 and all(Schedule.load(p).num_layers == 30 for p in schedules)  # dp, dpimp K=2..8, greedy
     results = json.loads((data / "eval_smollm2-135m.json").read_text())["results"]
     assert [r["policy"] for r in results] == ["dense", "kascade_dp_k4"] and all(r["ppl"] > 1 for r in results)
     # the smoke sizes exercise the method: Top-k drops keys, so Kascade's perplexity is not dense's
