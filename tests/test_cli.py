@@ -167,7 +167,8 @@ def test_reproduce_model_path(tmp_path: Path, capsys: pytest.CaptureFixture,
     assert (tmp_path / "cache" / "tiny-llama" / "manifest.json").is_file()
     assert json.loads((data / "calibration" / "tiny-llama.json").read_text())["settings"]["model"] == "tiny-llama"
     assert sorted(p.stem for p in (data / "schedules").glob("*.json")) == [
-        "tiny-llama_dp_k2", "tiny-llama_dp_k3", "tiny-llama_dp_k4", "tiny-llama_greedy"]
+        "tiny-llama_dp_k2", "tiny-llama_dp_k3", "tiny-llama_dp_k4", "tiny-llama_dpimp_k2", "tiny-llama_dpimp_k3",
+        "tiny-llama_dpimp_k4", "tiny-llama_greedy"]
     assert json.loads((data / "eval_tiny-llama.json").read_text())["results"][1]["policy"] == "kascade_dp_k4"
 
 
