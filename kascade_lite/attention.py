@@ -5,7 +5,13 @@ With :math:`H_q` query heads and :math:`H_{kv}` KV heads, query head :math:`h` r
 (a :math:`g\times` larger cache), we reshape the queries to ``[batch, seq, kv_heads, group, head_dim]`` and let one
 einsum broadcast each KV head over its group:
 
-.. math:: s_{b,h,j,q,k} = \frac{\langle Q_{b,q,h,j}, K_{b,k,h}\rangle}{\sqrt{d}}.
+.. math:: s_{b,h,j,q,k} = \frac{\langle Q_{b,q,h,j}, K_{b,h,k}\rangle}{\sqrt{d}}.
+
+**Layouts.** Queries come straight from the projection, ``[batch, q_len, q_heads, head_dim]``. Keys and values are
+the KV cache, stored **head-major** ``[batch, kv_heads, kv_len, head_dim]``: each KV head's keys are one contiguous
+``[kv_len, head_dim]`` block, so the score and value products are plain batched matmuls that read the cache in
+place (a sequence-major ``[batch, kv_len, kv_heads, head_dim]`` cache makes XLA transpose or stride through it on
+every decode step; chapter 08 measures the difference).
 
 Causality is positional: query ``i`` sits at absolute position ``q_offset + i`` and may read key ``j`` iff
 ``j <= q_offset + i`` and ``j < kv_len`` (keys past ``kv_len`` are unused cache slots).
@@ -22,16 +28,17 @@ NEG_INF = -1e30  # finite: keeps fully masked rows NaN-free
 
 
 def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int]:
-    """Validate ``q: [batch, q_len, q_heads, head_dim]``, ``k, v: [batch, kv_len, kv_heads, head_dim]``.
+    """Validate ``q: [batch, q_len, q_heads, head_dim]``, ``k, v: [batch, kv_heads, kv_len, head_dim]``.
 
     Returns ``(kv_heads, group)``; raises ``ValueError`` naming the shapes otherwise."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"expected rank-4 q/k/v [batch, seq, heads, head_dim], got q{q.shape} k{k.shape} v{v.shape}")
+        raise ValueError(f"expected rank-4 q [batch, seq, heads, head_dim] and k/v [batch, kv_heads, seq, head_dim], "
+                         f"got q{q.shape} k{k.shape} v{v.shape}")
     if k.shape != v.shape:
         raise ValueError(f"k{k.shape} and v{v.shape} must have the same shape")
     if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"batch/head_dim mismatch: q{q.shape} vs k{k.shape}")
-    q_heads, kv_heads = q.shape[2], k.shape[2]
+    q_heads, kv_heads = q.shape[2], k.shape[1]
     if q_heads % kv_heads:
         raise ValueError(f"q heads {q_heads} not divisible by kv heads {kv_heads} (q{q.shape}, k{k.shape})")
     return kv_heads, q_heads // kv_heads
@@ -49,12 +56,14 @@ def causal_mask(q_len: int, kv_total: int, q_offset: jax.Array | int = 0,
 
 
 def grouped_scores(q: jax.Array, k: jax.Array, scale: float | None = None) -> jax.Array:
-    """Scaled logits ``[batch, kv_heads, group, q_len, kv_len]`` (float32) without repeating K."""
+    """Scaled logits ``[batch, kv_heads, group, q_len, kv_len]`` (float32) without repeating K.
+
+    q: ``[batch, q_len, q_heads, head_dim]``; k: ``[batch, kv_heads, kv_len, head_dim]``."""
     kv_heads, group = check_qkv(q, k, k)
     b, t, _, d = q.shape
     qg = q.reshape(b, t, kv_heads, group, d)
     scale = d ** -0.5 if scale is None else scale
-    return jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+    return jnp.einsum("bqhgd,bhkd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
 
 
 def attention_probs(q: jax.Array, k: jax.Array, *, causal: bool = True, q_offset: jax.Array | int = 0,
@@ -62,9 +71,9 @@ def attention_probs(q: jax.Array, k: jax.Array, *, causal: bool = True, q_offset
     """Post-softmax attention ``[batch, kv_heads, group, q_len, kv_len]`` in float32 (what Kascade's anchors pool)."""
     s = grouped_scores(q, k, scale)
     if causal:
-        s = jnp.where(causal_mask(q.shape[1], k.shape[1], q_offset, kv_len), s, NEG_INF)
+        s = jnp.where(causal_mask(q.shape[1], k.shape[2], q_offset, kv_len), s, NEG_INF)
     elif kv_len is not None:  # bidirectional: only the unused cache slots are hidden
-        s = jnp.where(jnp.arange(k.shape[1]) < kv_len, s, NEG_INF)
+        s = jnp.where(jnp.arange(k.shape[2]) < kv_len, s, NEG_INF)
     return jax.nn.softmax(s, axis=-1)
 
 
@@ -73,7 +82,7 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = Tr
                   scale: float | None = None) -> jax.Array:
     """Dense grouped-query attention.
 
-    q: ``[batch, q_len, q_heads, head_dim]``; k, v: ``[batch, kv_total, kv_heads, head_dim]``.
+    q: ``[batch, q_len, q_heads, head_dim]``; k, v: ``[batch, kv_heads, kv_total, head_dim]`` (head-major).
     ``q_offset`` is the absolute position of the first query (the cache length before this step in decode),
     ``kv_len`` the number of valid cache entries. Returns ``[batch, q_len, q_heads, head_dim]`` in ``q.dtype``.
     """
@@ -83,16 +92,17 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = Tr
 
 
 def weighted_values(p: jax.Array, v: jax.Array, out_dtype: Any) -> jax.Array:
-    """Attention output from probabilities ``p: [batch, kv_heads, group, q_len, kv]`` and values ``v: [batch, kv,
-    kv_heads, head_dim]``: ``[batch, q_len, kv_heads * group, head_dim]`` in ``out_dtype``."""
+    """Attention output from probabilities ``p: [batch, kv_heads, group, q_len, kv]`` and values ``v: [batch,
+    kv_heads, kv, head_dim]``: ``[batch, q_len, kv_heads * group, head_dim]`` in ``out_dtype``."""
     b, h, g, t, _ = p.shape
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h * g, v.shape[-1]).astype(out_dtype)
+    out = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    # a batched matmul, then the transpose (XLA's CPU dot rejects bf16 x bf16 -> f32 with the transpose fused in)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * g, v.shape[-1]).astype(out_dtype)
 
 
 def repeat_kv(x: jax.Array, group: int) -> jax.Array:
-    """The wasteful alternative: ``[b, s, kv_heads, d] -> [b, s, kv_heads * group, d]`` (for tests and the book)."""
-    return jnp.repeat(x, group, axis=2)
+    """The wasteful alternative: ``[b, kv_heads, s, d] -> [b, kv_heads * group, s, d]`` (for tests and the book)."""
+    return jnp.repeat(x, group, axis=1)
 
 
 def kv_cache_bytes(num_layers: int, kv_heads: int, head_dim: int, tokens: int, bytes_per_value: int = 2,

@@ -122,7 +122,7 @@ class SinkWindowAttention:
                  kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]:
         if layer in self.dense_layers:
             return flash_attention(q, k, v, q_offset=q_offset, kv_len=kv_len), carry
-        sel = sink_window_selection(q.shape[1], k.shape[1], q_offset, kv_len, batch=q.shape[0], kv_heads=k.shape[2],
+        sel = sink_window_selection(q.shape[1], k.shape[2], q_offset, kv_len, batch=q.shape[0], kv_heads=k.shape[1],
                                     budget=self.budget, min_keys=self.min_keys, sinks=self.sinks)
         return attend(q, k, v, sel, q_offset, kv_len), carry
 
@@ -156,9 +156,9 @@ class TiledSinkWindow:
                  kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]:
         if layer in self.dense_layers:
             return flash_attention(q, k, v, q_offset=q_offset, kv_len=kv_len), carry
-        b, t, kv_heads = q.shape[0], q.shape[1], k.shape[2]
+        b, t, kv_heads = q.shape[0], q.shape[1], k.shape[1]
         q_tile = 1 if t == 1 else self.tile
-        keep = min(self.keep, -(-k.shape[1] // self.tile))
+        keep = min(self.keep, -(-k.shape[2] // self.tile))
         first_query = q_offset + jnp.arange(-(-t // q_tile)) * q_tile
         idx = sink_window_tiles(first_query // self.tile, keep)                    # [n_qtiles, keep]
         shape = (b, kv_heads, 1) + idx.shape
@@ -167,14 +167,14 @@ class TiledSinkWindow:
 
 
 def page_min_max(k: jax.Array, page_size: int, kv_len: Any) -> tuple[jax.Array, jax.Array]:
-    """Per-page, per-channel key extremes over the valid keys: ``k: [batch, kv_total, kv_heads, d]`` ->
-    ``(kmin, kmax)`` each ``[batch, n_pages, kv_heads, d]`` (a page with no valid key gets +inf / -inf)."""
-    b, n, h, d = k.shape
+    """Per-page, per-channel key extremes over the valid keys: ``k: [batch, kv_heads, kv_total, d]`` ->
+    ``(kmin, kmax)`` each ``[batch, kv_heads, n_pages, d]`` (a page with no valid key gets +inf / -inf)."""
+    b, h, n, d = k.shape
     n_pages = -(-n // page_size)
-    valid = (jnp.arange(n_pages * page_size) < kv_len)[None, :, None, None]
-    kp = jnp.pad(k.astype(jnp.float32), [(0, 0), (0, n_pages * page_size - n), (0, 0), (0, 0)])
-    kmin = jnp.where(valid, kp, jnp.inf).reshape(b, n_pages, page_size, h, d).min(axis=2)
-    kmax = jnp.where(valid, kp, -jnp.inf).reshape(b, n_pages, page_size, h, d).max(axis=2)
+    valid = (jnp.arange(n_pages * page_size) < kv_len)[None, None, :, None]
+    kp = jnp.pad(k.astype(jnp.float32), [(0, 0), (0, 0), (0, n_pages * page_size - n), (0, 0)])
+    kmin = jnp.where(valid, kp, jnp.inf).reshape(b, h, n_pages, page_size, d).min(axis=3)
+    kmax = jnp.where(valid, kp, -jnp.inf).reshape(b, h, n_pages, page_size, d).max(axis=3)
     return kmin, kmax
 
 
@@ -185,8 +185,8 @@ def quest_upper_bound(q: jax.Array, kmin: jax.Array, kmax: jax.Array) -> jax.Arr
     b, t, _, d = q.shape
     qg = q.reshape(b, t, kv_heads, group, d).astype(jnp.float32)
     lo, hi = jnp.where(jnp.isfinite(kmin), kmin, 0.0), jnp.where(jnp.isfinite(kmax), kmax, 0.0)
-    bound = (jnp.einsum("bqhgd,bphd->bhgqp", jnp.maximum(qg, 0), hi)
-             + jnp.einsum("bqhgd,bphd->bhgqp", jnp.minimum(qg, 0), lo))
+    bound = (jnp.einsum("bqhgd,bhpd->bhgqp", jnp.maximum(qg, 0), hi)
+             + jnp.einsum("bqhgd,bhpd->bhgqp", jnp.minimum(qg, 0), lo))
     return bound * d ** -0.5
 
 
@@ -195,7 +195,7 @@ def quest_selection(q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any, *, p
     """Quest's Top pages per query head and query token: a `Selection` ``[batch, kv_heads, group, q_len, k]`` of
     page numbers (``unit = page_size``), ranked by `quest_upper_bound` among the pages before the query."""
     bound = quest_upper_bound(q, *page_min_max(k, page_size, kv_len))              # [b, h, g, q_len, pages]
-    k_max = max(1, min(bound.shape[-1], topk_count(k.shape[1], 1, budget=budget, min_keys=min_keys,
+    k_max = max(1, min(bound.shape[-1], topk_count(k.shape[2], 1, budget=budget, min_keys=min_keys,
                                                    unit=page_size)))
     one_query = lambda scores, start: topk_units(scores, start, kv_len, 1, k_max=k_max, unit=page_size,  # noqa: E731
                                                  budget=budget, min_keys=min_keys)

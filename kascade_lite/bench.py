@@ -63,8 +63,12 @@ def speedup(baseline: dict, candidate: dict) -> float:
 
 def write_results(path: str | os.PathLike, command: str, config: dict[str, Any], rows: list[dict], *,
                   smoke: bool) -> dict:
-    """Write ``{"provenance", "config", "results"}`` atomically and return it (``smoke``: a smoke-size run)."""
-    doc = {"provenance": provenance(command, smoke=smoke), "config": config, "results": rows}
+    """Write ``{"provenance", "config", "results"}`` atomically and return it (``smoke``: a smoke-size run).
+
+    The provenance also records the machine's load averages over the last 1, 5 and 15 minutes at writing time
+    (``load_average``): on a 2-core machine a 15-minute load near 2 or above means the timings shared the CPU."""
+    doc = {"provenance": {**provenance(command, smoke=smoke), "load_average": list(os.getloadavg())},
+           "config": config, "results": rows}
     write_json_atomic(path, doc)
     return doc
 
@@ -105,11 +109,11 @@ def schedule_summary(schedule: Schedule) -> dict[str, Any]:
 
 def random_qkv(key: jax.Array, batch: int, t: int, length: int, q_heads: int, kv_heads: int, head_dim: int,
                dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Random q ``[batch, t, q_heads, d]`` and k, v ``[batch, length, kv_heads, d]`` for kernel timing."""
+    """Random q ``[batch, t, q_heads, d]`` and head-major k, v ``[batch, kv_heads, length, d]`` for kernel timing."""
     kq, kk, kv = jax.random.split(key, 3)
     return (jax.random.normal(kq, (batch, t, q_heads, head_dim), dtype),
-            jax.random.normal(kk, (batch, length, kv_heads, head_dim), dtype),
-            jax.random.normal(kv, (batch, length, kv_heads, head_dim), dtype))
+            jax.random.normal(kk, (batch, kv_heads, length, head_dim), dtype),
+            jax.random.normal(kv, (batch, kv_heads, length, head_dim), dtype))
 
 
 # ------------------------------------------------------------------------------------------------ roofline, results

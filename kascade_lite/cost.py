@@ -139,6 +139,16 @@ def memory_plan(cfg: LlamaConfig, tokens: int, *, batch: int = 1, model_size: in
                 kv_read_dense=kv, kv_read_kascade=attn_kascade, index_bytes=batch * heads * keys * 4)
 
 
+def decode_ceiling(cfg: LlamaConfig, tokens: int, *, num_anchor_layers: int, budget: float = 0.1,
+                   min_keys: int = 128, bytes_per_value: float = 4) -> float:
+    """The bytes-moved ceiling of Kascade's whole-model decode speedup: bytes one decode step reads (all weights +
+    K/V, `memory_plan`'s ``dense_read``) over Kascade's (``kascade_read``), weights and cache both stored with
+    ``bytes_per_value``. A memory-bound decode step cannot beat this ratio: the weights are read either way."""
+    plan = memory_plan(cfg, tokens, num_anchor_layers=num_anchor_layers, budget=budget, min_keys=min_keys,
+                       bytes_per_param=bytes_per_value, kv_bytes=bytes_per_value)
+    return plan["dense_read"] / plan["kascade_read"]
+
+
 def smallest_model_axis(cfg: LlamaConfig, tokens: int, accelerator: Accelerator, *, batch: int = 1,
                         num_anchor_layers: int, headroom: float = 0.9, **kw: Any) -> int | None:
     """Smallest model-axis size (a divisor of ``num_kv_heads``) whose per-device weights + dense cache fit in

@@ -16,13 +16,15 @@ head, one set shared by all KV heads; ``"head"``: no pooling, one set per query 
 .. math:: S_{h,t,u} = \sum_{g}\sum_{i \in t}\sum_{j \in u} P_{h,g,i,j}, \qquad
           I_{h,t} = \operatorname{TopK}_{u \,:\, \text{start}(u) < \text{start}(t)} S_{h,t,u}.
 
-Scores are computed one chunk of query tiles at a time (`select`), so prefill never holds a ``[heads, T, T]``
-tensor. Layer 0 is dense (its attention is flat) but still selects; an anchor attends over its own Top-k (or
+Scores are computed one block of query tiles at a time, in two passes over the key blocks below the diagonal
+(`select`: softmax statistics, then pooled probabilities), so prefill never holds a ``[heads, T, T]`` tensor and
+costs about what FlashAttention's two products cost. Layer 0 is dense (its attention is flat) but still selects; an anchor attends over its own Top-k (or
 densely, ``anchor_dense=True``, for filter-layer baselines); a reuse layer ``l`` skips the scoring and its KV head
 ``h`` takes the selection of the latest anchor's head ``head_map[l][h]`` (`Selection.remap`; ``remap=False``: head h).
 
-**Attend** (`attend`). Query tile ``t`` gathers its selected keys and values from the model's sequence-major cache
-``[batch, max_len, kv_heads, head_dim]`` plus its own tile's keys (causal inside the tile) and runs one softmax
+**Attend** (`attend`). Query tile ``t`` gathers its selected keys and values from the model's head-major cache
+``[batch, kv_heads, max_len, head_dim]`` (`kernels.gather_positions`, or whole contiguous tiles with
+`kernels.gather_tiles`) plus its own tile's keys (causal inside the tile) and runs one softmax
 over those :math:`n_{keep}` keys only; prefill maps over query tiles with ``lax.map``, so memory is
 :math:`O(T \cdot n_{keep})`. Decode is the same with one query tile of one token.
 """
@@ -38,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from .attention import NEG_INF, check_qkv
-from .kernels import flash_attention, gather_positions, gather_tiles_seq
+from .kernels import flash_attention, gather_positions, gather_tiles, key_block
 
 if TYPE_CHECKING:
     from .schedule import Schedule
@@ -159,58 +161,117 @@ def topk_units(scores: jax.Array, start: jax.Array, basis: jax.Array, own: jax.A
 
 
 def select(q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any, *, q_tile: int, unit: int, pool: Pool,
-           budget: float | int, min_keys: int, rolling: bool = False, chunk: int = 2, sinks: int = 0,
-           recent: int = 0) -> Selection:
-    """Anchor scoring: exact attention of each query tile (``chunk`` tiles at a time), pooled, Top-k per row.
+           budget: float | int, min_keys: int, rolling: bool = False, block_q: int = 256, block_k: int = 512,
+           sinks: int = 0, recent: int = 0) -> Selection:
+    """Anchor scoring: exact post-softmax attention of each query tile, pooled, Top-k per row, never a ``[T, L]``
+    tensor.
 
-    q: ``[batch, T, heads, d]`` at positions ``q_offset + i``; k: ``[batch, L, kv_heads, d]`` valid below ``kv_len``.
-    The budget basis is ``kv_len`` or, with ``rolling``, the keys visible to the tile. ``sinks`` / ``recent``: the
-    units holding the first ``sinks`` positions and the ``recent`` positions just before the tile are chosen first
-    (inside the same budget; StreamingLLM's sinks and window, Xiao et al. 2023). Returns a `Selection` with
-    ``n_qtiles = ceil(T / q_tile)`` and a static ``k = ceil((keys_kept(L) - own) / unit)`` (at least 1), where
-    ``own`` is the smallest own tile (the last one may be partial). A tile's own keys are its causal keys below
-    ``kv_len``: ``q_tile`` of them, or fewer in a partial last tile."""
-    kv_heads, _ = check_qkv(q, k, k)
-    t, length = q.shape[1], k.shape[1]
-    n_units = -(-length // unit)
-    own_min = t - (-(-t // q_tile) - 1) * q_tile
-    k_max = max(1, min(n_units, topk_count(length, own_min, budget=budget, min_keys=min_keys, unit=unit)))
-    kf = k.astype(jnp.float32)
+    q: ``[batch, T, heads, d]`` at positions ``q_offset + i``; k: ``[batch, kv_heads, L, d]`` valid below ``kv_len``.
+    Query tiles are scored ``block_q`` queries at a time, over the key blocks that hold a visible key (``block_k``
+    keys each; none above the diagonal). With key tiles (``unit > 1``) one pass keeps, per query, a running softmax
+    maximum and normaliser and the unnormalised mass of every key tile, rescaled when the maximum grows (as
+    FlashAttention rescales its output); with key positions a first pass finds the maxima and normalisers and a
+    second recomputes the scores as probabilities, so no ``[block_q, L]`` state is kept. Either way the result is
+    the pooled scores ``[batch, kv_heads, sets, tiles, n_units]``. A single-query decode step needs no blocking:
+    one pass over the whole cache. The budget basis is ``kv_len`` or, with ``rolling``, the keys visible
+    to the tile. ``sinks`` / ``recent``: the units holding the first ``sinks`` positions and the ``recent`` positions
+    just before the tile are chosen first (inside the same budget; StreamingLLM's sinks and window, Xiao et al.
+    2023). Returns a `Selection` with ``n_qtiles = ceil(T / q_tile)`` and a static ``k = ceil((keys_kept(L) - own)
+    / unit)`` (at least 1), where ``own`` is the smallest own tile (the last one may be partial). A tile's own keys
+    are its causal keys below ``kv_len``: ``q_tile`` of them, or fewer in a partial last tile."""
+    kv_heads, group = check_qkv(q, k, k)
+    b, t, length = q.shape[0], q.shape[1], k.shape[2]
+    n_t = -(-t // q_tile)
+    own_min = t - (n_t - 1) * q_tile
+    tpb = max(1, min(block_q // q_tile, n_t))                          # query tiles per block
+    bq = tpb * q_tile
+    bk = key_block(length, unit, length if t == 1 else block_k)
+    kp = jnp.pad(k, [(0, 0), (0, 0), (0, -length % bk), (0, 0)]) if length % bk else k
+    n_units = kp.shape[2] // unit
+    k_max = max(1, min(-(-length // unit), topk_count(length, own_min, budget=budget, min_keys=min_keys, unit=unit)))
 
-    def one_tile(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        qi, i = args                                                   # [b, h, g, q_tile, d], tile number
-        start = q_offset + i * q_tile
-        q_pos = start + jnp.arange(q_tile)
-        s = jnp.einsum("bhgqd,bkhd->bhgqk", qi, kf, preferred_element_type=jnp.float32)
-        visible = (jnp.arange(length) <= q_pos[:, None]) & (jnp.arange(length) < kv_len)
-        p = jax.nn.softmax(jnp.where(visible, s, NEG_INF), axis=-1)
-        p = jnp.where((i * q_tile + jnp.arange(q_tile) < t)[:, None], p, 0.0)  # padded queries do not vote
+    def one_block(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        qb, i = args                                                   # [tpb, b, h, g, q_tile, d], block number
+        qb = jnp.moveaxis(qb, 0, 3).reshape(b, kv_heads, group, bq, -1)
+        first = q_offset + i * bq
+        q_pos = first + jnp.arange(bq)
+        real = i * bq + jnp.arange(bq) < t                             # padded queries do not vote
+        n_kb = (jnp.minimum(first + bq, kv_len) + bk - 1) // bk         # key blocks holding a visible key
+
+        def scores(j: jax.Array) -> jax.Array:                         # [b, h, g, bq, bk]
+            kj = jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=2).astype(jnp.float32)
+            s = jnp.einsum("bhgqd,bhkd->bhgqk", qb, kj, preferred_element_type=jnp.float32)
+            k_pos = j * bk + jnp.arange(bk)
+            return jnp.where((k_pos <= q_pos[:, None]) & (k_pos < kv_len), s, NEG_INF)
+
+        def pool_probs(p: jax.Array) -> jax.Array:   # [b, h, g, bq, n] probabilities of n keys or units -> pooled
+            p = jnp.moveaxis(p.reshape(b, kv_heads, group, tpb, q_tile, p.shape[-1]), 3, 0)
+            return jnp.moveaxis(jax.vmap(lambda x: pooled_scores(x, pool, 1))(p), 0, 3)  # [b, h, sets, tpb, n]
+
+        def unit_sums(x: jax.Array) -> jax.Array:     # [..., bk] -> [..., bk / unit]
+            return x.reshape(*x.shape[:-1], bk // unit, unit).sum(axis=-1)
+
+        def online(j: jax.Array, state: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+            m, total, acc = state                     # running max, normaliser, unit sums [b, h, g, bq, n_units]
+            s = scores(j)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            corr, e = jnp.exp(m - m_new), jnp.exp(s - m_new[..., None])
+            acc = jax.lax.dynamic_update_slice_in_dim(acc * corr[..., None], unit_sums(e), j * (bk // unit), axis=4)
+            return m_new, total * corr + e.sum(axis=-1), acc
+
+        def max_and_sum(j: jax.Array, state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+            m, total = state
+            s = scores(j)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            return m_new, total * jnp.exp(m - m_new) + jnp.exp(s - m_new[..., None]).sum(axis=-1)
+
+        def pool_block(j: jax.Array, acc: jax.Array) -> jax.Array:
+            p = jnp.exp(scores(j) - m[..., None]) * weight[..., None]     # probabilities of key block j
+            return jax.lax.dynamic_update_slice_in_dim(acc, pool_probs(p), j * bk, axis=4)
+
+        stats = jnp.full(qb.shape[:-1], NEG_INF, jnp.float32), jnp.zeros(qb.shape[:-1], jnp.float32)
+        if kp.shape[2] == bk:                                          # one key block (decode): one pass
+            s = scores(jnp.int32(0))
+            e = jnp.exp(s - s.max(axis=-1, keepdims=True))
+            acc = pool_probs(unit_sums(e) * jnp.where(real, 1.0 / e.sum(axis=-1), 0.0)[..., None])
+        elif unit > 1:                                                 # one pass, unit sums rescaled online
+            zeros = jnp.zeros((*qb.shape[:-1], n_units), jnp.float32)
+            _, total, acc = jax.lax.fori_loop(0, n_kb, online, (*stats, zeros))
+            acc = pool_probs(acc * jnp.where(real, 1.0 / jnp.maximum(total, 1e-30), 0.0)[..., None])
+        else:                                                          # positions: two passes, no [bq, L] state
+            m, total = jax.lax.fori_loop(0, n_kb, max_and_sum, stats)
+            weight = jnp.where(real, 1.0 / jnp.maximum(total, 1e-30), 0.0)
+            sets = group if pool == "head" else 1
+            acc = jax.lax.fori_loop(0, n_kb, pool_block, jnp.zeros((b, kv_heads, sets, tpb, n_units), jnp.float32))
+        return jax.vmap(lambda sc, j: tile_topk(sc, first + j * q_tile), in_axes=(3, 0))(acc, jnp.arange(tpb))
+
+    def tile_topk(sc: jax.Array, start: jax.Array) -> tuple[jax.Array, jax.Array]:
         end = jnp.minimum(start + q_tile, kv_len)                       # keys visible to the tile
-        basis = end if rolling else kv_len
-        scores = pooled_scores(p, pool, unit)
         if sinks or recent:
-            first = jnp.arange(scores.shape[-1]) * unit                 # first position of each unit
-            forced = (first < sinks) | (first + unit > start - recent)
-            scores = jnp.where(forced, scores + FORCED, scores)
-        return topk_units(scores, start, basis, end - start, k_max=k_max, unit=unit, budget=budget,
-                          min_keys=min_keys)
+            unit_first = jnp.arange(n_units) * unit                     # first position of each unit
+            sc = jnp.where((unit_first < sinks) | (unit_first + unit > start - recent), sc + FORCED, sc)
+        return topk_units(sc, start, end if rolling else kv_len, end - start, k_max=k_max, unit=unit,
+                          budget=budget, min_keys=min_keys)
 
-    qt = query_tiles(q, kv_heads, q_tile)
-    idx, keep = jax.lax.map(one_tile, (qt, jnp.arange(qt.shape[0])), batch_size=min(chunk, qt.shape[0]))
+    qt = query_tiles(q, kv_heads, q_tile)                              # [n_t, b, h, g, q_tile, d]
+    n_blocks = -(-n_t // tpb)
+    qt = jnp.pad(qt, [(0, n_blocks * tpb - n_t)] + [(0, 0)] * 5).reshape(n_blocks, tpb, *qt.shape[1:])
+    idx, keep = jax.lax.map(one_block, (qt, jnp.arange(n_blocks)))    # [n_blocks, tpb, b, h, sets, k]
+    idx, keep = (x.reshape(n_blocks * tpb, *x.shape[2:])[:n_t] for x in (idx, keep))
     return Selection(idx=jnp.moveaxis(idx, 0, 3), keep=jnp.moveaxis(keep, 0, 3), q_tile=q_tile, unit=unit)
 
 
 # ------------------------------------------------------------------------------------------------ attend
 def gather_selected(x: jax.Array, sel: Selection, idx: jax.Array) -> jax.Array:
-    """Keys or values of one query tile's selection: ``x: [batch, L, kv_heads, d]``, ``idx: [batch, kv_heads, sets,
+    """Keys or values of one query tile's selection: ``x: [batch, kv_heads, L, d]``, ``idx: [batch, kv_heads, sets,
     k]`` -> ``[batch, kv_heads, sets, k * unit, d]`` (whole tiles gathered at once when ``L % unit == 0``)."""
     b, h, s, k = idx.shape
     flat = idx.reshape(b, h, s * k)
-    if sel.unit > 1 and x.shape[1] % sel.unit == 0:
-        out = gather_tiles_seq(x, flat, sel.unit)                      # [b, h, s*k, unit, d]
+    if sel.unit > 1 and x.shape[2] % sel.unit == 0:
+        out = gather_tiles(x, flat, sel.unit)                          # [b, h, s*k, unit, d]
     else:
         pos = (flat[..., None] * sel.unit + jnp.arange(sel.unit)).reshape(b, h, -1)
-        out = gather_positions(x, jnp.minimum(pos, x.shape[1] - 1))
+        out = gather_positions(x, jnp.minimum(pos, x.shape[2] - 1))
     return out.reshape(b, h, s, k * sel.unit, x.shape[-1])
 
 
@@ -219,9 +280,9 @@ def attend_tile(qi: jax.Array, k: jax.Array, v: jax.Array, sel: Selection, idx: 
     """One query tile over its selected keys plus its own tile.
 
     qi: scaled ``[batch, kv_heads, group, q_tile, d]`` at positions ``start + i`` (``i < n_queries`` are real);
-    k, v: ``[batch, L, kv_heads, d]``; idx, keep: ``[batch, kv_heads, sets, k]``. Returns float32 ``[batch, kv_heads,
+    k, v: ``[batch, kv_heads, L, d]``; idx, keep: ``[batch, kv_heads, sets, k]``. Returns float32 ``[batch, kv_heads,
     group, q_tile, d]``: one softmax over the selected keys before ``start`` and the causal keys of the own tile."""
-    tq, n_own = qi.shape[3], min(qi.shape[3], k.shape[1])
+    tq, n_own = qi.shape[3], min(qi.shape[3], k.shape[2])
     pos = (idx[..., None] * sel.unit + jnp.arange(sel.unit)).reshape(*idx.shape[:3], -1)
     ok = jnp.repeat(keep, sel.unit, axis=-1) & (pos < start)           # [b, h, s, n]
     ks, vs = gather_selected(k, sel, idx), gather_selected(v, sel, idx)
@@ -230,29 +291,30 @@ def attend_tile(qi: jax.Array, k: jax.Array, v: jax.Array, sel: Selection, idx: 
     else:                                                              # one set per query head
         s_sel = jnp.einsum("bhgqd,bhgnd->bhgqn", qi, ks.astype(jnp.float32))
     s_sel = jnp.where(ok[:, :, :, None, :], s_sel, NEG_INF)
-    first = jnp.clip(start, 0, k.shape[1] - n_own)                     # the own tile, shifted to fit the cache
+    first = jnp.clip(start, 0, k.shape[2] - n_own)                     # the own tile, shifted to fit the cache
     own_pos = first + jnp.arange(n_own)
-    ko = jax.lax.dynamic_slice_in_dim(k, first, n_own, axis=1).astype(jnp.float32)
-    vo = jax.lax.dynamic_slice_in_dim(v, first, n_own, axis=1).astype(jnp.float32)
+    ko = jax.lax.dynamic_slice_in_dim(k, first, n_own, axis=2).astype(jnp.float32)
+    vo = jax.lax.dynamic_slice_in_dim(v, first, n_own, axis=2).astype(jnp.float32)
     q_pos = start + jnp.minimum(jnp.arange(tq), n_queries - 1)
     own_ok = (own_pos >= start) & (own_pos <= q_pos[:, None]) & (own_pos < kv_len)   # [tq, n_own]
-    s_own = jnp.where(own_ok, jnp.einsum("bhgqd,bkhd->bhgqk", qi, ko), NEG_INF)
+    s_own = jnp.where(own_ok, jnp.einsum("bhgqd,bhkd->bhgqk", qi, ko), NEG_INF)
     p = jax.nn.softmax(jnp.concatenate([s_sel, s_own], axis=-1), axis=-1)
     p_sel, p_own = p[..., :s_sel.shape[-1]], p[..., s_sel.shape[-1]:]
     if vs.shape[2] == 1:
         out = jnp.einsum("bhgqn,bhnd->bhgqd", p_sel, vs[:, :, 0].astype(jnp.float32))
     else:
         out = jnp.einsum("bhgqn,bhgnd->bhgqd", p_sel, vs.astype(jnp.float32))
-    return out + jnp.einsum("bhgqk,bkhd->bhgqd", p_own, vo)
+    return out + jnp.einsum("bhgqk,bhkd->bhgqd", p_own, vo)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, sel: Selection, q_offset: Any, kv_len: Any,
-           chunk: int = 4) -> jax.Array:
+           chunk: int = 1) -> jax.Array:
     """Sparse attention over a `Selection`: every query tile attends its selected keys and its own tile only.
 
-    q: ``[batch, T, heads, d]`` at positions ``q_offset + i``; k, v: ``[batch, L, kv_heads, d]`` (the cache, valid
+    q: ``[batch, T, heads, d]`` at positions ``q_offset + i``; k, v: ``[batch, kv_heads, L, d]`` (the cache, valid
     below ``kv_len``); ``sel`` with ``ceil(T / sel.q_tile)`` query tiles. Query tiles are mapped ``chunk`` at a time
-    (``lax.map``), so memory is ``O(T * k)``. Returns ``[batch, T, heads, d]`` in ``q.dtype``."""
+    (``lax.map``; one at a time was fastest on CPU: 0.28x flash's time for a 4k Llama-3.1-8B prefill at 10 %, against
+    0.31x for 4 and 0.41x for 16), so memory is ``O(T * k)``. Returns ``[batch, T, heads, d]`` in ``q.dtype``."""
     kv_heads, group = check_qkv(q, k, v)
     b, t, _, d = q.shape
     n_t = -(-t // sel.q_tile)
@@ -333,7 +395,7 @@ class KascadeAttention:
 
     def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
                  kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]:
-        if layer >= self.schedule.num_layers or k.shape[2] != self.schedule.num_kv_heads:
+        if layer >= self.schedule.num_layers or k.shape[1] != self.schedule.num_kv_heads:
             raise ValueError(f"schedule for {self.schedule.num_layers} layers x {self.schedule.num_kv_heads} KV heads "
                              f"cannot run layer {layer} with k{k.shape}")
         carry = dict(carry or {})

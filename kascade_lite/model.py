@@ -4,7 +4,10 @@ A `Block` is ``x = x + self.attn(self.attn_norm(x)); x = x + self.mlp(self.mlp_n
 ``wo(attention(rope(y·wq), rope(y·wk), y·wv))`` and ``mlp(y)`` is ``w_down(silu(y·w_gate) * y·w_up)``.
 
 Weights are stored ``[in, out]`` (so a projection is ``x @ w``) and K/V keep their ``num_kv_heads`` heads: the cache
-is ``[batch, max_len, kv_heads, head_dim]`` per layer, never expanded to the query heads.
+is **head-major** ``[batch, kv_heads, max_len, head_dim]`` per layer, never expanded to the query heads. Each KV
+head's keys are then one contiguous block, so a decode step's score and value products read the cache in place; the
+sequence-major ``[batch, max_len, kv_heads, head_dim]`` that the projection produces is transposed once, when the new
+tokens are written (chapter 08 measures what the layout costs).
 
 Attention is **pluggable per layer**: every block calls ``attention(layer, q, k, v, q_offset=, kv_len=, carry=)``
 and threads ``carry`` from layer to layer. The dense default ignores ``carry``; Kascade's anchor layers put their
@@ -55,8 +58,8 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 # ------------------------------------------------------------------------------------------------ attention hook
 class AttentionFn(Protocol):
-    """Per-layer attention. q: ``[batch, q_len, heads, head_dim]`` (RoPE applied), k/v: ``[batch, kv_total,
-    kv_heads, head_dim]`` (the whole cache, valid up to ``kv_len``). Returns ``([batch, q_len, heads, head_dim],
+    """Per-layer attention. q: ``[batch, q_len, heads, head_dim]`` (RoPE applied), k/v: ``[batch, kv_heads,
+    kv_total, head_dim]`` (the whole head-major cache, valid up to ``kv_len``). Returns ``([batch, q_len, heads, head_dim],
     carry)``. Must be hashable: it is a static argument of the jitted forward."""
 
     def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
@@ -73,7 +76,8 @@ def dense_attention(layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_o
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Per-layer keys and values ``[batch, max_len, kv_heads, head_dim]`` and the number of filled positions."""
+    """Per-layer keys and values, head-major ``[batch, kv_heads, max_len, head_dim]``, and the number of filled
+    positions."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -81,14 +85,14 @@ class KVCache:
 
     @classmethod
     def empty(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> "KVCache":
-        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
         return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
                    length=jnp.zeros((), jnp.int32))
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
 
 # ------------------------------------------------------------------------------------------------ modules
@@ -129,7 +133,7 @@ class Block(nnx.Module):
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None, Any, jax.Array]:
         """``x: [batch, seq, hidden]`` at positions ``offset + arange(seq)`` (``cos``/``sin``: their RoPE tables).
 
-        ``kv``: this layer's cache ``(k, v)``, each ``[batch, max_len, kv_heads, head_dim]``, or ``None``. Returns
+        ``kv``: this layer's cache ``(k, v)``, each ``[batch, kv_heads, max_len, head_dim]``, or ``None``. Returns
         ``(x after the block, updated kv, attention carry, attention output [batch, seq, hidden])``."""
         a, kv, carry = self.attn(self.attn_norm(x), cos, sin, kv, layer=layer, offset=offset, attention=attention,
                                  carry=carry)
@@ -141,16 +145,18 @@ class Block(nnx.Module):
              layer: int, offset: jax.Array, attention: AttentionFn, carry: Any
              ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None, Any]:
         """Attention of the normed ``y: [batch, seq, hidden]``: rotated q ``[b, s, H, d]``, rotated k and v
-        ``[b, s, Hkv, d]`` (written into ``kv`` at ``offset``), ``attention`` over all keys so far, then ``wo``.
+        transposed to head-major ``[b, Hkv, s, d]`` (and written into ``kv`` at ``offset``), ``attention`` over all
+        keys so far, then ``wo``.
         Returns ``(output [b, s, hidden], updated kv, carry)``."""
         c, (b, s, _) = self.cfg, y.shape
         q = (y @ self.wq[...].astype(y.dtype)).reshape(b, s, c.num_heads, c.head_dim)
         k = (y @ self.wk[...].astype(y.dtype)).reshape(b, s, c.num_kv_heads, c.head_dim)
         v = (y @ self.wv[...].astype(y.dtype)).reshape(b, s, c.num_kv_heads, c.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                   # head-major [b, Hkv, s, d]
         if kv is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), offset, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), offset, axis=1)
+            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), offset, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), offset, axis=2)
             kv = (k, v)
         o, carry = attention(layer, q, k.astype(q.dtype), v.astype(q.dtype), q_offset=offset, kv_len=offset + s,
                              carry=carry)

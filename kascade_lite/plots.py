@@ -301,7 +301,8 @@ def coverage_heatmaps(per_row: np.ndarray, pooled: np.ndarray, fraction: float, 
 
 SPEEDUP_SERIES = (("reuse", "o-", "reuse layer"), ("whole_model", "s-", "whole model"),
                   ("whole_model_conservative", "s--", "whole model (conservative)"), ("anchor", "^-", "anchor layer"))
-DENSE_BASELINES = ("dense_heads", "dense_seq", "flash", "xla")
+DENSE_BASELINES = ("dense", "flash", "xla")
+COUNTER_EXAMPLES = ("dense_seq", "reuse_masked")  # not baselines: what the layout costs, what a mask saves
 
 
 def _context_label(tokens: int) -> str:
@@ -331,16 +332,39 @@ def speedup_vs_context(att: Mapping[str, Any]) -> plt.Figure:
 
 
 def anchor_vs_reuse(att: Mapping[str, Any]) -> plt.Figure:
-    """Median time per layer of every candidate at the largest decode and prefill context (head-major layout),
-    dense baselines in grey, from ``data/bench_attention_cpu.json``."""
+    """Median time per layer of every candidate at the largest decode and prefill context, dense baselines in grey,
+    Kascade in blue, the counter-examples (sequence-major dense, masked reuse) in orange, from
+    ``data/bench_attention_cpu.json``."""
     fig, axes = plt.subplots(2, 1, figsize=(BOOK_WIDTH_IN, 5.2))
     for ax, phase in zip(axes, ("decode", "prefill")):
         r = max((x for x in att["results"] if x["phase"] == phase), key=lambda x: x["context"])
-        names = [n for n in r["times"] if not n.endswith("_seq")]
+        names = list(r["times"])
         ms = [r["times"][n]["median_s"] * 1e3 for n in names]
-        ax.barh(names, ms, color=["tab:gray" if n in DENSE_BASELINES else "tab:blue" for n in names])
+        colors = ["tab:gray" if n in DENSE_BASELINES else "tab:orange" if n in COUNTER_EXAMPLES else "tab:blue"
+                  for n in names]
+        ax.barh(names, ms, color=colors)
         ax.invert_yaxis()
         ax.set(xlabel="median time per layer (ms)", title=f"{phase}, {_context_label(r['context'])} tokens")
+    fig.tight_layout()
+    return fig
+
+
+def decode_vs_ceiling(e2e: Mapping[str, Any]) -> plt.Figure:
+    """End-to-end decode speedup of Kascade (key tiles and key positions) over the best dense path against context,
+    next to the bytes-moved ceiling `cost.decode_ceiling` each row records, from ``data/bench_e2e_cpu.json``."""
+    rows = sorted(e2e["results"], key=lambda r: r["context"])
+    contexts = [r["context"] for r in rows]
+    fig, ax = plt.subplots(figsize=(BOOK_WIDTH_IN * 0.6, 3.0))
+    ax.plot(contexts, [r["decode_ceiling"] for r in rows], "k--", label="bytes-moved ceiling")
+    ax.plot(contexts, [r["decode_speedup"]["vs_best"] for r in rows], "o-", label="Kascade, key tiles")
+    ax.plot(contexts, [r["decode_speedup"]["positions_vs_best"] for r in rows], "s-", label="Kascade, key positions")
+    ax.axhline(1, color="gray", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(contexts))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([_context_label(c) for c in contexts])
+    ax.set(xlabel="context (tokens)", ylabel="decode speedup vs best dense (×)")
+    ax.legend(frameon=False, fontsize="small")
     fig.tight_layout()
     return fig
 

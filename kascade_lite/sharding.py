@@ -12,8 +12,8 @@ rows, so each pair needs one all-reduce and nothing in between::
     lm_head [hidden, V]   P(None, "model")   logits come out vocab-sharded
     embed, norms          P()                replicated (a gather by token id on a sharded table is not worth it)
 
-The KV cache ``[batch, max_len, kv_heads, head_dim]`` is ``P("data", None, "model", None)``: each device keeps the
-keys and values of its own KV heads for its own sequences. Kascade's Top-k indices are kept per KV head, so they
+The head-major KV cache ``[batch, kv_heads, max_len, head_dim]`` is ``P("data", "model", None, None)``: each device
+keeps the keys and values of its own KV heads for its own sequences. Kascade's Top-k indices are kept per KV head, so they
 are sharded the same way. `ShardedKascade` runs the policy per device under `jax.shard_map`, so a reuse layer whose
 head map stays inside a device's heads reads them without any communication. `cross_device_reads` lists the
 head-map entries that leave a device (those layers all-gather the small index tensor) and `localize_head_map`
@@ -129,8 +129,8 @@ def batch_axis(mesh: Mesh, batch: int) -> str | None:
 
 
 def cache_spec(mesh: Mesh, batch: int) -> P:
-    """Spec of one ``[batch, max_len, kv_heads, head_dim]`` cache array: batch over data, KV heads over model."""
-    return P(batch_axis(mesh, batch), None, MODEL, None)
+    """Spec of one ``[batch, kv_heads, max_len, head_dim]`` cache array: batch over data, KV heads over model."""
+    return P(batch_axis(mesh, batch), MODEL, None, None)
 
 
 def cache_shardings(mesh: Mesh, cfg: LlamaConfig, batch: int) -> KVCache:
@@ -328,9 +328,9 @@ class ShardedKascade:
             return local(layer, q, k, v, q_offset=q_offset, kv_len=kv_len, carry=seen)[0], carry
 
         bax = batch_axis(self.mesh, q.shape[0])
-        heads, sel = P(bax, None, MODEL, None), P(bax, MODEL)
-        return jax.shard_map(per_device, mesh=self.mesh, in_specs=(heads, heads, heads, P(), P(), sel),
-                             out_specs=(heads, sel))(q, k, v, q_offset, kv_len, carry)
+        q_heads, kv_heads, sel = P(bax, None, MODEL, None), P(bax, MODEL, None, None), P(bax, MODEL)
+        return jax.shard_map(per_device, mesh=self.mesh, in_specs=(q_heads, kv_heads, kv_heads, P(), P(), sel),
+                             out_specs=(q_heads, sel))(q, k, v, q_offset, kv_len, carry)
 
 
 def shard_attention(attention: Any, mesh: Mesh) -> Any:

@@ -88,12 +88,12 @@ def selection_mask(chosen: Any, q_len: int, kv_total: int, *, q_tile: int, unit:
 
 
 def masked_attention(q: Any, k: Any, v: Any, mask: Any) -> jax.Array:
-    """Dense GQA softmax over the allowed keys only: q ``[batch, q_len, heads, d]``, k, v ``[batch, kv_total,
-    kv_heads, d]``, mask bool ``[batch, kv_heads, 1 | group, q_len, kv_total]`` -> ``[batch, q_len, heads, d]``."""
+    """Dense GQA softmax over the allowed keys only: q ``[batch, q_len, heads, d]``, k, v ``[batch, kv_heads,
+    kv_total, d]``, mask bool ``[batch, kv_heads, 1 | group, q_len, kv_total]`` -> ``[batch, q_len, heads, d]``."""
     kv_heads, group = check_qkv(q, k, v)
     s = jnp.where(mask, grouped_scores(q, k), NEG_INF)
     p = jax.nn.softmax(s, axis=-1)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(jnp.float32))
+    out = jnp.einsum("bhgqk,bhkd->bqhgd", p, v.astype(jnp.float32))
     return out.reshape(q.shape[0], q.shape[1], kv_heads * group, q.shape[-1]).astype(q.dtype)
 
 
@@ -123,7 +123,7 @@ class MaskedKascade:
     def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: Any, kv_len: Any,
                  carry: Any) -> tuple[jax.Array, Any]:
         carry = dict(carry or {})
-        sch, q_len, kv_total = self.schedule, q.shape[1], k.shape[1]
+        sch, q_len, kv_total = self.schedule, q.shape[1], k.shape[2]
         q_tile = 1 if q_len == 1 else sch.tile_size
         unit = sch.tile_size if self.granularity == "tile" else 1
         kind = sch.layer_types[layer]

@@ -15,21 +15,26 @@ KV_HEADS, HEAD_DIM = 2, 16
 
 
 def qkv(rng: np.random.Generator, group: int, q_len: int, kv_len: int, batch: int = 2):
-    """Random ``q [batch, q_len, kv_heads*group, d]``, ``k, v [batch, kv_len, kv_heads, d]`` (float32)."""
+    """Random ``q [batch, q_len, kv_heads*group, d]``, head-major ``k, v [batch, kv_heads, kv_len, d]`` (float32)."""
     q = rng.standard_normal((batch, q_len, KV_HEADS * group, HEAD_DIM)).astype(np.float32)
-    k = rng.standard_normal((batch, kv_len, KV_HEADS, HEAD_DIM)).astype(np.float32)
-    v = rng.standard_normal((batch, kv_len, KV_HEADS, HEAD_DIM)).astype(np.float32)
+    k = rng.standard_normal((batch, KV_HEADS, kv_len, HEAD_DIM)).astype(np.float32)
+    v = rng.standard_normal((batch, KV_HEADS, kv_len, HEAD_DIM)).astype(np.float32)
     return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+
+
+def seq_major(x: jax.Array) -> jax.Array:
+    """Head-major ``[b, kv_heads, L, d]`` -> ``[b, L, kv_heads, d]``, the layout `jax.nn.dot_product_attention` takes."""
+    return x.transpose(0, 2, 1, 3)
 
 
 def expanded_attention(q, k, v, mask: jax.Array | None) -> jax.Array:
     """The textbook version: repeat every KV head ``group`` times, then plain multi-head attention."""
-    group = q.shape[2] // k.shape[2]
+    group = q.shape[2] // k.shape[1]
     k, v = repeat_kv(k, group), repeat_kv(v, group)
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    s = jnp.einsum("bqhd,bhkd->bhqk", q, k) / np.sqrt(q.shape[-1])
     if mask is not None:
         s = jnp.where(mask, s, -jnp.inf)
-    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+    return jnp.einsum("bhqk,bhkd->bqhd", jax.nn.softmax(s, axis=-1), v)
 
 
 @pytest.mark.parametrize("group", [1, 2, 4, 8])
@@ -39,7 +44,8 @@ def test_prefill_matches_expanded_and_jax(group: int, causal: bool, rng: np.rand
     ours = gqa_attention(q, k, v, causal=causal)
     mask = causal_mask(13, 13) if causal else None
     np.testing.assert_allclose(ours, expanded_attention(q, k, v, mask), atol=1e-5)
-    np.testing.assert_allclose(ours, jax.nn.dot_product_attention(q, k, v, is_causal=causal), atol=1e-5)
+    np.testing.assert_allclose(ours, jax.nn.dot_product_attention(q, seq_major(k), seq_major(v), is_causal=causal),
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("group", [1, 2, 4, 8])
@@ -49,16 +55,17 @@ def test_decode_step_against_partial_cache(group: int, rng: np.random.Generator)
     q_offset, kv_len = 17, 20
     ours = gqa_attention(q, k, v, q_offset=q_offset, kv_len=kv_len)
     # reference 1: drop the unused slots and attend causally with the queries at the end of the prefix
-    ref = expanded_attention(q, k[:, :kv_len], v[:, :kv_len], causal_mask(3, kv_len, q_offset))
+    ref = expanded_attention(q, k[:, :, :kv_len], v[:, :, :kv_len], causal_mask(3, kv_len, q_offset))
     np.testing.assert_allclose(ours, ref, atol=1e-5)
-    # reference 2: jax's own attention with an explicit boolean mask [batch, heads, q, k]
+    # reference 2: jax's own attention ([batch, seq, heads, d] layout) with an explicit boolean mask [b, heads, q, k]
     mask = jnp.broadcast_to(causal_mask(3, 32, q_offset, kv_len), (2, q.shape[2], 3, 32))
-    np.testing.assert_allclose(ours, jax.nn.dot_product_attention(q, k, v, mask=mask), atol=1e-5)
+    np.testing.assert_allclose(ours, jax.nn.dot_product_attention(q, seq_major(k), seq_major(v), mask=mask),
+                               atol=1e-5)
 
 
 def test_garbage_in_unused_cache_slots_is_ignored(rng: np.random.Generator) -> None:
     q, k, v = qkv(rng, 4, q_len=1, kv_len=16)
-    poisoned_k, poisoned_v = k.at[:, 9:].set(1e4), v.at[:, 9:].set(-1e4)
+    poisoned_k, poisoned_v = k.at[:, :, 9:].set(1e4), v.at[:, :, 9:].set(-1e4)
     np.testing.assert_array_equal(gqa_attention(q, k, v, q_offset=8, kv_len=9),
                                   gqa_attention(q, poisoned_k, poisoned_v, q_offset=8, kv_len=9))
 
@@ -93,19 +100,19 @@ def test_bfloat16_inputs_keep_dtype(rng: np.random.Generator) -> None:
 
 def test_wrong_rank_names_the_shapes() -> None:
     with pytest.raises(ValueError, match=r"rank-4.*q\(2, 3, 16\)"):
-        gqa_attention(jnp.zeros((2, 3, 16)), jnp.zeros((2, 3, 1, 16)), jnp.zeros((2, 3, 1, 16)))
+        gqa_attention(jnp.zeros((2, 3, 16)), jnp.zeros((2, 1, 3, 16)), jnp.zeros((2, 1, 3, 16)))
 
 
 def test_heads_not_dividing_names_the_shapes() -> None:
     with pytest.raises(ValueError, match=r"q heads 6 not divisible by kv heads 4 .*q\(1, 3, 6, 8\)"):
-        gqa_attention(jnp.zeros((1, 3, 6, 8)), jnp.zeros((1, 3, 4, 8)), jnp.zeros((1, 3, 4, 8)))
+        gqa_attention(jnp.zeros((1, 3, 6, 8)), jnp.zeros((1, 4, 3, 8)), jnp.zeros((1, 4, 3, 8)))
 
 
 def test_mismatched_kv_or_head_dim() -> None:
     with pytest.raises(ValueError, match="same shape"):
-        gqa_attention(jnp.zeros((1, 3, 2, 8)), jnp.zeros((1, 3, 1, 8)), jnp.zeros((1, 4, 1, 8)))
+        gqa_attention(jnp.zeros((1, 3, 2, 8)), jnp.zeros((1, 1, 3, 8)), jnp.zeros((1, 1, 4, 8)))
     with pytest.raises(ValueError, match="head_dim mismatch"):
-        gqa_attention(jnp.zeros((1, 3, 2, 8)), jnp.zeros((1, 3, 1, 4)), jnp.zeros((1, 3, 1, 4)))
+        gqa_attention(jnp.zeros((1, 3, 2, 8)), jnp.zeros((1, 1, 3, 4)), jnp.zeros((1, 1, 3, 4)))
 
 
 def test_kv_cache_bytes_llama_3_1_8b() -> None:

@@ -25,8 +25,8 @@ KV_HEADS, GROUP, D, LAYERS = 2, 3, 8, 4
 
 def qkv(rng: np.random.Generator, q_len: int, kv_total: int):
     q = jnp.asarray(rng.standard_normal((1, q_len, KV_HEADS * GROUP, D)), jnp.float32) * 2
-    k = jnp.asarray(rng.standard_normal((1, kv_total, KV_HEADS, D)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((1, kv_total, KV_HEADS, D)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((1, KV_HEADS, kv_total, D)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((1, KV_HEADS, kv_total, D)), jnp.float32)
     return q, k, v
 
 
@@ -97,14 +97,14 @@ def test_quest_bound_is_an_upper_bound(rng) -> None:
     kmin, kmax = page_min_max(k, 8, 37)
     bound = np.asarray(quest_upper_bound(q, kmin, kmax))         # [b, kv_heads, group, q, pages]
     qg = np.asarray(q).reshape(1, 5, KV_HEADS, GROUP, D)
-    exact = np.einsum("bqhgd,bkhd->bhgqk", qg, np.asarray(k)) / np.sqrt(D)
+    exact = np.einsum("bqhgd,bhkd->bhgqk", qg, np.asarray(k)) / np.sqrt(D)
     for page in range(5):
         page_max = exact[..., page * 8:(page + 1) * 8].max(-1)
         assert (bound[..., page] >= page_max - 1e-5).all()
     # unused cache slots never enter a page's min/max
-    kmin2, kmax2 = page_min_max(k.at[:, 30:].set(100.0), 8, 30)
-    np.testing.assert_array_equal(kmax2[:, :3], kmax[:, :3])
-    assert np.isneginf(np.asarray(kmax2[:, 4])).all()
+    kmin2, kmax2 = page_min_max(k.at[:, :, 30:].set(100.0), 8, 30)
+    np.testing.assert_array_equal(kmax2[:, :, :3], kmax[:, :, :3])
+    assert np.isneginf(np.asarray(kmax2[:, :, 4])).all()
 
 
 def test_quest_keeps_the_top_pages_per_query_head(rng) -> None:
@@ -193,7 +193,7 @@ def test_tiled_sink_window_matches_its_masked_reference():
             return flash_dense_attention(layer, q, k, v, q_offset=q_offset, kv_len=kv_len, carry=carry)
         q_pos = q_offset + jnp.arange(q.shape[1])
         first = q_pos // (tile if q.shape[1] > 1 else 1) * (tile if q.shape[1] > 1 else 1)   # the query tile's start
-        k_pos = jnp.arange(k.shape[1])
+        k_pos = jnp.arange(k.shape[2])
         tiles = sink_window_tiles(first // tile, keep)                                     # [q_len, keep]
         in_set = (k_pos[None, :, None] // tile == tiles[:, None, :]).any(-1)               # [q_len, kv]
         allowed = in_set & (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < kv_len)

@@ -104,9 +104,9 @@ def test_result_readers_on_the_shipped_json() -> None:
     assert big["context"] == max(r["context"] for r in att["results"] if r["phase"] == "decode")
     assert B.find_result(att, "decode", 2048)["context"] == 2048
     t = big["times"]
-    assert B.min_ratio(big, "reuse_heads", "dense_heads") == t["dense_heads"]["min_s"] / t["reuse_heads"]["min_s"]
-    ratio = B.whole_model_ratio_from_minima(big, "dense_heads", "anchor_heads", "reuse_heads")
-    d, a, r = (t[n]["min_s"] for n in ("dense_heads", "anchor_heads", "reuse_heads"))
+    assert B.min_ratio(big, "reuse", "dense") == t["dense"]["min_s"] / t["reuse"]["min_s"]
+    ratio = B.whole_model_ratio_from_minima(big, "dense", "anchor", "reuse")
+    d, a, r = (t[n]["min_s"] for n in ("dense", "anchor", "reuse"))
     assert abs(ratio - 32 * d / (d + 4 * a + 27 * r)) < 1e-12
     assert B.whole_model_ratio(1.0, 1.0, 1.0) == 1.0
 

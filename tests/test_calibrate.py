@@ -48,7 +48,8 @@ def test_topk_keys_budget_and_errors() -> None:
 
 
 def test_pool_tiles_splits_mass_causally(rng: np.random.Generator) -> None:
-    q, k = (jnp.asarray(rng.standard_normal((2, SEQ, h, 8)), jnp.float32) for h in (4, 2))
+    q = jnp.asarray(rng.standard_normal((2, SEQ, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 2, SEQ, 8)), jnp.float32)
     p = attention_probs(q, k)
     prev, own = pool_tiles(p, TILE)
     tiles = SEQ // TILE
@@ -70,7 +71,8 @@ def test_topk_mask_selects_largest(rng: np.random.Generator) -> None:
 
 
 def test_query_coverage_matches_numpy(rng: np.random.Generator) -> None:
-    q, k = (jnp.asarray(rng.standard_normal((1, 24, h, 8)) * 2, jnp.float32) for h in (4, 2))
+    q = jnp.asarray(rng.standard_normal((1, 24, 4, 8)) * 2, jnp.float32)
+    k = jnp.asarray(rng.standard_normal((1, 2, 24, 8)) * 2, jnp.float32)
     p = np.asarray(attention_probs(q, k))
     fractions = (0.1, 0.5, 1.0)
     got = np.asarray(query_coverage(jnp.asarray(p), fractions, stride=3))

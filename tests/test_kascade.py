@@ -36,8 +36,8 @@ NO_SHRINK = (Phase.explicit, Phase.generate)  # each example compiles: report th
 def qkv(rng: np.random.Generator, q_len: int, kv_total: int, batch: int = 2):
     """Random ``q [batch, q_len, KV_HEADS*GROUP, D]`` and ``k, v [batch, kv_total, KV_HEADS, D]``."""
     q = rng.standard_normal((batch, q_len, KV_HEADS * GROUP, D)).astype(np.float32) * 2
-    k = rng.standard_normal((batch, kv_total, KV_HEADS, D)).astype(np.float32)
-    v = rng.standard_normal((batch, kv_total, KV_HEADS, D)).astype(np.float32)
+    k = rng.standard_normal((batch, KV_HEADS, kv_total, D)).astype(np.float32)
+    v = rng.standard_normal((batch, KV_HEADS, kv_total, D)).astype(np.float32)
     return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
 
 

@@ -137,10 +137,10 @@ def test_mesh_param_and_cache_shardings_are_the_documented_ones(prompt: np.ndarr
     cache = S.empty_sharded_cache(TINY, mesh, 2, 32)
     logits, cache = S.sharded_forward(model, S.shard_tokens(prompt, mesh), cache, mesh=mesh)
     for arr in cache.k + cache.v:
-        assert trimmed(arr.sharding.spec) == ("data", None, "model")
-        assert arr.addressable_shards[0].data.shape == (1, 32, 2, TINY.head_dim)  # 1 row, 2 of the 8 KV heads
+        assert trimmed(arr.sharding.spec) == ("data", "model")
+        assert arr.addressable_shards[0].data.shape == (1, 2, 32, TINY.head_dim)  # 1 row, 2 of the 8 KV heads
     assert trimmed(logits.sharding.spec) == ("data", None, "model")
-    assert S.cache_spec(mesh, 1) == P(None, None, "model", None)  # batch 1 cannot split over data=2
+    assert S.cache_spec(mesh, 1) == P(None, "model", None, None)  # batch 1 cannot split over data=2
 
 
 @mesh_only
