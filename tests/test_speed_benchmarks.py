@@ -1,0 +1,45 @@
+"""The speed benchmarks at smoke size: every candidate is timed and recorded (the GPU mode too, where on a CPU the
+cuDNN baseline is recorded as skipped with its reason), the JSON is marked smoke, and the end-to-end rows carry the
+bytes-moved ceiling. What they measure at full size is published by ``make bench`` / ``benchmarks/gpu.sh``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from kascade_lite.files import is_smoke
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_attention_benchmark_gpu_mode_on_cpu(tmp_path: Path) -> None:
+    _script("bench_attention").main(["--smoke", "--gpu", "--out", str(tmp_path)])
+    assert not (tmp_path / "bench_attention_cpu.json").exists() and not (tmp_path / "bench_headline_cpu.json").exists()
+    doc = json.loads((tmp_path / "bench_attention_gpu.json").read_text())
+    assert is_smoke(doc) and doc["config"]["dtype"] == "bfloat16" and len(doc["provenance"]["load_average"]) == 3
+    for row in doc["results"]:
+        want = {"anchor", "reuse"} | ({"dense", "dense_seq", "reuse_masked"} if row["phase"] == "decode" else set())
+        assert want <= set(row["times"]), row["times"].keys()
+        assert "cudnn" not in row["times"] and row["skipped"]["cudnn"].startswith("skipped: no cuDNN")
+        assert row["speedup"]["best_dense"] in row["times"] and row["speedup"]["vs_best"]["reuse"] > 0
+
+
+@pytest.mark.slow
+def test_e2e_benchmark_records_positions_and_the_ceiling(tmp_path: Path) -> None:
+    _script("bench_e2e").main(["--smoke", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "bench_e2e_cpu.json").read_text())
+    assert is_smoke(doc) and doc["config"]["cache"] == "head-major"
+    (row,) = doc["results"]
+    assert set(row["decode"]) == {"dense", "flash", "kascade", "kascade_positions"}
+    assert row["decode_ceiling"] >= 1 and row["decode_speedup"]["positions_vs_best"] > 0
