@@ -121,6 +121,16 @@ class Selection:
         return pos, jnp.repeat(self.keep, self.unit, axis=-1)
 
 
+def grouped_dot(q: jax.Array, k: jax.Array) -> jax.Array:
+    """``q: [batch, kv_heads, group, q_len, d]`` times ``k: [batch, kv_heads, n, d]`` -> float32 ``[batch, kv_heads,
+    group, q_len, n]``, as one matmul per KV head over ``group * q_len`` rows (written as such, XLA's CPU backend
+    reads the cache in place; with two query axes it transposes a copy of the cache first, which costs a decode
+    step more than the product)."""
+    b, h, g, t, d = q.shape
+    s = jnp.einsum("bhmd,bhnd->bhmn", q.reshape(b, h, g * t, d), k, preferred_element_type=jnp.float32)
+    return s.reshape(b, h, g, t, k.shape[2])
+
+
 def query_tiles(q: jax.Array, kv_heads: int, q_tile: int) -> jax.Array:
     """``[batch, T, heads, d]`` -> scaled float32 ``[n_qtiles, batch, kv_heads, group, q_tile, d]`` (zero padded)."""
     b, t, heads, d = q.shape
@@ -199,8 +209,9 @@ def select(q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any, *, q_tile: in
         n_kb = (jnp.minimum(first + bq, kv_len) + bk - 1) // bk         # key blocks holding a visible key
 
         def scores(j: jax.Array) -> jax.Array:                         # [b, h, g, bq, bk]
-            kj = jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=2).astype(jnp.float32)
-            s = jnp.einsum("bhgqd,bhkd->bhgqk", qb, kj, preferred_element_type=jnp.float32)
+            # one block: the cache itself (a sliced copy would let XLA pick a transposed layout for it: a copy)
+            kj = kp if kp.shape[2] == bk else jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=2)
+            s = grouped_dot(qb, kj.astype(jnp.float32))
             k_pos = j * bk + jnp.arange(bk)
             return jnp.where((k_pos <= q_pos[:, None]) & (k_pos < kv_len), s, NEG_INF)
 
@@ -287,7 +298,7 @@ def attend_tile(qi: jax.Array, k: jax.Array, v: jax.Array, sel: Selection, idx: 
     ok = jnp.repeat(keep, sel.unit, axis=-1) & (pos < start)           # [b, h, s, n]
     ks, vs = gather_selected(k, sel, idx), gather_selected(v, sel, idx)
     if ks.shape[2] == 1:                                               # one set per KV head, shared by its group
-        s_sel = jnp.einsum("bhgqd,bhnd->bhgqn", qi, ks[:, :, 0].astype(jnp.float32))
+        s_sel = grouped_dot(qi, ks[:, :, 0].astype(jnp.float32))
     else:                                                              # one set per query head
         s_sel = jnp.einsum("bhgqd,bhgnd->bhgqn", qi, ks.astype(jnp.float32))
     s_sel = jnp.where(ok[:, :, :, None, :], s_sel, NEG_INF)
