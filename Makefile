@@ -13,7 +13,7 @@ STAMP := $(VENV)/.kascade-setup
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help setup book test reproduce reproduce-smoke bench clean
+.PHONY: help setup book test reproduce reproduce-smoke bench bench-8b clean
 
 help:
 	@echo "make book       build the book, executing every notebook -> book/_build/html/index.html"
@@ -22,6 +22,8 @@ help:
 	@echo "make reproduce  recompute every published result into data/ (kascade-lite reproduce --out .)"
 	@echo "make reproduce-smoke  the same pipeline at tiny sizes into /tmp (minutes)"
 	@echo "make bench      rerun the speed benchmarks (attention op, end to end) -> data/bench_*_cpu.json"
+	@echo "make bench-8b   Llama-3.1-8B bf16 load, 2k prefill, 32 decode steps, dense vs Kascade, peak RSS"
+	@echo "                (synthetic 16 GB checkpoint in /tmp, or CHECKPOINT=DIR) -> data/bench_llama8b_cpu.json"
 	@echo "make clean      remove book/_build"
 
 setup: $(STAMP) $(CHROMIUM)
@@ -56,6 +58,10 @@ reproduce-smoke: setup
 bench: setup
 	$(PY) benchmarks/bench_attention.py --out data
 	$(PY) benchmarks/bench_e2e.py --out data
+
+# Needs ~20 GB of free memory (and, without CHECKPOINT, 16 GB of disk in /tmp); ~25 min on 2 CPU cores.
+bench-8b: setup
+	$(PY) benchmarks/bench_llama8b.py --out data $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 clean:
 	rm -rf book/_build

@@ -10,8 +10,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
+from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -20,8 +22,8 @@ from kascade_lite.cli import main as cli_main  # noqa: E402
 from kascade_lite.config import LlamaConfig, RopeScaling  # noqa: E402
 from kascade_lite.checkpoints import SafetensorsFile  # noqa: E402
 from kascade_lite.convert import (  # noqa: E402
-    MANIFEST, convert_checkpoint, iter_converted, load_converted, verify_converted)
-from kascade_lite.model import forward  # noqa: E402
+    DTYPES, MANIFEST, convert_checkpoint, iter_converted, load_converted, verify_converted, write_converted)
+from kascade_lite.model import Llama, expected_shapes, forward  # noqa: E402
 from kascade_lite.rope import interleaved_to_half_permutation  # noqa: E402
 
 # A small Llama-3.1-shaped model: GQA 8/2, llama3 RoPE scaling, untied head. intermediate_size is what Meta's
@@ -145,6 +147,72 @@ def test_layer_by_layer_loading(ckpts, tmp_path):
     _, layer1 = list(iter_converted(out))[2]
     assert sorted(layer1) == sorted(f"layers.1.{n}" for n in
                                     ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down"))
+
+
+# ------------------------------------------------------------------------------------------------ streamed bf16 loading
+def random_converted(out: Path, cfg: LlamaConfig, dtype: str) -> Path:
+    """A converted directory of a random `Llama` of ``cfg`` (weights initialised in bfloat16), stored in ``dtype``."""
+    weights = dict(Llama(cfg, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(1)).tensors())
+    return write_converted(out, cfg, lambda name, shape: np.asarray(weights[name][...]).astype(DTYPES[dtype]),
+                           dtype=dtype, progress=False)
+
+
+@pytest.mark.parametrize("stored", ["bfloat16", "float32"])
+def test_bfloat16_load_is_the_files_values(stored, tmp_path):
+    from safetensors.numpy import load_file
+
+    out = random_converted(tmp_path / "out", CFG, stored)
+    model = load_converted(out, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+    on_disk = {}
+    for file in sorted(out.glob("*.safetensors")):
+        prefix = "" if file.name == "embeddings.safetensors" else f"layers.{int(file.stem.removeprefix('layer_'))}."
+        on_disk.update({prefix + k: v for k, v in load_file(file).items()})
+    loaded = dict(model.tensors())
+    assert sorted(loaded) == sorted(on_disk)
+    for name, var in loaded.items():
+        assert var[...].dtype == jnp.bfloat16, name
+        np.testing.assert_array_equal(np.asarray(var[...]), on_disk[name].astype(ml_dtypes.bfloat16), err_msg=name)
+    assert np.isfinite(np.asarray(forward(model, jnp.asarray(TOKENS, jnp.int32))[0])).all()
+
+
+LOAD_RSS = """
+import json, sys
+import jax, jax.numpy as jnp
+from kascade_lite.convert import load_converted
+def status(key): return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) * 1024
+jax.device_put(jnp.ones(3)).block_until_ready()  # start the runtime before the baseline
+before = status("VmRSS")
+model = load_converted(sys.argv[1], param_dtype=jnp.bfloat16)
+print(json.dumps({"before": before, "peak": status("VmHWM")}))
+"""
+"""Peak resident memory of loading, in a fresh process. VmHWM, not ``ru_maxrss``: a child's ``ru_maxrss`` starts at
+its parent's resident size when it was forked (Linux keeps it across exec), here the whole pytest process."""
+
+
+def test_bfloat16_load_of_float32_files_holds_no_float32_copy(tmp_path):
+    """Loading a float32 checkpoint (~410 MB) in bfloat16, in a fresh process: the peak resident memory grows by
+    the bfloat16 model plus less than two float32 layer files (measured: +64 MB). A loader that first collected
+    the float32 arrays and then built the model grew by the model plus the whole float32 copy (+480 MB)."""
+    cfg = replace(CFG, vocab_size=8192, hidden_size=1024, intermediate_size=4096, num_layers=6, num_heads=8,
+                  num_kv_heads=2, head_dim=128)
+    rng = np.random.default_rng(0)
+    out = write_converted(tmp_path / "out", cfg, lambda name, shape: rng.standard_normal(shape, np.float32),
+                          dtype="float32", progress=False)
+    res = subprocess.run([sys.executable, "-c", LOAD_RSS, str(out)], capture_output=True, text=True, check=True)
+    rss = json.loads(res.stdout)
+    model = cfg.num_parameters * 2
+    layer = (out / "layer_00.safetensors").stat().st_size
+    assert rss["peak"] - rss["before"] < model + 2 * layer, (rss, model, layer)
+
+
+def test_shape_mismatch_names_file_and_tensor(tmp_path):
+    out = random_converted(tmp_path / "out", CFG, "bfloat16")
+    replace(CFG, intermediate_size=512).save(out / "config.json")
+    with pytest.raises(ValueError, match=r"layer_00\.safetensors: tensor w_gate has shape \(256, 768\), "
+                                         r"config\.json expects \(256, 512\)"):
+        load_converted(out, param_dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="not empty"):
+        write_converted(out, CFG, lambda name, shape: np.zeros(shape, ml_dtypes.bfloat16), progress=False)
 
 
 # ------------------------------------------------------------------------------------------------ resume / overwrite
