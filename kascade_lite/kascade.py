@@ -16,10 +16,10 @@ head, one set shared by all KV heads; ``"head"``: no pooling, one set per query 
 .. math:: S_{h,t,u} = \sum_{g}\sum_{i \in t}\sum_{j \in u} P_{h,g,i,j}, \qquad
           I_{h,t} = \operatorname{TopK}_{u \,:\, \text{start}(u) < \text{start}(t)} S_{h,t,u}.
 
-Scores are computed one block of query tiles at a time, in two passes over the key blocks below the diagonal
-(`select`: softmax statistics, then pooled probabilities), so prefill never holds a ``[heads, T, T]`` tensor and
-costs about what FlashAttention's two products cost. Layer 0 is dense (its attention is flat) but still selects; an anchor attends over its own Top-k (or
-densely, ``anchor_dense=True``, for filter-layer baselines); a reuse layer ``l`` skips the scoring and its KV head
+Scores are computed one block of query tiles at a time, over the key blocks below the diagonal only (`select`:
+one online pass with key tiles, two passes with key positions), so prefill never holds a ``[heads, T, T]`` tensor
+and costs about what FlashAttention's two products cost. Layer 0 is dense (its attention is flat) but still
+selects; an anchor attends over its own Top-k (or densely, ``anchor_dense=True``, for filter-layer baselines); a reuse layer ``l`` skips the scoring and its KV head
 ``h`` takes the selection of the latest anchor's head ``head_map[l][h]`` (`Selection.remap`; ``remap=False``: head h).
 
 **Attend** (`attend`). Query tile ``t`` gathers its selected keys and values from the model's head-major cache
@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from .attention import NEG_INF, check_qkv
-from .kernels import flash_attention, gather_positions, gather_tiles, key_block
+from .kernels import flash_attention, gather_positions, gather_tiles, key_block, pad_to_tiles
 
 if TYPE_CHECKING:
     from .schedule import Schedule
@@ -196,7 +196,7 @@ def select(q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any, *, q_tile: in
     tpb = max(1, min(block_q // q_tile, n_t))                          # query tiles per block
     bq = tpb * q_tile
     bk = key_block(length, unit, length if t == 1 else block_k)
-    kp = jnp.pad(k, [(0, 0), (0, 0), (0, -length % bk), (0, 0)]) if length % bk else k
+    kp = pad_to_tiles(k, bk)
     n_units = kp.shape[2] // unit
     k_max = max(1, min(-(-length // unit), topk_count(length, own_min, budget=budget, min_keys=min_keys, unit=unit)))
 
@@ -222,19 +222,21 @@ def select(q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any, *, q_tile: in
         def unit_sums(x: jax.Array) -> jax.Array:     # [..., bk] -> [..., bk / unit]
             return x.reshape(*x.shape[:-1], bk // unit, unit).sum(axis=-1)
 
-        def online(j: jax.Array, state: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-            m, total, acc = state                     # running max, normaliser, unit sums [b, h, g, bq, n_units]
+        def softmax_stats(j: jax.Array, m: jax.Array, total: jax.Array) -> tuple[jax.Array, ...]:
+            """Running max and normaliser after key block ``j``, the rescale factor and the block's exponentials."""
             s = scores(j)
             m_new = jnp.maximum(m, s.max(axis=-1))
             corr, e = jnp.exp(m - m_new), jnp.exp(s - m_new[..., None])
+            return m_new, total * corr + e.sum(axis=-1), corr, e
+
+        def online(j: jax.Array, state: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+            m, total, acc = state                     # running max, normaliser, unit sums [b, h, g, bq, n_units]
+            m, total, corr, e = softmax_stats(j, m, total)
             acc = jax.lax.dynamic_update_slice_in_dim(acc * corr[..., None], unit_sums(e), j * (bk // unit), axis=4)
-            return m_new, total * corr + e.sum(axis=-1), acc
+            return m, total, acc
 
         def max_and_sum(j: jax.Array, state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-            m, total = state
-            s = scores(j)
-            m_new = jnp.maximum(m, s.max(axis=-1))
-            return m_new, total * jnp.exp(m - m_new) + jnp.exp(s - m_new[..., None]).sum(axis=-1)
+            return softmax_stats(j, *state)[:2]
 
         def pool_block(j: jax.Array, acc: jax.Array) -> jax.Array:
             p = jnp.exp(scores(j) - m[..., None]) * weight[..., None]     # probabilities of key block j

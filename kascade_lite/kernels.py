@@ -63,7 +63,7 @@ def key_block(length: int, unit: int, block_k: int) -> int:
     return top
 
 
-def _pad_to_tiles(x: jax.Array, tile: int, axis: int = 2) -> jax.Array:
+def pad_to_tiles(x: jax.Array, tile: int, axis: int = 2) -> jax.Array:
     """Zero-pad ``axis`` of ``x`` up to a multiple of ``tile``."""
     pad = -x.shape[axis] % tile
     if not pad:
@@ -140,17 +140,17 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.A
 
     q: ``[batch, T, q_heads, head_dim]`` at positions ``q_offset + i``; k, v: head-major ``[batch, kv_heads, L,
     head_dim]`` (valid up to ``kv_len``, default ``L``). Query blocks are mapped with ``lax.map``; for each, a
-    ``fori_loop`` visits only key blocks that hold a visible key (none above the diagonal or past ``kv_len``; ``block_k`` is
-    lowered to a divisor of ``L`` near it when there is one, so the cache is not padded), so memory is
+    ``fori_loop`` visits only key blocks that hold a visible key (none above the diagonal or past ``kv_len``;
+    ``block_k`` is lowered to a divisor of ``L`` near it when there is one, so the cache is not padded), so memory is
     ``O(block_q * block_k)`` per head and causal prefill does about half the work of the full square.
     Returns ``[batch, T, q_heads, head_dim]``.
     """
     kv_heads, group = check_qkv(q, k, v)
     b, t, _, d = q.shape
     block_q, block_k = min(block_q, t), key_block(k.shape[2], 1, block_k)
-    kp, vp = _pad_to_tiles(k, block_k), _pad_to_tiles(v, block_k)
+    kp, vp = pad_to_tiles(k, block_k), pad_to_tiles(v, block_k)
     kv_len = k.shape[2] if kv_len is None else kv_len
-    qb = _pad_to_tiles(q, block_q, axis=1).astype(jnp.float32) * d ** -0.5
+    qb = pad_to_tiles(q, block_q, axis=1).astype(jnp.float32) * d ** -0.5
     qb = qb.reshape(b, -1, block_q, kv_heads, group, d).transpose(1, 0, 3, 4, 2, 5)  # [nq, b, h, g, bq, d]
 
     def one_query_block(args: tuple[jax.Array, jax.Array]) -> jax.Array:

@@ -59,8 +59,8 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 # ------------------------------------------------------------------------------------------------ attention hook
 class AttentionFn(Protocol):
     """Per-layer attention. q: ``[batch, q_len, heads, head_dim]`` (RoPE applied), k/v: ``[batch, kv_heads,
-    kv_total, head_dim]`` (the whole head-major cache, valid up to ``kv_len``). Returns ``([batch, q_len, heads, head_dim],
-    carry)``. Must be hashable: it is a static argument of the jitted forward."""
+    kv_total, head_dim]`` (the whole head-major cache, valid up to ``kv_len``). Returns ``([batch, q_len, heads,
+    head_dim], carry)``. Must be hashable: it is a static argument of the jitted forward."""
 
     def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
                  kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]: ...

@@ -309,6 +309,16 @@ def _context_label(tokens: int) -> str:
     return f"{tokens // 1024}k" if tokens >= 1024 else str(tokens)
 
 
+def _context_axis(ax: plt.Axes, contexts: list[int]) -> None:
+    """A speedup-vs-context axis: log2 x with one labelled tick per measured context, and the 1x line."""
+    ax.axhline(1, color="gray", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(contexts))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([_context_label(c) for c in contexts])
+    ax.set(xlabel="context (tokens)")
+
+
 def speedup_vs_context(att: Mapping[str, Any]) -> plt.Figure:
     """Speedup over the fastest dense baseline against context, decode and prefill, from
     ``data/bench_attention_cpu.json`` (``speedup.vs_best`` of each result)."""
@@ -318,12 +328,8 @@ def speedup_vs_context(att: Mapping[str, Any]) -> plt.Figure:
         contexts = [r["context"] for r in rows]
         for key, style, label in SPEEDUP_SERIES:
             ax.plot(contexts, [r["speedup"]["vs_best"][key] for r in rows], style, label=label, ms=5)
-        ax.axhline(1, color="gray", lw=1)
-        ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_locator(FixedLocator(contexts))
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xticklabels([_context_label(c) for c in contexts])
-        ax.set(xlabel="context (tokens)", title=f"{phase}")
+        _context_axis(ax, contexts)
+        ax.set(title=f"{phase}")
     axes[0].set_ylabel("speedup vs fastest dense (×)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False, bbox_to_anchor=(0.5, -0.01))
@@ -358,12 +364,8 @@ def decode_vs_ceiling(e2e: Mapping[str, Any]) -> plt.Figure:
     ax.plot(contexts, [r["decode_ceiling"] for r in rows], "k--", label="bytes-moved ceiling")
     ax.plot(contexts, [r["decode_speedup"]["vs_best"] for r in rows], "o-", label="Kascade, key tiles")
     ax.plot(contexts, [r["decode_speedup"]["positions_vs_best"] for r in rows], "s-", label="Kascade, key positions")
-    ax.axhline(1, color="gray", lw=1)
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_locator(FixedLocator(contexts))
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xticklabels([_context_label(c) for c in contexts])
-    ax.set(xlabel="context (tokens)", ylabel="decode speedup vs best dense (×)")
+    _context_axis(ax, contexts)
+    ax.set(ylabel="decode speedup vs best dense (×)")
     ax.legend(frameon=False, fontsize="small")
     fig.tight_layout()
     return fig

@@ -13,8 +13,8 @@ rows, so each pair needs one all-reduce and nothing in between::
     embed, norms          P()                replicated (a gather by token id on a sharded table is not worth it)
 
 The head-major KV cache ``[batch, kv_heads, max_len, head_dim]`` is ``P("data", "model", None, None)``: each device
-keeps the keys and values of its own KV heads for its own sequences. Kascade's Top-k indices are kept per KV head, so they
-are sharded the same way. `ShardedKascade` runs the policy per device under `jax.shard_map`, so a reuse layer whose
+keeps the keys and values of its own KV heads for its own sequences. Kascade's Top-k indices are kept per KV head, so
+they are sharded the same way. `ShardedKascade` runs the policy per device under `jax.shard_map`, so a reuse layer whose
 head map stays inside a device's heads reads them without any communication. `cross_device_reads` lists the
 head-map entries that leave a device (those layers all-gather the small index tensor) and `localize_head_map`
 removes them by renumbering the KV heads of reuse layers (a per-layer permutation that leaves outputs unchanged).

@@ -23,7 +23,8 @@ def qkv(rng: np.random.Generator, group: int, q_len: int, kv_len: int, batch: in
 
 
 def seq_major(x: jax.Array) -> jax.Array:
-    """Head-major ``[b, kv_heads, L, d]`` -> ``[b, L, kv_heads, d]``, the layout `jax.nn.dot_product_attention` takes."""
+    """Head-major ``[b, kv_heads, L, d]`` -> ``[b, L, kv_heads, d]`` (the layout `jax.nn.dot_product_attention`
+    takes)."""
     return x.transpose(0, 2, 1, 3)
 
 
