@@ -11,8 +11,9 @@ Every configuration is written to the JSON as soon as it finishes (atomically, w
     python benchmarks/bench_accuracy.py ppl --windows-512 64 --windows-2048 16 --time-budget 0
     python benchmarks/bench_accuracy.py ppl --resume ...   # continue a run that its time budget cut
     python benchmarks/bench_accuracy.py retrieval --cases 2048:100,4096:100,8192:100 --time-budget 0 \
-        --methods dense,kascade,kascade_decode,oracle_decode,quest,sink_window,kascade_decode@0.3,kascade_decode@0.5
-        # ~2 h on 2 CPU cores (67 s per round of one case at each length); add e.g. --every sink_window:4
+        --methods dense,kascade,kascade_decode,kascade_sw,tidal,oracle_decode,quest --every kascade_sw:2
+        # many hours on 2 CPU cores, most of it in the 8k prefills; every case's seconds are in the JSON
+    python benchmarks/bench_accuracy.py retrieval --resume ...   # same settings; more cases, fewer methods allowed
 
 ``--smoke`` runs a tiny random model with the SmolLM2 tokenizer (seconds; for tests and CI).
 """

@@ -379,10 +379,12 @@ class Benchmark:
 
 
 ABLATION = "dense,oracle_decode,pooled_decode,kascade_decode,pooled_tiles_decode,kascade_tiles_decode"
+"""The decode-only ladder of chapter 07: from the per-head oracle to Kascade, one change at a time."""
 FRONTIER = ",".join(f"kascade_decode{s}{b}" for s in ("", "+dp_k3", "+dpimp_k8") for b in ("", "@0.2", "@0.3", "@0.5"))
 """Decode-only Kascade over anchors (the chosen schedule, DP K=3, DP+importance K=8) x key budget (10-50 %)."""
 RETRIEVAL = "dense,kascade,kascade_decode,kascade_sw,tidal,oracle_decode,quest"
-"""The decode-only retrieval ladder of chapter 07: from the per-head oracle to Kascade, one change at a time."""
+"""The methods of chapter 07's retrieval table: dense, Kascade (prefill and decode, decode only, with sinks and
+window), TidalDecode, the per-head oracle and Quest."""
 
 BENCHMARKS: dict[str, Benchmark] = {
     "schedule-selection": Benchmark("select_schedule.py", ("--out", "{data}"), ("--smoke", "--out", "{data}"),

@@ -171,3 +171,22 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_outcomes(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]]) -> tuple[int, int, int, int]:
+    """Two methods' per-case results (dicts with ``index`` and ``correct``), compared on the cases both answered:
+    ``(both right, only a right, only b right, both wrong)``."""
+    right_b = {c["index"]: bool(c["correct"]) for c in b}
+    pairs = [(bool(c["correct"]), right_b[c["index"]]) for c in a if c["index"] in right_b]
+    return (sum(x and y for x, y in pairs), sum(x and not y for x, y in pairs),
+            sum(y and not x for x, y in pairs), sum(not (x or y) for x, y in pairs))
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar test of two methods on the same cases: the probability, were both equally accurate,
+    of a split of the ``only_a + only_b`` discordant cases at least this uneven (Binomial(n, 1/2)); 1.0 if n = 0."""
+    if only_a < 0 or only_b < 0:
+        raise ValueError(f"need non-negative counts, got only_a={only_a}, only_b={only_b}")
+    n = only_a + only_b
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)

@@ -125,6 +125,20 @@ def test_every_notebook_is_a_known_chapter() -> None:
     assert existing_chapters(), "no chapter notebooks found in notebooks/"
 
 
+def test_shipped_figures_are_the_ones_the_chapters_draw() -> None:
+    """book/figures holds exactly the figures that some chapter saves (``save_figure(fig, "NN_name")`` or the chapter's
+    ``save`` wrapper): no orphan left by a renamed figure, none missing that a full-size run would write."""
+    saved = re.compile(r'"(\d\d_[a-z0-9_]+)"\)')  # a figure name closing a save call
+    drawn = set()
+    for name in existing_chapters():
+        cells = json.loads((REPO / "notebooks" / f"{name}.ipynb").read_text())["cells"]
+        code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        drawn |= {n for n in saved.findall(code) if n[:2] == name[:2]}
+    shipped = {p.stem for p in (REPO / "book" / "figures").glob("*.png")}
+    assert not shipped - drawn, f"book/figures holds figures no chapter draws: {sorted(shipped - drawn)}"
+    assert not drawn - shipped, f"chapters draw figures missing from book/figures: {sorted(drawn - shipped)}"
+
+
 @pytest.mark.parametrize("chapter", existing_chapters())
 def test_chapter_page_renders(built_book: Build, chapter: str) -> None:
     if chapter in built_book.failed:

@@ -119,3 +119,27 @@ def test_wilson_interval() -> None:
     assert wilson_interval(10, 10)[1] == 1.0 and wilson_interval(10, 10)[0] > 0.6
     with pytest.raises(ValueError, match="correct"):
         wilson_interval(3, 2)
+
+
+def test_paired_outcomes_compare_only_the_shared_cases() -> None:
+    from kascade_lite.tasks import paired_outcomes
+
+    a = [dict(index=i, correct=ok) for i, ok in enumerate([True, True, False, False, True])]
+    b = [dict(index=i, correct=ok) for i, ok in [(0, True), (1, False), (2, True), (3, False), (9, False)]]
+    assert paired_outcomes(a, b) == (1, 1, 1, 1)   # case 4 (only in a) and case 9 (only in b) are not paired
+    assert paired_outcomes(b, a) == (1, 1, 1, 1)
+    assert paired_outcomes(a, a) == (3, 0, 0, 2)
+
+
+def test_mcnemar_p_is_the_exact_binomial_test() -> None:
+    from scipy import stats  # a dependency of jax
+
+    from kascade_lite.tasks import mcnemar_p
+
+    for only_a, only_b in [(0, 5), (5, 0), (1, 7), (7, 1), (3, 3), (10, 2), (0, 1)]:
+        expected = stats.binomtest(only_a, only_a + only_b, 0.5).pvalue
+        assert mcnemar_p(only_a, only_b) == pytest.approx(expected, rel=1e-12)
+    assert mcnemar_p(0, 0) == 1.0
+    with pytest.raises(ValueError, match="non-negative"):
+        mcnemar_p(-1, 2)
+
