@@ -37,7 +37,7 @@ from kascade_lite.convert import smollm2_or_tiny
 from kascade_lite.data import load_tokenizer, token_windows, wikitext_windows
 from kascade_lite.eval import nll_per_window
 from kascade_lite.files import provenance, shipped_dir, write_json_atomic
-from kascade_lite.kascade import KascadeAttention, tiles_kept
+from kascade_lite.kascade import SW_RECENT, SW_SINKS, KascadeAttention, tiles_kept
 from kascade_lite.model import Llama
 from kascade_lite.schedule import Schedule, default_schedule
 from kascade_lite.tasks import RetrievalMethod, answer_case, make_cases
@@ -82,11 +82,6 @@ def main_schedule(schedules: dict[str, Schedule]) -> str:
     return next(iter(schedules))
 
 
-SINKS, RECENT = 4, 32
-"""Our variant ``kascade_sw``: the first 4 and the 32 latest key positions are always among an anchor's Top-k (inside
-the same budget), as StreamingLLM keeps sinks and a window."""
-
-
 def policy(method: str, sched: Schedule, *, num_layers: int, kv_heads: int, budget: float, min_keys: int,
            tile: int, granularity: str = "position") -> Any:
     """The attention function of ``method`` (a `baselines.BASELINES` name) at one budget setting."""
@@ -94,7 +89,7 @@ def policy(method: str, sched: Schedule, *, num_layers: int, kv_heads: int, budg
     return {
         "dense": lambda: DenseAttention(),
         "kascade": lambda: KascadeAttention(sched, **opts),
-        "kascade_sw": lambda: KascadeAttention(sched, sinks=SINKS, recent=RECENT, **opts),
+        "kascade_sw": lambda: KascadeAttention(sched, sinks=SW_SINKS, recent=SW_RECENT, **opts),
         "kascade_no_remap": lambda: kascade_no_remap(sched, **opts),
         "all_heads_pooled": lambda: all_heads_pooled(sched, **opts),
         "omnikv": lambda: omnikv(sched, **opts),
@@ -261,9 +256,9 @@ def retrieval_method(name: str, sched: Schedule, length: int, tile: int = 32, mi
         return RetrievalMethod(flash, flash)
     if base.startswith("kascade"):
         variant = base.removesuffix("_decode")
+        sw = dict(sinks=SW_SINKS, recent=SW_RECENT) if variant == "kascade_sw" else {}
         policy = KascadeAttention(sched, granularity="tile" if variant == "kascade_tiles" else "position",
-                                  remap=variant != "kascade_no_remap",
-                                  **(dict(sinks=SINKS, recent=RECENT) if variant == "kascade_sw" else {}), **opts)
+                                  remap=variant != "kascade_no_remap", **sw, **opts)
         return RetrievalMethod(flash if base.endswith("_decode") else policy, policy)
     if base in ("pooled_decode", "pooled_tiles_decode"):
         every_layer = Schedule.from_anchors(sched.model, sched.num_layers, sched.num_kv_heads,

@@ -42,7 +42,7 @@ import numpy as np
 
 from kascade_lite.calibrate import Calibration, calibrate
 from kascade_lite.convert import smollm2_or_tiny
-from kascade_lite.data import load_tokenizer, wikitext_windows
+from kascade_lite.data import held_out_windows, load_tokenizer, wikitext_windows
 from kascade_lite.eval import nll_per_window
 from kascade_lite.files import provenance, shipped_dir, write_json_atomic
 from kascade_lite.model import dense_attention
@@ -66,14 +66,6 @@ def calibration_set(seq_len: int, num_wiki: int, num_prompts: int, tok: Any) -> 
     wiki = wikitext_windows("validation", seq_len, num_wiki, tokenizer=tok)
     prompts = [c.ids for c in make_cases(seq_len, num_prompts, seed=CALIBRATION_SEED, tokenizer=tok)]
     return np.concatenate([wiki, np.stack(prompts)]).astype(np.int32)
-
-
-def held_out_windows(seq_len: int, num: int, skip: int, tok: Any) -> np.ndarray:
-    """The last ``num`` WikiText-2 validation windows (after the ``skip`` calibration windows, never overlapping)."""
-    windows = wikitext_windows("validation", seq_len, None, tokenizer=tok)
-    if len(windows) < skip + num:
-        raise ValueError(f"validation split has {len(windows)} windows of {seq_len}; need {skip} + {num}")
-    return windows[-num:]
 
 
 def candidates(cal_dir: Path, sched_dir: Path, previous: Path | None, command: str, smoke: bool

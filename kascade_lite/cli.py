@@ -389,6 +389,10 @@ window), TidalDecode, the per-head oracle and Quest."""
 BENCHMARKS: dict[str, Benchmark] = {
     "schedule-selection": Benchmark("select_schedule.py", ("--out", "{data}"), ("--smoke", "--out", "{data}"),
                                     ("schedule_selection.json",)),
+    "variant-selection": Benchmark("select_variant.py",
+                                   ("--selection", "{data}/schedule_selection.json", "--out", "{data}"),
+                                   ("--smoke", "--out", "{data}"),
+                                   ("variant_selection.json",), reads_schedules=True),
     "accuracy-ppl": Benchmark("bench_accuracy.py",
                               ("ppl", "--windows-512", "24", "--windows-2048", "6", "--time-budget", "0",
                                "--out", "{data}/accuracy_ppl.json"),

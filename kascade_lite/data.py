@@ -112,6 +112,15 @@ def wikitext_windows(split: str, seq_len: int, num: int | None = None, tokenizer
     return token_windows(ids, seq_len, num)
 
 
+def held_out_windows(seq_len: int, num: int, skip: int, tokenizer=None) -> np.ndarray:
+    """``[num, seq_len]``: the last ``num`` WikiText-2 validation windows, for choosing methods on held-out text.
+    Calibration takes the first ``skip`` windows; raises if the two would overlap."""
+    windows = wikitext_windows("validation", seq_len, None, tokenizer=tokenizer)
+    if len(windows) < skip + num:
+        raise ValueError(f"validation split has {len(windows)} windows of {seq_len}; need {skip} + {num}")
+    return windows[-num:]
+
+
 def smoke() -> bool:
     """True when ``KASCADE_SMOKE=1``: notebooks and scripts then use tiny sizes (CI)."""
     return os.environ.get("KASCADE_SMOKE", "0") not in ("", "0", "false", "False")

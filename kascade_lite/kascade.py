@@ -348,6 +348,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, sel: Selection, q_offset: A
 
 
 # ------------------------------------------------------------------------------------------------ the policy
+SW_SINKS, SW_RECENT = 4, 32
+"""Our variant ``kascade_sw``: ``KascadeAttention(..., sinks=SW_SINKS, recent=SW_RECENT)`` always keeps the first 4
+and the 32 latest key positions among an anchor's Top-k (inside the same budget), as StreamingLLM keeps sinks and a
+window. Off by default: the paper's Kascade is the default, and the variant is measured beside it."""
+
+
 @dataclass(frozen=True)
 class KascadeAttention:
     """Schedule-driven Kascade, a hashable `model.AttentionFn` (prefill from any position, and decode).

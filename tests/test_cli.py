@@ -25,7 +25,8 @@ REPO = checkout_root()
 
 SUBCOMMANDS = ("convert", "calibrate", "schedule", "eval", "bench", "figures", "reproduce")
 SLOW_BENCH = ("bench-attention", "bench-e2e", "bench-perplexity", "bench-convert", "bench-accuracy-retrieval",
-              "bench-accuracy-retrieval-ablation", "bench-schedule-selection")
+              "bench-accuracy-retrieval-ablation", "bench-schedule-selection",
+              "bench-variant-selection")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
