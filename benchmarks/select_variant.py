@@ -39,7 +39,6 @@ from kascade_lite.schedule import Schedule
 from kascade_lite.tasks import RetrievalMethod, answer_case, make_cases, mcnemar_p, paired_outcomes
 
 MODEL = "smollm2-135m"
-VARIANTS = ("kascade", "kascade_sw")
 
 
 def variants(sched: Schedule, settings: dict[str, Any]) -> dict[str, KascadeAttention]:
@@ -79,7 +78,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "provenance": provenance(command, smoke=args.smoke),
         "settings": dict(model=MODEL, schedule=selection["chosen"], anchors=list(sched.anchors), seq_len=seq_len,
                          **{k: s[k] for k in ("granularity", "tile_size", "budget", "min_keys")},
-                         sinks=SW_SINKS, recent=SW_RECENT, selection=str(selection_path.name),
+                         sinks=SW_SINKS, recent=SW_RECENT, selection=selection_path.name,
                          held_out=dict(retrieval_cases=args.cases, seed=held["seed"], ppl_windows=args.ppl_windows,
                                        ppl_source="last WikiText-2 validation windows"),
                          rule=("kascade_sw if it finds more held-out needles with exact McNemar p < 0.05 and its "
