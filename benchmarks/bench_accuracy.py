@@ -37,7 +37,7 @@ from kascade_lite.convert import smollm2_or_tiny
 from kascade_lite.data import load_tokenizer, token_windows, wikitext_windows
 from kascade_lite.eval import nll_per_window
 from kascade_lite.files import provenance, shipped_dir, write_json_atomic
-from kascade_lite.kascade import SW_RECENT, SW_SINKS, KascadeAttention, tiles_kept
+from kascade_lite.kascade import KascadeAttention, tiles_kept
 from kascade_lite.model import Llama
 from kascade_lite.schedule import Schedule, default_schedule
 from kascade_lite.tasks import RetrievalMethod, answer_case, make_cases
@@ -89,7 +89,7 @@ def policy(method: str, sched: Schedule, *, num_layers: int, kv_heads: int, budg
     return {
         "dense": lambda: DenseAttention(),
         "kascade": lambda: KascadeAttention(sched, **opts),
-        "kascade_sw": lambda: KascadeAttention(sched, sinks=SW_SINKS, recent=SW_RECENT, **opts),
+        "kascade_sw": lambda: KascadeAttention.kascade_sw(sched, **opts),
         "kascade_no_remap": lambda: kascade_no_remap(sched, **opts),
         "all_heads_pooled": lambda: all_heads_pooled(sched, **opts),
         "omnikv": lambda: omnikv(sched, **opts),
@@ -256,9 +256,9 @@ def retrieval_method(name: str, sched: Schedule, length: int, tile: int = 32, mi
         return RetrievalMethod(flash, flash)
     if base.startswith("kascade"):
         variant = base.removesuffix("_decode")
-        sw = dict(sinks=SW_SINKS, recent=SW_RECENT) if variant == "kascade_sw" else {}
-        policy = KascadeAttention(sched, granularity="tile" if variant == "kascade_tiles" else "position",
-                                  remap=variant != "kascade_no_remap", **sw, **opts)
+        make = KascadeAttention.kascade_sw if variant == "kascade_sw" else KascadeAttention
+        policy = make(sched, granularity="tile" if variant == "kascade_tiles" else "position",
+                      remap=variant != "kascade_no_remap", **opts)
         return RetrievalMethod(flash if base.endswith("_decode") else policy, policy)
     if base in ("pooled_decode", "pooled_tiles_decode"):
         every_layer = Schedule.from_anchors(sched.model, sched.num_layers, sched.num_kv_heads,

@@ -46,7 +46,7 @@ def variants(sched: Schedule, settings: dict[str, Any]) -> dict[str, KascadeAtte
     opts = dict(granularity=settings["granularity"], tile_size=settings["tile_size"], budget=settings["budget"],
                 min_keys=settings["min_keys"])
     return {"kascade": KascadeAttention(sched, **opts),
-            "kascade_sw": KascadeAttention(sched, sinks=SW_SINKS, recent=SW_RECENT, **opts)}
+            "kascade_sw": KascadeAttention.kascade_sw(sched, **opts)}
 
 
 def recommend(rows: dict[str, dict[str, Any]], only_sw: int, only_k: int, p: float) -> str:

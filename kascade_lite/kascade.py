@@ -19,8 +19,9 @@ head, one set shared by all KV heads; ``"head"``: no pooling, one set per query 
 Scores are computed one block of query tiles at a time, over the key blocks below the diagonal only (`select`:
 one online pass with key tiles, two passes with key positions), so prefill never holds a ``[heads, T, T]`` tensor
 and costs about what FlashAttention's two products cost. Layer 0 is dense (its attention is flat) but still
-selects; an anchor attends over its own Top-k (or densely, ``anchor_dense=True``, for filter-layer baselines); a reuse layer ``l`` skips the scoring and its KV head
-``h`` takes the selection of the latest anchor's head ``head_map[l][h]`` (`Selection.remap`; ``remap=False``: head h).
+selects; an anchor attends over its own Top-k (or densely, ``anchor_dense=True``, for filter-layer baselines); a
+reuse layer ``l`` skips the scoring and its KV head ``h`` takes the selection of the latest anchor's head
+``head_map[l][h]`` (`Selection.remap`; ``remap=False``: head h).
 
 **Attend** (`attend`). Query tile ``t`` gathers its selected keys and values from the model's head-major cache
 ``[batch, kv_heads, max_len, head_dim]`` (`kernels.gather_positions`, or whole contiguous tiles with
@@ -349,9 +350,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, sel: Selection, q_offset: A
 
 # ------------------------------------------------------------------------------------------------ the policy
 SW_SINKS, SW_RECENT = 4, 32
-"""Our variant ``kascade_sw``: ``KascadeAttention(..., sinks=SW_SINKS, recent=SW_RECENT)`` always keeps the first 4
-and the 32 latest key positions among an anchor's Top-k (inside the same budget), as StreamingLLM keeps sinks and a
-window. Off by default: the paper's Kascade is the default, and the variant is measured beside it."""
+"""Our variant ``kascade_sw`` (`KascadeAttention.kascade_sw`) always keeps the first 4 and the 32 latest key positions
+among an anchor's Top-k (inside the same budget), as StreamingLLM keeps sinks and a window. Off by default: the
+paper's Kascade is the default, and the variant is measured beside it."""
 
 
 @dataclass(frozen=True)
@@ -378,6 +379,12 @@ class KascadeAttention:
     min_keys: int | None = None
     sinks: int = 0
     recent: int = 0
+
+    @classmethod
+    def kascade_sw(cls, schedule: Schedule, **options: Any) -> "KascadeAttention":
+        """Our variant ``kascade_sw``: Kascade whose anchors always keep ``SW_SINKS`` sinks and the ``SW_RECENT``
+        latest positions among their Top-k; ``options`` are the other fields (granularity, budget, ...)."""
+        return cls(schedule, sinks=SW_SINKS, recent=SW_RECENT, **options)
 
     def __post_init__(self) -> None:
         if self.sinks < 0 or self.recent < 0:

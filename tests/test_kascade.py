@@ -23,8 +23,8 @@ from kascade_lite import kernels as K
 from kascade_lite.attention import gqa_attention
 from kascade_lite.config import LlamaConfig
 from kascade_lite.data import load_tokenizer
-from kascade_lite.kascade import (KascadeAttention, Selection, attend, keys_kept, select, tiles_kept,
-                                  topk_count)
+from kascade_lite.kascade import (SW_RECENT, SW_SINKS, KascadeAttention, Selection, attend, keys_kept, select,
+                                  tiles_kept, topk_count)
 from kascade_lite.model import KVCache, Llama, forward, generate
 from kascade_lite.schedule import Schedule
 from kascade_lite.tasks import RetrievalMethod, answer_case, make_cases
@@ -303,3 +303,18 @@ def test_model_harness_and_benchmarks_run_the_same_kascade() -> None:
             np.testing.assert_array_equal(got_carry[layer].keep, want_carry[layer].keep)
     answers = answer_case(model, case, {"harness": harness, "direct": RetrievalMethod(direct, direct)}, tokenizer=tok)
     assert answers["harness"]["output"] == answers["direct"]["output"]
+
+
+def test_every_benchmark_builds_the_same_kascade_sw() -> None:
+    """The perplexity policy, the retrieval harness and the held-out variant choice all construct our variant through
+    `KascadeAttention.kascade_sw`: the same sinks and window over the paper's Kascade at equal settings."""
+    acc, pick = _script("bench_accuracy"), _script("select_variant")
+    sched = schedule(tile_size=32, budget=0.1, min_keys=128)
+    opts = dict(tile_size=32, budget=0.1, min_keys=128, granularity="position")
+    want = KascadeAttention.kascade_sw(sched, **opts)
+    assert (want.sinks, want.recent) == (SW_SINKS, SW_RECENT) and want != KascadeAttention(sched, **opts)
+    ppl = acc.policy("kascade_sw", sched, num_layers=sched.num_layers, kv_heads=sched.num_kv_heads, budget=0.1,
+                     min_keys=128, tile=32)
+    retrieval = acc.retrieval_method("kascade_sw", sched, 256)
+    chosen = pick.variants(sched, dict(granularity="position", tile_size=32, budget=0.1, min_keys=128))["kascade_sw"]
+    assert ppl == retrieval.prefill == retrieval.decode == chosen == want
