@@ -8,7 +8,7 @@
 Every configuration is written to the JSON as soon as it finishes (atomically, with provenance), so a run stopped by
 ``--time-budget`` keeps what it measured and lists what it skipped. Full size (hours on a 2-core CPU)::
 
-    python benchmarks/bench_accuracy.py ppl --windows-512 64 --windows-2048 16 --time-budget 0
+    python benchmarks/bench_accuracy.py ppl --windows-512 24 --windows-2048 6 --time-budget 0
     python benchmarks/bench_accuracy.py ppl --resume ...   # continue a run that its time budget cut
     python benchmarks/bench_accuracy.py retrieval --cases 2048:100,4096:100,8192:100 --time-budget 0 \
         --methods dense,kascade,kascade_decode,kascade_sw,tidal,oracle_decode,quest --every kascade_sw:2
