@@ -382,6 +382,8 @@ ABLATION = "dense,oracle_decode,pooled_decode,kascade_decode,pooled_tiles_decode
 """The decode-only ladder of chapter 07: from the per-head oracle to Kascade, one change at a time."""
 FRONTIER = ",".join(f"kascade_decode{s}{b}" for s in ("", "+dp_k3", "+dpimp_k8") for b in ("", "@0.2", "@0.3", "@0.5"))
 """Decode-only Kascade over anchors (the chosen schedule, DP K=3, DP+importance K=8) x key budget (10-50 %)."""
+LONG_FRONTIER = "dense,kascade_decode@0.2,kascade_decode@0.3,kascade@0.3,kascade@0.5"
+"""The 8k frontier of chapter 07: decode-only and full Kascade (the chosen schedule) above the 10 % budget."""
 RETRIEVAL = "dense,kascade,kascade_decode,kascade_sw,tidal,oracle_decode,quest"
 """The methods of chapter 07's retrieval table: dense, Kascade (prefill and decode, decode only, with sinks and
 window), TidalDecode, the per-head oracle and Quest."""
@@ -410,6 +412,11 @@ BENCHMARKS: dict[str, Benchmark] = {
                               "--out", "{data}/accuracy_retrieval_ablation.json"),
         ("retrieval", "--smoke", "--methods", ABLATION, "--out", "{data}/accuracy_retrieval_ablation.json"),
         ("accuracy_retrieval_ablation.json",), reads_schedules=True),
+    "accuracy-retrieval-frontier": Benchmark(
+        "bench_accuracy.py", ("retrieval", "--cases", "8192:20", "--methods", LONG_FRONTIER, "--time-budget", "0",
+                              "--out", "{data}/accuracy_retrieval_frontier.json"),
+        ("retrieval", "--smoke", "--methods", LONG_FRONTIER, "--out", "{data}/accuracy_retrieval_frontier.json"),
+        ("accuracy_retrieval_frontier.json",), reads_schedules=True),
     "perplexity": Benchmark("bench_perplexity.py", ("--windows", "64", "--out", "{data}/perplexity.json"),
                             ("--smoke", "--out", "{data}/perplexity.json"), ("perplexity.json",)),
     "attention": Benchmark("bench_attention.py", ("--out", "{data}"), ("--smoke", "--out", "{data}"),
