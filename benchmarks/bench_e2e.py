@@ -1,28 +1,37 @@
-"""End-to-end benchmark on SmolLM2-135M: prefill latency and decode tokens/s, dense vs Kascade, one process.
+"""End-to-end benchmark on SmolLM2-135M: prefill and decode step times, dense vs Kascade at every budget and both
+granularities, each path against this machine's measured bandwidth and FLOP rate, in one process.
 
-    python benchmarks/bench_e2e.py --out data # contexts 512, 2k, 8k; ~15 min on 2 CPU cores
-    python benchmarks/bench_e2e.py --smoke    # one tiny context (CI), writes to a temporary folder unless --out
+    python benchmarks/bench_e2e.py --out data        # prefill 512-8k, decode 512-32k; ~30 min on 2 CPU cores
+    python benchmarks/bench_e2e.py --smoke           # tiny sizes (CI), writes to a temporary folder unless --out
     python benchmarks/bench_e2e.py --gpu --out data  # on a GPU (benchmarks/gpu.sh): bf16, writes bench_e2e_gpu.json
 
-Policies (all through the model's jitted forward, `bench.compiled_forward`, float32, on the model's head-major
-`model.KVCache`): ``dense`` (the model's default `gqa_attention`: two batched matmuls over the cache, which in
-prefill materialise the scores), ``flash`` (`kernels.flash_attention`), ``kascade`` (`kascade.KascadeAttention`
-with key tiles, the speed variant: gathers of whole contiguous tiles) and, in decode, ``kascade_positions`` (the
-paper's per-position Top-k). Kascade runs the schedule the accuracy tables use (``data/schedules/smollm2-135m_
-greedy.json``: layer 0 dense + 5 anchors, tile 32, 10 % of keys, floor 128). Prefill = one forward of ``context``
-WikiText-2 tokens into an empty cache; decode = one forward of a single token after ``context`` cached tokens
-(tokens/s = 1 / median step time). Each row also records the bytes-moved ceiling of the decode speedup
-(`cost.decode_ceiling`: weights + K/V read per step, dense over Kascade). ``--gpu`` runs SmolLM2's exact shapes
-with random bfloat16 weights and random token ids (the real weights and WikiText-2 do not travel to the lent
-machine; timings do not depend on the values) at 2k and 8k.
+Every path runs the model's one forward step (`model.make_forward`: a program that reads the cache, then one that
+writes the step's keys in place), float32. Paths: ``dense`` (the model's default: in decode the cache read in place
+by two matmuls, in prefill the ``[T, T]`` scores materialised, up to 2k tokens), ``flash`` (prefill only:
+`kernels.flash_attention`) and ``kascade_<granularity>@<budget>`` (`kascade.KascadeAttention` with key positions,
+the paper's rule, or key tiles of 32; budgets 10 / 30 / 50 %, floor 128 keys), all with the schedule the accuracy
+tables use (``data/schedules/smollm2-135m_greedy.json``: layer 0 dense + 5 anchors). Chapter 07 finds which
+budgets keep accuracy; this file times them all.
+
+Prefill = one forward of ``context`` WikiText-2 tokens (last position's logits only, as a server samples). Decode =
+one step of one token after ``context`` cached positions, the cache donated to the step; beyond 8k (SmolLM2's
+trained context) and for every decode context the cache holds random keys and values (what a step costs does not
+depend on them). Each row records per path its FLOPs or bytes (`cost.model_step_cost`: weights + the K/V it
+reads), its achieved GFLOP/s or GB/s, its speed-up over the fastest dense path, and for decode its bytes-moved
+ceiling (dense bytes over its bytes) and how much of it the speed-up reaches. ``config.machine`` holds this
+machine's copy and read bandwidth and matmul rate (`bench.measure_machine`), measured in the same run.
+``--gpu`` runs SmolLM2's exact shapes with random bfloat16 weights and random token ids (the real weights and
+WikiText-2 do not travel to the lent machine; timings do not depend on the values).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,69 +40,123 @@ import jax.numpy as jnp
 
 from kascade_lite import bench as B
 from kascade_lite.baselines import flash_dense_attention
+from kascade_lite.config import SMOLLM2_135M
 from kascade_lite.convert import smollm2_or_tiny
-from kascade_lite.cost import decode_ceiling
+from kascade_lite.cost import model_step_cost
 from kascade_lite.data import wikitext_windows
 from kascade_lite.files import shipped_dir
-from kascade_lite.kascade import KascadeAttention, tiles_kept
-from kascade_lite.config import SMOLLM2_135M
-from kascade_lite.model import KVCache, Llama, dense_attention
+from kascade_lite.kascade import GRANULARITIES, KascadeAttention, decode_keys, keys_kept
+from kascade_lite.model import KVCache, Llama, dense_attention, make_forward
 from kascade_lite.schedule import Schedule, default_schedule
 
-TILE, BUDGET = 32, 0.1
+TILE = 32
+BUDGETS = (0.1, 0.3, 0.5)
 SCHEDULE = "schedules/smollm2-135m_greedy.json"
+DENSE_PREFILL_LIMIT = 2048  # the materialised [T, T] scores of `dense` prefill: 9 x 8k x 8k floats per layer above
 
 
-def policies(schedule: Schedule, phase: str = "prefill") -> dict[str, Any]:
-    """The attention policies timed (Kascade's key budget follows the context: `kascade.keys_kept`)."""
-    pols = {"dense": dense_attention, "flash": flash_dense_attention,
-            "kascade": KascadeAttention(schedule, granularity="tile")}
+def kascade_policies(schedule: Schedule, budgets: tuple[float, ...]) -> dict[str, KascadeAttention]:
+    """``kascade_<granularity>@<budget>`` for every granularity and budget (floor: the schedule's)."""
+    return {f"kascade_{g}@{b:g}": KascadeAttention(schedule, granularity=g, budget=b)
+            for b in budgets for g in GRANULARITIES}
+
+
+def kept_keys(policy: Any, context: int, phase: str) -> int:
+    """Keys a sparse layer of ``policy`` reads per query (decode) or per query tile (prefill)."""
     if phase == "decode":
-        pols["kascade_positions"] = KascadeAttention(schedule)
-    return pols
+        return decode_keys(context, granularity=policy.granularity, tile=policy.q_tile, budget=policy.budget_value,
+                           min_keys=policy.min_keys_value)
+    keys = keys_kept(context, policy.budget_value, policy.min_keys_value)
+    return min(context, -(-keys // TILE) * TILE) if policy.granularity == "tile" else keys
 
 
-def run_context(model, tokens: jax.Array, schedule: Schedule, *, reps_prefill: int, reps_decode: int,
-                dense_prefill_limit: int) -> dict[str, Any]:
-    """Prefill and decode timings of every policy at ``context = tokens.shape[1]``."""
-    context = tokens.shape[1]
-    max_len = context + TILE  # room for the decoded token; a multiple of the tile
-    fwd = {phase: {name: B.compiled_forward(model, pol) for name, pol in policies(schedule, phase).items()}
-           for phase in ("prefill", "decode")}
-    empty = KVCache.empty(model.cfg, 1, max_len, model.dtype)
-    prefill = {name: (lambda f=f: f(tokens, empty)) for name, f in fwd["prefill"].items()
-               if name != "dense" or context <= dense_prefill_limit}
-    prefill_times = B.compare(prefill, reps=reps_prefill)
-    _, cache, _ = fwd["prefill"]["flash"](tokens, empty)  # the same cache for every decode policy
-    nxt = tokens[:, -1:]
-    decode = {name: (lambda f=f: f(nxt, cache)[0]) for name, f in fwd["decode"].items()}
-    decode_times = B.compare(decode, reps=reps_decode)
-    anchors = sum(t != "reuse" for t in schedule.layer_types)
-    row = {"context": context, "keep_tiles": tiles_kept(context, TILE, schedule.budget, schedule.min_keys),
-           "prefill": prefill_times, "decode": decode_times,
-           "decode_ceiling": decode_ceiling(model.cfg, context, budget=schedule.budget, min_keys=schedule.min_keys,
-                                            num_anchor_layers=anchors,
-                                            bytes_per_value=jnp.dtype(model.dtype).itemsize),
-           "skipped": {} if "dense" in prefill else
-           {"prefill dense": f"skipped above {dense_prefill_limit} tokens (time budget; flash is the dense baseline)"}}
-    for phase, times in (("prefill", prefill_times), ("decode", decode_times)):
-        best = min((n for n in ("dense", "flash") if n in times), key=lambda n: times[n]["median_s"])
-        row[f"{phase}_speedup"] = {"best_dense": best, "vs_best": B.speedup(times[best], times["kascade"]),
-                                   **{f"vs_{n}": B.speedup(times[n], times["kascade"]) for n in ("dense", "flash")
-                                      if n in times}}
-    row["decode_speedup"]["positions_vs_best"] = B.speedup(decode_times[row["decode_speedup"]["best_dense"]],
-                                                           decode_times["kascade_positions"])
-    row["decode_tokens_per_s"] = {n: 1.0 / t["median_s"] for n, t in decode_times.items()}
-    pre, dec = row["prefill_speedup"], row["decode_speedup"]
-    print(f"context {context:5d}: prefill x{pre['vs_best']:.2f} vs {pre['best_dense']}, decode x{dec['vs_best']:.2f} "
-          f"(positions x{dec['positions_vs_best']:.2f}) vs {dec['best_dense']}, ceiling x{row['decode_ceiling']:.2f} "
-          f"({row['decode_tokens_per_s']['kascade']:.1f} tok/s)", flush=True)
+def work(cfg: Any, schedule: Schedule, policies: dict[str, Any], context: int, phase: str,
+         bytes_per_value: int) -> dict[str, dict[str, float]]:
+    """`cost.model_step_cost` of each path: ``{name: {"flops", "bytes", "keys"}}`` (keys: per sparse query)."""
+    out = {}
+    for name, pol in policies.items():
+        sparse = isinstance(pol, KascadeAttention)
+        keys = kept_keys(pol, context, phase) if sparse else context
+        cost = model_step_cost(cfg, context, phase=phase, layer_types=schedule.layer_types if sparse else None,
+                               keep_keys=keys, bytes_per_value=bytes_per_value)
+        out[name] = {**cost, "keys": keys}
+    return out
+
+
+def summarise(phase: str, times: dict[str, dict], costs: dict[str, dict], dense_names: list[str]) -> dict[str, Any]:
+    """Speed-ups over the fastest dense path, achieved rates and (decode) the bytes-moved ceilings."""
+    best = min((n for n in dense_names if n in times), key=lambda n: times[n]["median_s"])
+    row: dict[str, Any] = {"best_dense": best, "speedup": {n: B.speedup(times[best], t) for n, t in times.items()}}
+    if phase == "decode":
+        row["gb_per_s"] = B.rates(times, {n: c["bytes"] for n, c in costs.items()}, "gb")
+        row["ceiling"] = {n: costs[best]["bytes"] / c["bytes"] for n, c in costs.items()}
+        row["of_ceiling"] = {n: row["speedup"][n] / row["ceiling"][n] for n in times}
+    else:
+        row["gflop_per_s"] = B.rates(times, {n: c["flops"] for n, c in costs.items()}, "gflop")
     return row
+
+
+def random_cache(cfg: Any, context: int, dtype: Any) -> KVCache:
+    """A cache of ``context`` filled positions (random keys and values) with room for one more tile."""
+    shape = (1, cfg.num_kv_heads, context + TILE, cfg.head_dim)
+    key = jax.random.PRNGKey(context)
+    layer = lambda i: jax.random.normal(jax.random.fold_in(key, i), shape, dtype)  # noqa: E731
+    return KVCache(tuple(layer(2 * i) for i in range(cfg.num_layers)),
+                   tuple(layer(2 * i + 1) for i in range(cfg.num_layers)), jnp.int32(context))
+
+
+def decode_candidates(model: Llama, policies: dict[str, Any], context: int) -> dict[str, Callable[[], Any]]:
+    """One decode step per policy, all on one shared cache that each step donates and hands to the next (its
+    length reset to ``context``, so every step writes the same slot)."""
+    shared = [random_cache(model.cfg, context, model.dtype)]
+    token = jnp.ones((1, 1), jnp.int32)
+
+    def candidate(step: Callable) -> Callable[[], Any]:
+        def run() -> Any:
+            logits, shared[0], _ = step(token, dataclasses.replace(shared[0], length=jnp.int32(context)))
+            return logits, shared[0]
+        return run
+
+    return {name: candidate(make_forward(model, pol, donate=True)) for name, pol in policies.items()}
+
+
+def run(model: Llama, schedule: Schedule, text: jax.Array, *, phase: str, contexts: list[int], reps: int,
+        budgets: tuple[float, ...]) -> list[dict[str, Any]]:
+    """One row per context of ``phase``: times, costs and `summarise`."""
+    sparse = kascade_policies(schedule, budgets)
+    bpv = jnp.dtype(model.dtype).itemsize
+    rows = []
+    for context in contexts:
+        if phase == "decode":
+            policies = {"dense": dense_attention, **sparse}
+            cands = decode_candidates(model, policies, context)
+            dense_names = ["dense"]
+        else:
+            policies = {**({"dense": dense_attention} if context <= DENSE_PREFILL_LIMIT else {}),
+                        "flash": flash_dense_attention, **sparse}
+            tokens = text[:, :context]
+            cands = {n: (lambda f=make_forward(model, p, last_only=True): f(tokens, None)[0])
+                     for n, p in policies.items()}
+            dense_names = ["dense", "flash"]
+        times = B.compare(cands, reps=reps)
+        costs = work(model.cfg, schedule, policies, context, phase, bpv)
+        row = {"phase": phase, "context": context, "times": times, "cost": costs,
+               "settings": {n: {"granularity": p.granularity, "budget": p.budget_value, "min_keys": p.min_keys_value}
+                            for n, p in sparse.items()},
+               "skipped": {} if "dense" in policies else
+               {"dense": f"skipped above {DENSE_PREFILL_LIMIT} tokens ([T, T] scores; flash is the dense path)"},
+               **summarise(phase, times, costs, dense_names)}
+        rate = row.get("gb_per_s") or row.get("gflop_per_s")
+        print(f"{phase:7s} {context:6d}: best dense {row['best_dense']} {times[row['best_dense']]['median_s'] * 1e3:8.1f}"
+              f" ms ({rate[row['best_dense']]:.1f} {'GB/s' if phase == 'decode' else 'GFLOP/s'}); "
+              + ", ".join(f"{n.removeprefix('kascade_')} x{row['speedup'][n]:.2f}" for n in sparse), flush=True)
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true", help="one tiny context (CI)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
     p.add_argument("--gpu", action="store_true", help="the accelerator run (benchmarks/gpu.sh): SmolLM2 shapes, "
                                                       "random bf16 weights and tokens; writes bench_e2e_gpu.json")
     p.add_argument("--out", type=Path, help="output folder (required at full size, e.g. data/ to update the "
@@ -103,26 +166,33 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--out is required at full size (e.g. --out data to update the published results)")
     out = args.out or Path(tempfile.mkdtemp(prefix="kascade-lite-smoke-"))
     command = ("python benchmarks/bench_e2e.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
-    contexts = [256] if args.smoke else [2048, 8192] if args.gpu else [512, 2048, 8192]
+    if args.smoke:
+        prefill, decode, budgets = [256], [256, 512], (0.1, 0.5)
+    elif args.gpu:
+        prefill, decode, budgets = [2048, 8192], [8192, 32768], BUDGETS
+    else:
+        prefill, decode, budgets = [512, 2048, 8192], [512, 2048, 8192, 16384, 32768], BUDGETS
     if args.gpu and not args.smoke:
         model = Llama(SMOLLM2_135M, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
     else:
         model = smollm2_or_tiny(args.smoke)
     cfg = model.cfg
-    schedule = (default_schedule("tiny", cfg.num_layers, cfg.num_kv_heads, 2, TILE, BUDGET) if args.smoke
+    schedule = (default_schedule("tiny", cfg.num_layers, cfg.num_kv_heads, 2, TILE, 0.1) if args.smoke
                 else Schedule.load(shipped_dir() / SCHEDULE))
-    text = (jax.random.randint(jax.random.PRNGKey(0), (1, max(contexts)), 0, cfg.vocab_size, jnp.int32) if args.gpu
-            else jnp.asarray(wikitext_windows("test", max(contexts), 1), jnp.int32))
-    rows = []
-    for context in contexts:
-        big = context >= 8192
-        rows.append(run_context(model, text[:, :context], schedule, reps_prefill=1 if big else 3,
-                                reps_decode=7 if big else 10, dense_prefill_limit=8192 if args.gpu else 2048))
+    text = (jax.random.randint(jax.random.PRNGKey(0), (1, max(prefill)), 0, cfg.vocab_size, jnp.int32) if args.gpu
+            else jnp.asarray(wikitext_windows("test", max(prefill), 1), jnp.int32))
+    machine = B.measure_machine(64, 256, reps=2) if args.smoke else B.measure_machine()
+    print(f"machine: copy {machine['copy_gb_per_s']:.1f} GB/s, read {machine['read_gb_per_s']:.1f} GB/s, "
+          f"matmul {machine['matmul_gflop_per_s']:.0f} GFLOP/s", flush=True)
+    rows = run(model, schedule, text, phase="decode", contexts=decode, reps=3 if args.smoke else 7, budgets=budgets)
+    rows += run(model, schedule, text, phase="prefill", contexts=prefill, reps=2 if args.smoke else 1,
+                budgets=budgets)
     model_name = ("tiny random Llama (smoke)" if args.smoke else "SmolLM2-135M shapes, random weights" if args.gpu
                   else "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32)")
     config = {"model": model_name, "dtype": str(jnp.dtype(model.dtype)), "batch": 1, "cache": "head-major",
-              "tile": TILE, "budget": schedule.budget, "schedule": B.schedule_summary(schedule),
-              "tokens": "random ids" if args.gpu else "WikiText-2 test, first window", "smoke": args.smoke}
+              "tile": TILE, "budgets": list(budgets), "schedule": B.schedule_summary(schedule), "machine": machine,
+              "prefill_tokens": "random ids" if args.gpu else "WikiText-2 test, first window",
+              "decode_cache": "random keys and values", "smoke": args.smoke}
     target = out / ("bench_e2e_gpu.json" if args.gpu else "bench_e2e_cpu.json")
     B.write_results(target, command, config, rows, smoke=args.smoke)
     print(f"wrote {target}")

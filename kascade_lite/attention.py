@@ -61,9 +61,13 @@ def grouped_scores(q: jax.Array, k: jax.Array, scale: float | None = None) -> ja
     q: ``[batch, q_len, q_heads, head_dim]``; k: ``[batch, kv_heads, kv_len, head_dim]``."""
     kv_heads, group = check_qkv(q, k, k)
     b, t, _, d = q.shape
-    qg = q.reshape(b, t, kv_heads, group, d)
+    # one matmul per KV head over its group x q_len rows: XLA's CPU backend then reads the cache in place (with two
+    # query axes in the product it transposes a copy of the whole cache first, which costs a decode step more than
+    # the product itself)
+    qg = q.reshape(b, t, kv_heads, group, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, group * t, d)
     scale = d ** -0.5 if scale is None else scale
-    return jnp.einsum("bqhgd,bhkd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.einsum("bhmd,bhkd->bhmk", qg, k, preferred_element_type=jnp.float32) * scale
+    return s.reshape(b, kv_heads, group, t, k.shape[2])
 
 
 def attention_probs(q: jax.Array, k: jax.Array, *, causal: bool = True, q_offset: jax.Array | int = 0,
@@ -91,11 +95,30 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = Tr
     return weighted_values(p, v, q.dtype)
 
 
+def gqa_attention_with_new(q: jax.Array, k: jax.Array, v: jax.Array, k_new: jax.Array, v_new: jax.Array, *,
+                           q_offset: jax.Array | int) -> jax.Array:
+    """Dense causal GQA of this step's queries over the cache *before* this step and this step's own keys.
+
+    q: ``[batch, s, q_heads, head_dim]`` at positions ``q_offset + i``; k, v: the head-major cache ``[batch, kv_heads,
+    L, head_dim]``, valid below ``q_offset``; k_new, v_new: this step's ``[batch, kv_heads, s, head_dim]`` (positions
+    ``q_offset + j``, causal among themselves). One softmax over both parts: the same result as `gqa_attention` on
+    the cache with the new keys written, but the cache is only read, so a decode step never copies it (see
+    `model.KVCache.write`). Returns ``[batch, s, q_heads, head_dim]`` in ``q.dtype``."""
+    check_qkv(q, k, v)
+    s = q.shape[1]
+    old = jnp.where(jnp.arange(k.shape[2]) < q_offset, grouped_scores(q, k), NEG_INF)
+    own = jnp.where(causal_mask(s, s), grouped_scores(q, k_new), NEG_INF)
+    p = jax.nn.softmax(jnp.concatenate([old, own], axis=-1), axis=-1)
+    return (weighted_values(p[..., :k.shape[2]], v, jnp.float32)
+            + weighted_values(p[..., k.shape[2]:], v_new, jnp.float32)).astype(q.dtype)
+
+
 def weighted_values(p: jax.Array, v: jax.Array, out_dtype: Any) -> jax.Array:
     """Attention output from probabilities ``p: [batch, kv_heads, group, q_len, kv]`` and values ``v: [batch,
     kv_heads, kv, head_dim]``: ``[batch, q_len, kv_heads * group, head_dim]`` in ``out_dtype``."""
-    b, h, g, t, _ = p.shape
-    out = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    b, h, g, t, n = p.shape
+    out = jnp.einsum("bhmk,bhkd->bhmd", p.reshape(b, h, g * t, n).astype(v.dtype), v,
+                     preferred_element_type=jnp.float32).reshape(b, h, g, t, v.shape[-1])
     # a batched matmul, then the transpose (XLA's CPU dot rejects bf16 x bf16 -> f32 with the transpose fused in)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * g, v.shape[-1]).astype(out_dtype)
 

@@ -87,18 +87,14 @@ def load_results(path: str | os.PathLike) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ model timing
-def compiled_forward(model: Any, attention: Any = None) -> Callable[..., tuple[jax.Array, Any, Any]]:
-    """``f(tokens, cache) -> (logits, cache, carry)``: `model.Llama.__call__` under one ``jax.jit``.
+def compiled_forward(model: Any, attention: Any = None, *, donate: bool = False
+                     ) -> Callable[..., tuple[jax.Array, Any, Any]]:
+    """``f(tokens, cache) -> (logits, cache, carry)``: `model.make_forward` (the model split once, so a call costs
+    only the compiled programs). With ``donate`` each call consumes the cache it is given (a decode step that writes
+    in place); time a repeated step on one cache with ``donate=False``, whose write makes a copy."""
+    from .model import dense_attention, make_forward
 
-    The module is split into graph and state once, so a call costs only the compiled computation
-    (`model.forward` splits on every call, ~10 ms, which matters for a small model's decode step)."""
-    from flax import nnx
-
-    from .model import dense_attention, forward_split
-
-    graphdef, state = nnx.split(model)
-    attention = dense_attention if attention is None else attention
-    return lambda tokens, cache: forward_split(graphdef, state, tokens, cache, attention)
+    return make_forward(model, dense_attention if attention is None else attention, donate=donate)
 
 
 def schedule_summary(schedule: Schedule) -> dict[str, Any]:
@@ -117,14 +113,37 @@ def random_qkv(key: jax.Array, batch: int, t: int, length: int, q_heads: int, kv
 
 
 # ------------------------------------------------------------------------------------------------ roofline, results
-def measure_peaks(n_matmul: int, copy_mb: int, reps: int = 5) -> dict[str, float]:
-    """Rough peaks XLA reaches on this backend: FLOP/s of an ``n x n`` float32 matmul and bytes/s of an elementwise
-    pass over ``copy_mb`` MiB (read + write)."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (n_matmul, n_matmul), jnp.float32)
+def measure_machine(copy_mb: int = 1024, n_matmul: int = 2048, reps: int = 5) -> dict[str, float]:
+    """This machine's memory and compute rates, measured as XLA reaches them, for a roofline of the same run.
+
+    * ``copy_gb_per_s``: a STREAM-style copy of a ``copy_mb`` MiB float32 buffer (far larger than any cache) into a
+      preallocated output (donated, so no page faults are timed), counted as STREAM counts it: bytes read + written.
+    * ``read_gb_per_s``: a sum over the same buffer (bytes read; what a decode step mostly does).
+    * ``matmul_gflop_per_s``: an ``n_matmul`` square float32 matmul, ``2 n^3`` FLOPs.
+    Each is the fastest of ``reps`` timed runs after one untimed run."""
     x = jax.random.normal(jax.random.PRNGKey(1), (copy_mb * 2**20 // 4,), jnp.float32)
-    mm, cp = jax.jit(lambda a: a @ a), jax.jit(lambda x: x * 1.0001)
-    t = compare({"matmul": lambda: mm(a), "copy": lambda: cp(x)}, reps=reps)
-    return {"FLOP/s": 2 * n_matmul**3 / t["matmul"]["median_s"], "bytes/s": 2 * x.nbytes / t["copy"]["median_s"]}
+    a = jax.random.normal(jax.random.PRNGKey(0), (n_matmul, n_matmul), jnp.float32)
+    copy = jax.jit(lambda src, dst: dst.at[:].set(src), donate_argnums=1)
+    total, matmul = jax.jit(jnp.sum), jax.jit(lambda a: a @ a)
+    out = jax.block_until_ready(copy(x, jnp.zeros_like(x)))
+    best: dict[str, float] = {}
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(copy(x, out))
+        best["copy"] = min(best.get("copy", 1e9), time.perf_counter() - t0)
+    for name, fn in (("read", lambda: total(x)), ("matmul", lambda: matmul(a))):
+        time_once(fn)
+        best[name] = min(time_once(fn) for _ in range(reps))
+    return {"copy_gb_per_s": 2 * x.nbytes / best["copy"] / 1e9, "read_gb_per_s": x.nbytes / best["read"] / 1e9,
+            "matmul_gflop_per_s": 2 * n_matmul**3 / best["matmul"] / 1e9, "copy_mib": copy_mb, "n_matmul": n_matmul}
+
+
+def rates(times: dict[str, dict], work: dict[str, float], unit: str) -> dict[str, float]:
+    """Achieved rate of each timed path: ``work[name]`` (bytes for ``unit="gb"``, FLOPs for ``unit="gflop"``) over
+    its median time, in GB/s or GFLOP/s."""
+    if unit not in ("gb", "gflop"):
+        raise ValueError(f"unit must be 'gb' or 'gflop', got {unit!r}")
+    return {name: work[name] / times[name]["median_s"] / 1e9 for name in times if name in work}
 
 
 def whole_model_ratio(t_dense: float, t_anchor: float, t_reuse: float, *, num_layers: int = 32,

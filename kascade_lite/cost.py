@@ -58,6 +58,38 @@ def attention_cost(phase: str, kind: str, context: int, keep_keys: int, *, q_hea
     return {"flops": float(flops), "bytes": float(nbytes)}
 
 
+def model_step_cost(cfg: LlamaConfig, context: int, *, phase: str, layer_types: Sequence[str] | None = None,
+                    keep_keys: int | None = None, bytes_per_value: int = 4, last_only: bool = True
+                    ) -> dict[str, float]:
+    """FLOPs and bytes of one forward step of the whole model at batch 1, what a timing of it is compared with.
+
+    ``phase="decode"``: one token after ``context`` cached ones; ``"prefill"``: ``context`` tokens into an empty
+    cache (only the last position's logits with ``last_only``). ``layer_types``: per layer "dense" / "anchor" /
+    "reuse" (a `Schedule`'s; default all dense) and ``keep_keys`` the keys a sparse layer attends per query. Bytes:
+    every weight read once (the embedding table as the output head when tied, else one row) plus each layer's K/V
+    reads by `attention_cost`; FLOPs: ``2 * weights * tokens`` for the projections and MLP, the output head, and
+    each layer's attention by `attention_cost`."""
+    if phase not in ("decode", "prefill"):
+        raise ValueError(f"phase must be 'decode' or 'prefill', got {phase!r}")
+    layer_types = list(layer_types or ["dense"] * cfg.num_layers)
+    if len(layer_types) != cfg.num_layers:
+        raise ValueError(f"{len(layer_types)} layer types for a {cfg.num_layers}-layer model")
+    if keep_keys is None and any(t != "dense" for t in layer_types):
+        raise ValueError("keep_keys is needed when some layer is sparse")
+    shapes = expected_shapes(cfg)
+    per_layer = sum(math.prod(shape) for name, shape in shapes.items() if name.startswith("layers.0."))
+    head = cfg.hidden_size * cfg.vocab_size
+    weights = cfg.num_layers * per_layer + head + (0 if cfg.tie_word_embeddings else cfg.hidden_size)
+    tokens = 1 if phase == "decode" else context
+    flops = 2.0 * cfg.num_layers * per_layer * tokens + 2.0 * head * (1 if last_only else tokens)
+    nbytes = float(weights * bytes_per_value)
+    for kind in layer_types:
+        c = attention_cost(phase, kind, context, min(context, keep_keys or context), q_heads=cfg.num_heads,
+                           kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, bytes_per_value=bytes_per_value)
+        flops, nbytes = flops + c["flops"], nbytes + c["bytes"]
+    return {"flops": flops, "bytes": nbytes}
+
+
 def whole_model_time(schedule: Schedule, t_dense: float, t_anchor: float, t_reuse: float) -> float:
     """Attention time of all layers: layer 0 dense, anchors ``t_anchor``, reuse layers ``t_reuse``."""
     cost = {"dense": t_dense, "anchor": t_anchor, "reuse": t_reuse}
@@ -140,13 +172,19 @@ def memory_plan(cfg: LlamaConfig, tokens: int, *, batch: int = 1, model_size: in
 
 
 def decode_ceiling(cfg: LlamaConfig, tokens: int, *, num_anchor_layers: int, budget: float = 0.1,
-                   min_keys: int = 128, bytes_per_value: float = 4) -> float:
+                   min_keys: int = 128, bytes_per_value: float = 4, keep_keys: int | None = None) -> float:
     """The bytes-moved ceiling of Kascade's whole-model decode speedup: bytes one decode step reads (all weights +
-    K/V, `memory_plan`'s ``dense_read``) over Kascade's (``kascade_read``), weights and cache both stored with
-    ``bytes_per_value``. A memory-bound decode step cannot beat this ratio: the weights are read either way."""
-    plan = memory_plan(cfg, tokens, num_anchor_layers=num_anchor_layers, budget=budget, min_keys=min_keys,
-                       bytes_per_param=bytes_per_value, kv_bytes=bytes_per_value)
-    return plan["dense_read"] / plan["kascade_read"]
+    K/V, `model_step_cost`) dense over Kascade with ``num_anchor_layers`` full-attention layers (layer 0 included)
+    and ``keep_keys`` keys per reuse query (default ``kascade.keys_kept(tokens, budget, min_keys)``). A
+    memory-bound decode step cannot beat this ratio: the weights are read either way."""
+    if not 1 <= num_anchor_layers <= cfg.num_layers:
+        raise ValueError(f"num_anchor_layers={num_anchor_layers} must be in [1, num_layers={cfg.num_layers}]")
+    keep = keys_kept(tokens, budget, min_keys) if keep_keys is None else keep_keys
+    types = ["dense"] + ["anchor"] * (num_anchor_layers - 1) + ["reuse"] * (cfg.num_layers - num_anchor_layers)
+    dense = model_step_cost(cfg, tokens, phase="decode", bytes_per_value=bytes_per_value)
+    sparse = model_step_cost(cfg, tokens, phase="decode", layer_types=types, keep_keys=keep,
+                             bytes_per_value=bytes_per_value)
+    return dense["bytes"] / sparse["bytes"]
 
 
 def smallest_model_axis(cfg: LlamaConfig, tokens: int, accelerator: Accelerator, *, batch: int = 1,

@@ -35,13 +35,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
 
-from .attention import NEG_INF, check_qkv
+from .attention import NEG_INF, check_qkv, gqa_attention_with_new
 from .kernels import flash_attention, gather_positions, gather_tiles, key_block, pad_to_tiles
+from .model import write_new
 
 if TYPE_CHECKING:
     from .schedule import Schedule
@@ -92,6 +93,14 @@ def tiles_kept(context: int, tile: int, budget: float | int = 0.1, min_keys: int
     if tile <= 0 or context <= 0:
         raise ValueError(f"need context > 0 and tile > 0, got context={context}, tile={tile}")
     return min(-(-context // tile), 1 + topk_count(context, tile, budget=budget, min_keys=min_keys, unit=tile))
+
+
+def decode_keys(context: int, *, granularity: Granularity, tile: int, budget: float | int = 0.1,
+                min_keys: int = 128) -> int:
+    """Keys a sparse layer reads per decode step (its own key plus the Top-k, whole key tiles with
+    ``granularity="tile"``), at most ``context``: what its K/V read costs (`cost.model_step_cost`)."""
+    unit = tile if granularity == "tile" else 1
+    return min(context, 1 + unit * topk_count(context, 1, budget=budget, min_keys=min_keys, unit=unit))
 
 
 # ------------------------------------------------------------------------------------------------ selection
@@ -173,7 +182,7 @@ def topk_units(scores: jax.Array, start: jax.Array, basis: jax.Array, own: jax.A
 
 def select(q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any, *, q_tile: int, unit: int, pool: Pool,
            budget: float | int, min_keys: int, rolling: bool = False, block_q: int = 256, block_k: int = 512,
-           sinks: int = 0, recent: int = 0) -> Selection:
+           sinks: int = 0, recent: int = 0, own_key: jax.Array | None = None) -> Selection:
     """Anchor scoring: exact post-softmax attention of each query tile, pooled, Top-k per row, never a ``[T, L]``
     tensor.
 
@@ -189,7 +198,10 @@ def select(q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any, *, q_tile: in
     just before the tile are chosen first (inside the same budget; StreamingLLM's sinks and window, Xiao et al.
     2023). Returns a `Selection` with ``n_qtiles = ceil(T / q_tile)`` and a static ``k = ceil((keys_kept(L) - own)
     / unit)`` (at least 1), where ``own`` is the smallest own tile (the last one may be partial). A tile's own keys
-    are its causal keys below ``kv_len``: ``q_tile`` of them, or fewer in a partial last tile."""
+    are its causal keys below ``kv_len``: ``q_tile`` of them, or fewer in a partial last tile. ``own_key`` (decode
+    only, ``[batch, kv_heads, 1, d]``): the query's own key, not yet written at position ``kv_len - 1`` of ``k``."""
+    if own_key is not None and q.shape[1] != 1:
+        raise ValueError(f"own_key is for a single-query decode step, got q{q.shape}")
     kv_heads, group = check_qkv(q, k, k)
     b, t, length = q.shape[0], q.shape[1], k.shape[2]
     n_t = -(-t // q_tile)
@@ -246,6 +258,8 @@ def select(q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any, *, q_tile: in
         stats = jnp.full(qb.shape[:-1], NEG_INF, jnp.float32), jnp.zeros(qb.shape[:-1], jnp.float32)
         if kp.shape[2] == bk:                                          # one key block (decode): one pass
             s = scores(jnp.int32(0))
+            if own_key is not None:                                    # the own key, not yet in the cache
+                s = jnp.where(jnp.arange(bk) == q_pos[:, None], grouped_dot(qb, own_key.astype(jnp.float32)), s)
             e = jnp.exp(s - s.max(axis=-1, keepdims=True))
             acc = pool_probs(unit_sums(e) * jnp.where(real, 1.0 / e.sum(axis=-1), 0.0)[..., None])
         elif unit > 1:                                                 # one pass, unit sums rescaled online
@@ -290,12 +304,15 @@ def gather_selected(x: jax.Array, sel: Selection, idx: jax.Array) -> jax.Array:
 
 
 def attend_tile(qi: jax.Array, k: jax.Array, v: jax.Array, sel: Selection, idx: jax.Array, keep: jax.Array,
-                start: jax.Array, n_queries: jax.Array, kv_len: Any) -> jax.Array:
+                start: jax.Array, n_queries: jax.Array, kv_len: Any,
+                own: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """One query tile over its selected keys plus its own tile.
 
     qi: scaled ``[batch, kv_heads, group, q_tile, d]`` at positions ``start + i`` (``i < n_queries`` are real);
-    k, v: ``[batch, kv_heads, L, d]``; idx, keep: ``[batch, kv_heads, sets, k]``. Returns float32 ``[batch, kv_heads,
-    group, q_tile, d]``: one softmax over the selected keys before ``start`` and the causal keys of the own tile."""
+    k, v: ``[batch, kv_heads, L, d]``; idx, keep: ``[batch, kv_heads, sets, k]``; ``own``: the own tile's keys and
+    values ``[batch, kv_heads, q_tile, d]`` when they are not in ``k, v`` yet (a decode step), else read from the
+    cache. Returns float32 ``[batch, kv_heads, group, q_tile, d]``: one softmax over the selected keys before
+    ``start`` and the causal keys of the own tile."""
     tq, n_own = qi.shape[3], min(qi.shape[3], k.shape[2])
     pos = (idx[..., None] * sel.unit + jnp.arange(sel.unit)).reshape(*idx.shape[:3], -1)
     ok = jnp.repeat(keep, sel.unit, axis=-1) & (pos < start)           # [b, h, s, n]
@@ -307,8 +324,11 @@ def attend_tile(qi: jax.Array, k: jax.Array, v: jax.Array, sel: Selection, idx: 
     s_sel = jnp.where(ok[:, :, :, None, :], s_sel, NEG_INF)
     first = jnp.clip(start, 0, k.shape[2] - n_own)                     # the own tile, shifted to fit the cache
     own_pos = first + jnp.arange(n_own)
-    ko = jax.lax.dynamic_slice_in_dim(k, first, n_own, axis=2).astype(jnp.float32)
-    vo = jax.lax.dynamic_slice_in_dim(v, first, n_own, axis=2).astype(jnp.float32)
+    if own is None:
+        ko = jax.lax.dynamic_slice_in_dim(k, first, n_own, axis=2).astype(jnp.float32)
+        vo = jax.lax.dynamic_slice_in_dim(v, first, n_own, axis=2).astype(jnp.float32)
+    else:
+        ko, vo = own[0].astype(jnp.float32), own[1].astype(jnp.float32)
     q_pos = start + jnp.minimum(jnp.arange(tq), n_queries - 1)
     own_ok = (own_pos >= start) & (own_pos <= q_pos[:, None]) & (own_pos < kv_len)   # [tq, n_own]
     s_own = jnp.where(own_ok, jnp.einsum("bhgqd,bhkd->bhgqk", qi, ko), NEG_INF)
@@ -322,16 +342,19 @@ def attend_tile(qi: jax.Array, k: jax.Array, v: jax.Array, sel: Selection, idx: 
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, sel: Selection, q_offset: Any, kv_len: Any,
-           chunk: int = 1) -> jax.Array:
+           chunk: int = 1, own: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """Sparse attention over a `Selection`: every query tile attends its selected keys and its own tile only.
 
     q: ``[batch, T, heads, d]`` at positions ``q_offset + i``; k, v: ``[batch, kv_heads, L, d]`` (the cache, valid
-    below ``kv_len``); ``sel`` with ``ceil(T / sel.q_tile)`` query tiles. Query tiles are mapped ``chunk`` at a time
+    below ``kv_len``); ``sel`` with ``ceil(T / sel.q_tile)`` query tiles; ``own``: a decode step's own key and
+    value ``[batch, kv_heads, 1, d]`` when they are not in the cache yet. Query tiles are mapped ``chunk`` at a time
     (``lax.map``; one at a time was fastest on CPU: 0.28x flash's time for a 4k Llama-3.1-8B prefill at 10 %, against
     0.31x for 4 and 0.41x for 16), so memory is ``O(T * k)``. Returns ``[batch, T, heads, d]`` in ``q.dtype``."""
     kv_heads, group = check_qkv(q, k, v)
     b, t, _, d = q.shape
     n_t = -(-t // sel.q_tile)
+    if own is not None and n_t != 1:
+        raise ValueError(f"own keys are for a single query tile (a decode step), got q{q.shape}, q_tile={sel.q_tile}")
     if sel.idx.shape[:2] != (b, kv_heads) or sel.idx.shape[3] != n_t or sel.idx.shape[2] not in (1, group):
         raise ValueError(f"selection idx {sel.idx.shape} must be [batch={b}, kv_heads={kv_heads}, sets=1|{group}, "
                          f"n_qtiles={n_t}, k] for q{q.shape} with q_tile={sel.q_tile}")
@@ -339,7 +362,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, sel: Selection, q_offset: A
     def one_tile(args: tuple[jax.Array, jax.Array, jax.Array, jax.Array]) -> jax.Array:
         qi, idx, keep, i = args
         return attend_tile(qi, k, v, sel, idx, keep, q_offset + i * sel.q_tile,
-                           jnp.minimum(t - i * sel.q_tile, sel.q_tile), kv_len)
+                           jnp.minimum(t - i * sel.q_tile, sel.q_tile), kv_len, own)
 
     qt = query_tiles(q, kv_heads, sel.q_tile)
     rows = (qt, jnp.moveaxis(sel.idx, 3, 0), jnp.moveaxis(sel.keep, 3, 0), jnp.arange(n_t))
@@ -367,6 +390,8 @@ class KascadeAttention:
     ``{anchor layer: Selection}``. ``sinks`` / ``recent`` (our variant, default off): the first ``sinks`` and the
     ``recent`` latest key positions are always among an anchor's Top-k, inside the same budget (see `select`).
     """
+
+    reads_new_separately: ClassVar[bool] = True  # `model.AttentionFn`: a decode step never copies the cache
 
     schedule: Schedule
     granularity: Granularity = "position"
@@ -412,26 +437,36 @@ class KascadeAttention:
         """The key floor in force: ``min_keys``, else the schedule's."""
         return self.schedule.min_keys if self.min_keys is None else self.min_keys
 
-    def selection(self, q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any) -> Selection:
-        """The Top-k of an anchor or dense layer for queries ``q: [batch, T, heads, d]`` (decode: ``T == 1``)."""
+    def selection(self, q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any,
+                  own_key: jax.Array | None = None) -> Selection:
+        """The Top-k of an anchor or dense layer for queries ``q: [batch, T, heads, d]`` (decode: ``T == 1``, with
+        ``own_key`` when the query's key is not in ``k`` yet)."""
         q_tile = 1 if q.shape[1] == 1 else self.q_tile
         return select(q, k, q_offset, kv_len, q_tile=q_tile, unit=self.q_tile if self.granularity == "tile" else 1,
                       pool=self.pool, budget=self.budget_value, min_keys=self.min_keys_value, rolling=self.rolling,
-                      sinks=self.sinks, recent=self.recent)
+                      sinks=self.sinks, recent=self.recent, own_key=own_key)
 
     def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
-                 kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]:
+                 kv_len: jax.Array, carry: Any, new: tuple[jax.Array, jax.Array] | None = None
+                 ) -> tuple[jax.Array, Any]:
+        """`model.AttentionFn`. With ``new`` (see `reads_new_separately`) a decode step reads the cache in place and
+        its own key and value from ``new``; a prefill writes ``new`` into a copy of the cache first."""
         if layer >= self.schedule.num_layers or k.shape[1] != self.schedule.num_kv_heads:
             raise ValueError(f"schedule for {self.schedule.num_layers} layers x {self.schedule.num_kv_heads} KV heads "
                              f"cannot run layer {layer} with k{k.shape}")
+        own = new if q.shape[1] == 1 else None
+        if own is None:
+            k, v = write_new(k, v, new, q_offset)
         carry = dict(carry or {})
         kind = self.schedule.layer_types[layer]
         if kind == "reuse":
             sel = carry[self.schedule.anchor_of[layer]]
             if self.remap:
                 sel = sel.remap(self.schedule.head_map[layer])
-            return attend(q, k, v, sel, q_offset, kv_len), carry
-        carry[layer] = sel = self.selection(q, k, q_offset, kv_len)
+            return attend(q, k, v, sel, q_offset, kv_len, own=own), carry
+        carry[layer] = sel = self.selection(q, k, q_offset, kv_len, None if own is None else own[0])
         if kind == "dense" or self.anchor_dense:
+            if own is not None:
+                return gqa_attention_with_new(q, k, v, *own, q_offset=q_offset), carry
             return flash_attention(q, k, v, q_offset=q_offset, kv_len=kv_len), carry
-        return attend(q, k, v, sel, q_offset, kv_len), carry
+        return attend(q, k, v, sel, q_offset, kv_len, own=own), carry

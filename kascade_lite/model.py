@@ -13,6 +13,14 @@ Attention is **pluggable per layer**: every block calls ``attention(layer, q, k,
 and threads ``carry`` from layer to layer. The dense default ignores ``carry``; Kascade's anchor layers put their
 Top-k indices in it and the reuse layers that follow read them (see `kascade.py`).
 
+**The cache is read by one program and written by another.** The jitted forward (`forward_split`) only *reads*
+the cache and returns this step's keys and values; `KVCache.write` (jitted, the cache donated) then writes them in
+place. XLA's CPU backend copies a donated buffer that the same program also reads (eight full copies of each
+layer's cache per dense decode step, measured on the compiled HLO), so a fused read-and-write step would copy the
+whole cache every token. An attention function that sets ``reads_new_separately = True`` receives the cache as it
+was before the step (valid below ``q_offset``) plus ``new=(k_new, v_new)`` and combines them itself (the dense
+default and Kascade do, in decode); any other receives ``k, v`` with the new tokens written into a copy.
+
 Tensor names (used by `checkpoints.py`, `convert.py` and `from_tensors`): ``embed [vocab, hidden]``,
 ``final_norm [hidden]``, ``lm_head [hidden, vocab]`` (absent when tied), and per layer ``layers.{i}.attn_norm``,
 ``wq [hidden, H*d]``, ``wk``/``wv [hidden, Hkv*d]``, ``wo [H*d, hidden]``, ``mlp_norm``,
@@ -31,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .attention import gqa_attention
+from .attention import gqa_attention, gqa_attention_with_new
 from .config import LlamaConfig
 from .rope import apply_rope, inverse_frequencies, rope_cos_sin
 
@@ -60,16 +68,38 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 class AttentionFn(Protocol):
     """Per-layer attention. q: ``[batch, q_len, heads, head_dim]`` (RoPE applied), k/v: ``[batch, kv_heads,
     kv_total, head_dim]`` (the whole head-major cache, valid up to ``kv_len``). Returns ``([batch, q_len, heads,
-    head_dim], carry)``. Must be hashable: it is a static argument of the jitted forward."""
+    head_dim], carry)``. Must be hashable: it is a static argument of the jitted forward.
+
+    With ``reads_new_separately = True`` the function is called with ``new=(k_new, v_new)`` (this step's keys and
+    values ``[batch, kv_heads, q_len, head_dim]``, positions ``q_offset + i``) and k/v valid below ``q_offset`` only:
+    the new keys are not yet in the cache (see the module docstring; `write_new` puts them into a copy)."""
 
     def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
                  kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]: ...
 
 
+def write_new(k: jax.Array, v: jax.Array, new: tuple[jax.Array, jax.Array] | None,
+              q_offset: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The cache ``k, v: [batch, kv_heads, L, head_dim]`` with ``new = (k_new, v_new)`` written at ``q_offset`` (a
+    copy, unless XLA can update in place); ``new=None`` returns ``k, v`` unchanged."""
+    if new is None:
+        return k, v
+    return (jax.lax.dynamic_update_slice_in_dim(k, new[0].astype(k.dtype), q_offset, axis=2),
+            jax.lax.dynamic_update_slice_in_dim(v, new[1].astype(v.dtype), q_offset, axis=2))
+
+
 def dense_attention(layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
-                    kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]:
-    """The default: exact causal GQA in every layer."""
+                    kv_len: jax.Array, carry: Any, new: tuple[jax.Array, jax.Array] | None = None
+                    ) -> tuple[jax.Array, Any]:
+    """The default: exact causal GQA in every layer. A decode step reads the cache in place and its own key
+    separately (`attention.gqa_attention_with_new`); a prefill attends over the cache with its keys written."""
+    if new is not None and q.shape[1] == 1:
+        return gqa_attention_with_new(q, k, v, *new, q_offset=q_offset), carry
+    k, v = write_new(k, v, new, q_offset)
     return gqa_attention(q, k, v, causal=True, q_offset=q_offset, kv_len=kv_len), carry
+
+
+dense_attention.reads_new_separately = True
 
 
 # ------------------------------------------------------------------------------------------------ KV cache
@@ -93,6 +123,25 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k[0].shape[2]
+
+    def write(self, new: "NewKV") -> "KVCache":
+        """This cache with ``new`` (per layer ``(k_new, v_new)``, each ``[batch, kv_heads, s, head_dim]``) written at
+        ``length``, and ``length + s``. Jitted with the cache donated (`write_cache`) it updates the buffers in place:
+        the program reads nothing but the new keys."""
+        s = new[0][0].shape[2]
+        k = tuple(jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), self.length, axis=2)
+                  for c, (n, _) in zip(self.k, new))
+        v = tuple(jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), self.length, axis=2)
+                  for c, (_, n) in zip(self.v, new))
+        return KVCache(k, v, (self.length + s).astype(jnp.int32))
+
+    def copy(self) -> "KVCache":
+        """A copy with buffers of its own (to keep a cache that a donating step would consume)."""
+        return jax.tree.map(jnp.copy, self)
+
+
+NewKV = tuple[tuple[jax.Array, jax.Array], ...]
+"""One step's keys and values per layer: ``(k_new, v_new)``, each head-major ``[batch, kv_heads, s, head_dim]``."""
 
 
 # ------------------------------------------------------------------------------------------------ modules
@@ -130,11 +179,12 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, kv: tuple[jax.Array, jax.Array] | None, *,
                  layer: int, offset: jax.Array, attention: AttentionFn, carry: Any
-                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None, Any, jax.Array]:
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array], Any, jax.Array]:
         """``x: [batch, seq, hidden]`` at positions ``offset + arange(seq)`` (``cos``/``sin``: their RoPE tables).
 
         ``kv``: this layer's cache ``(k, v)``, each ``[batch, kv_heads, max_len, head_dim]``, or ``None``. Returns
-        ``(x after the block, updated kv, attention carry, attention output [batch, seq, hidden])``."""
+        ``(x after the block, this step's (k, v) [batch, kv_heads, seq, head_dim], attention carry, attention output
+        [batch, seq, hidden])``."""
         a, kv, carry = self.attn(self.attn_norm(x), cos, sin, kv, layer=layer, offset=offset, attention=attention,
                                  carry=carry)
         x = x + a
@@ -143,24 +193,31 @@ class Block(nnx.Module):
 
     def attn(self, y: jax.Array, cos: jax.Array, sin: jax.Array, kv: tuple[jax.Array, jax.Array] | None, *,
              layer: int, offset: jax.Array, attention: AttentionFn, carry: Any
-             ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None, Any]:
+             ) -> tuple[jax.Array, tuple[jax.Array, jax.Array], Any]:
         """Attention of the normed ``y: [batch, seq, hidden]``: rotated q ``[b, s, H, d]``, rotated k and v
-        transposed to head-major ``[b, Hkv, s, d]`` (and written into ``kv`` at ``offset``), ``attention`` over all
-        keys so far, then ``wo``.
-        Returns ``(output [b, s, hidden], updated kv, carry)``."""
+        transposed to head-major ``[b, Hkv, s, d]``, ``attention`` over the cache ``kv`` and these keys (module
+        docstring: written into a copy of ``kv``, or handed over beside it), then ``wo``.
+        Returns ``(output [b, s, hidden], (k, v) of this step in the cache's dtype, carry)``."""
         c, (b, s, _) = self.cfg, y.shape
         q = (y @ self.wq[...].astype(y.dtype)).reshape(b, s, c.num_heads, c.head_dim)
         k = (y @ self.wk[...].astype(y.dtype)).reshape(b, s, c.num_kv_heads, c.head_dim)
         v = (y @ self.wv[...].astype(y.dtype)).reshape(b, s, c.num_kv_heads, c.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                   # head-major [b, Hkv, s, d]
-        if kv is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), offset, axis=2)
-            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), offset, axis=2)
-            kv = (k, v)
-        o, carry = attention(layer, q, k.astype(q.dtype), v.astype(q.dtype), q_offset=offset, kv_len=offset + s,
-                             carry=carry)
-        return o.reshape(b, s, -1) @ self.wo[...].astype(y.dtype), kv, carry
+        if kv is None:
+            new, ctx = (k, v), {}
+            o, carry = attention(layer, q, k, v, q_offset=offset, kv_len=offset + s, carry=carry)
+        else:
+            new = (k.astype(kv[0].dtype), v.astype(kv[1].dtype))              # as the cache will hold them
+            cast = (new[0].astype(q.dtype), new[1].astype(q.dtype))
+            if getattr(attention, "reads_new_separately", False):
+                ctx = dict(new=cast)
+                k, v = kv
+            else:
+                ctx, (k, v) = {}, write_new(*kv, new, offset)
+            o, carry = attention(layer, q, k.astype(q.dtype), v.astype(q.dtype), q_offset=offset,
+                                 kv_len=offset + s, carry=carry, **ctx)
+        return o.reshape(b, s, -1) @ self.wo[...].astype(y.dtype), new, carry
 
     def mlp(self, y: jax.Array) -> jax.Array:
         """SwiGLU of the normed ``y: [batch, seq, hidden]``: ``w_down(silu(y @ w_gate) * (y @ w_up))``."""
@@ -221,10 +278,11 @@ class Llama(nnx.Module):
     # -------------------------------------------------------------------------------------------- forward
     def __call__(self, tokens: jax.Array, *, cache: KVCache | None = None, attention: AttentionFn = dense_attention,
                  carry: Any = None, collect: bool = False, last_only: bool = False
-                 ) -> tuple[jax.Array, KVCache | None, Any]:
-        """Run ``tokens: [batch, seq]`` (int) after the ``cache.length`` positions already in ``cache``.
+                 ) -> tuple[jax.Array, NewKV, Any]:
+        """Run ``tokens: [batch, seq]`` (int) after the ``cache.length`` positions already in ``cache``; the cache is
+        only read (`KVCache.write` stores this step's keys and values afterwards).
 
-        Returns ``(logits [batch, seq, vocab] float32, updated cache or None, aux)``; with ``last_only`` the logits
+        Returns ``(logits [batch, seq, vocab] float32, this step's (k, v) per layer, aux)``; with ``last_only`` the logits
         are ``[batch, 1, vocab]``, the last position's only (a prefill that only samples the next token skips the
         ``seq x vocab`` output projection: 0.46 TFLOP for SmolLM2 at 8k tokens). ``aux`` is the final attention
         ``carry``, or with ``collect=True`` a dict ``{"carry", "residual", "attn_out"}`` where the two lists hold,
@@ -250,31 +308,54 @@ class Llama(nnx.Module):
         x = self.final_norm(x[:, -1:] if last_only else x)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         logits = jnp.einsum("bsh,hv->bsv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
-        new_cache = None if cache is None else KVCache(tuple(k for k, _ in kvs), tuple(v for _, v in kvs),
-                                                   (offset + s).astype(jnp.int32))
         aux = dict(carry=carry, residual=residual, attn_out=attn_outs) if collect else carry
-        return logits, new_cache, aux
+        return logits, tuple(kvs), aux
 
 
 # ------------------------------------------------------------------------------------------------ jitted entry points
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention", "collect", "last_only"))
 def forward_split(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, cache: KVCache | None,
                   attention: AttentionFn = dense_attention, collect: bool = False, last_only: bool = False
-                  ) -> tuple[jax.Array, KVCache | None, Any]:
-    """`forward` on a model already split by ``nnx.split`` (benchmarks split once and call this directly)."""
+                  ) -> tuple[jax.Array, NewKV, Any]:
+    """The read-only program of a forward step: `Llama.__call__` on a model split by ``nnx.split``; returns
+    ``(logits, this step's keys and values, aux)``. The cache is an input only, never copied."""
     return nnx.merge(graphdef, state)(tokens, cache=cache, attention=attention, collect=collect, last_only=last_only)
 
 
-def forward(model: Llama, tokens: jax.Array, cache: KVCache | None = None, attention: AttentionFn = dense_attention,
-            collect: bool = False, last_only: bool = False) -> tuple[jax.Array, KVCache | None, Any]:
-    """Jitted ``model(tokens, cache=cache, attention=attention)``; compiles once per attention function and shape.
+write_cache = jax.jit(KVCache.write, donate_argnums=0)
+"""`KVCache.write` in place: the cache passed in is consumed (its buffers become the result's)."""
+write_cache_copy = jax.jit(KVCache.write)
+"""`KVCache.write` into new buffers: the cache passed in stays valid."""
 
-    The module is split into its (static) graph and its weights, and a plain ``jax.jit`` runs the pure function:
-    ``nnx.jit`` walks the module graph in Python on every call (~0.3 s for SmolLM2 on 2 CPU cores, more than a whole
-    decode step), while ``nnx.split`` costs ~10 ms.
-    """
+ForwardFn = Callable[[jax.Array, "KVCache | None"], tuple[jax.Array, "KVCache | None", Any]]
+
+
+def make_forward(model: Llama, attention: AttentionFn = dense_attention, *, donate: bool = False,
+                 collect: bool = False, last_only: bool = False) -> ForwardFn:
+    """``f(tokens, cache) -> (logits, updated cache or None, aux)``: the one forward step of the package.
+
+    It runs two compiled programs, `forward_split` (reads the cache) and `write_cache` (writes this step's keys in
+    place) or, without ``donate``, `write_cache_copy` (into new buffers; the caller's cache stays valid). With
+    ``donate`` the cache passed in is consumed: a decode loop hands each step the cache the last one returned, so
+    no step copies the cache (`decode`, the benchmarks; keep a shared cache with `KVCache.copy`). The model is split
+    once here: ``nnx.jit`` would walk the module graph in Python on every call (~0.3 s for SmolLM2 on 2 CPU cores,
+    more than a whole decode step) and ``nnx.split`` costs ~10 ms, which a decode step should not pay either."""
     graphdef, state = nnx.split(model)
-    return forward_split(graphdef, state, tokens, cache, attention, collect, last_only)
+    write = write_cache if donate else write_cache_copy
+
+    def step(tokens: jax.Array, cache: KVCache | None) -> tuple[jax.Array, KVCache | None, Any]:
+        logits, new, aux = forward_split(graphdef, state, tokens, cache, attention, collect, last_only)
+        return logits, None if cache is None else write(cache, new), aux
+
+    return step
+
+
+def forward(model: Llama, tokens: jax.Array, cache: KVCache | None = None, attention: AttentionFn = dense_attention,
+            collect: bool = False, last_only: bool = False, *, donate: bool = False
+            ) -> tuple[jax.Array, KVCache | None, Any]:
+    """One forward step, ``make_forward(model, attention, ...)(tokens, cache)``: returns ``(logits [batch, seq, vocab],
+    updated cache or None, aux)``; compiles once per attention function and shape. ``donate`` consumes ``cache``."""
+    return make_forward(model, attention, donate=donate, collect=collect, last_only=last_only)(tokens, cache)
 
 
 def sample_next(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top_p: float = 1.0) -> jax.Array:
@@ -316,10 +397,12 @@ def decode(model: Llama, logits: jax.Array, cache: KVCache, max_new_tokens: int,
            top_p: float = 1.0, seed: int = 0, attention: AttentionFn = dense_attention,
            eos_token_id: int | None = None, progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Decode one token at a time after a prefill: ``logits: [batch, seq, vocab]`` (the last position is used) and
-    the ``cache`` that prefill filled. Returns the new token ids ``[batch, n]`` (``n <= max_new_tokens``; stops
-    early when every row emitted ``eos_token_id``)."""
-    loop = decode_steps(lambda tokens, c: forward(model, tokens, c, attention)[:2], logits, cache,
-                        temperature=temperature, top_p=top_p, seed=seed)
+    the ``cache`` that prefill filled, which the steps consume (each step donates its cache; pass ``cache.copy()``
+    to keep it). Returns the new token ids ``[batch, n]`` (``n <= max_new_tokens``; stops early when every row
+    emitted ``eos_token_id``)."""
+    step = make_forward(model, attention, donate=True)
+    loop = decode_steps(lambda tokens, c: step(tokens, c)[:2], logits, cache, temperature=temperature, top_p=top_p,
+                        seed=seed)
     out, done = [], jnp.zeros((logits.shape[0],), bool)
     for i in range(max_new_tokens):
         nxt, _ = next(loop)
@@ -349,7 +432,7 @@ def generate(model: Llama, prompt: jax.Array | np.ndarray, max_new_tokens: int, 
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     b, t = prompt.shape
     cache = KVCache.empty(model.cfg, b, t + max_new_tokens, cache_dtype or model.dtype)
-    logits, cache, _ = forward(model, prompt, cache, attention, last_only=True)
+    logits, cache, _ = forward(model, prompt, cache, attention, last_only=True, donate=True)
     new = decode(model, logits, cache, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                  attention=attention, eos_token_id=eos_token_id, progress=progress)
     return np.concatenate([np.asarray(prompt), new.astype(np.int32)], axis=1)

@@ -164,7 +164,8 @@ def sharded_forward(model: Llama, tokens: jax.Array, cache: KVCache, mesh: Mesh,
     shardings pinned to `logits_spec` and `cache_shardings` (so every decode step gets the layout it started with).
     ``model`` is placed by `shard_model`; for Kascade pass ``attention=shard_attention(policy, mesh)``.
     """
-    logits, cache, _ = model(tokens, cache=cache, attention=attention)
+    logits, new, _ = model(tokens, cache=cache, attention=attention)
+    cache = cache.write(new)
     b = tokens.shape[0]
     logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, logits_spec(mesh, model.cfg, b)))
     cache = jax.lax.with_sharding_constraint(cache, cache_shardings(mesh, model.cfg, b))

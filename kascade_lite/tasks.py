@@ -137,7 +137,8 @@ def answer_case(model: Llama, case: RetrievalCase, methods: Mapping[str, Retriev
             cache = KVCache.empty(model.cfg, 1, max_len, model.dtype)
             logits, cache, _ = forward(model, prompt, cache, method.prefill, last_only=True)
             prefilled[method.prefill] = (logits, cache)
-        out = decode(model, *prefilled[method.prefill], MAX_NEW_TOKENS, attention=method.decode)[0]
+        logits, cache = prefilled[method.prefill]
+        out = decode(model, logits, cache.copy(), MAX_NEW_TOKENS, attention=method.decode)[0]  # decode consumes it
         text = tok.decode(out.tolist(), skip_special_tokens=True)
         results[name] = dict(output=text, correct=extract_answer(text) == case.answer,
                              seconds=round(time.perf_counter() - t0, 3))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,7 +12,7 @@ import pytest
 from kascade_lite.config import LlamaConfig, RopeScaling
 from kascade_lite.convert import converted_smollm2, load_smollm2
 from kascade_lite.data import load_tokenizer, load_wikitext, smollm2_gguf_path
-from kascade_lite.model import KVCache, Llama, forward, generate
+from kascade_lite.model import KVCache, Llama, dense_attention, forward, forward_split, generate, make_forward, write_cache
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -57,13 +60,15 @@ def test_smollm2_greedy_generation_matches_transformers(smollm2, hf_smollm2, pro
     np.testing.assert_array_equal(ours, ref)
 
 
-def decode_token_by_token(model: Llama, tokens: np.ndarray, prefill: int) -> np.ndarray:
-    """Logits ``[batch, seq, vocab]``: prefill ``prefill`` tokens, then feed the rest one at a time via the cache."""
+def decode_token_by_token(model: Llama, tokens: np.ndarray, prefill: int, attention=dense_attention) -> np.ndarray:
+    """Logits ``[batch, seq, vocab]``: prefill ``prefill`` tokens, then feed the rest one at a time via the cache
+    (each step donating it, as `decode` does)."""
+    step = make_forward(model, attention, donate=True)
     cache = KVCache.empty(model.cfg, tokens.shape[0], tokens.shape[1])
-    logits, cache, _ = forward(model, jnp.asarray(tokens[:, :prefill]), cache)
+    logits, cache, _ = step(jnp.asarray(tokens[:, :prefill]), cache)
     steps = [np.asarray(logits)]
     for t in range(prefill, tokens.shape[1]):
-        logits, cache, _ = forward(model, jnp.asarray(tokens[:, t:t + 1]), cache)
+        logits, cache, _ = step(jnp.asarray(tokens[:, t:t + 1]), cache)
         steps.append(np.asarray(logits))
     assert int(cache.length) == tokens.shape[1]
     return np.concatenate(steps, axis=1)
@@ -90,3 +95,73 @@ def test_cached_conversion_is_reused(smollm2):
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     assert converted_smollm2() == out
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+TINY = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=6, num_kv_heads=2,
+                   head_dim=16)
+
+
+def full_cache_ops(hlo: str, cache: KVCache) -> list[str]:
+    """Instructions of a compiled HLO module that produce an array of one layer's full cache shape (parameters and
+    the tuple of outputs aside): a copy of the cache, or a fused update that rewrites it."""
+    b, h, n, d = cache.k[0].shape
+    shape = re.compile(rf"= f32\[{b},{h},{n},{d}\]\{{[0-9,]+\}} (?!parameter\()")
+    return [line.strip() for line in hlo.splitlines() if shape.search(line)]
+
+
+def test_a_decode_step_never_copies_the_cache():
+    """The forward program only reads the cache (no instruction makes a cache-sized array) and the write program
+    updates the donated buffers in place (aliased, no copy): a decode step moves the weights, the K/V it reads and
+    one new row per layer, never the whole cache."""
+    from flax import nnx
+
+    from kascade_lite.kascade import KascadeAttention
+    from kascade_lite.schedule import default_schedule
+
+    model = Llama(TINY)
+    graphdef, state = nnx.split(model)
+    cache = KVCache.empty(TINY, 1, 200)
+    tok = jnp.zeros((1, 1), jnp.int32)
+    kascade = KascadeAttention(default_schedule("tiny", 3, 2, 2, 16, 0.25), min_keys=16)
+    for attention in (dense_attention, kascade, KascadeAttention(kascade.schedule, granularity="tile", min_keys=16)):
+        hlo = forward_split.lower(graphdef, state, tok, cache, attention, False, False).compile().as_text()
+        assert not full_cache_ops(hlo, cache), (attention, full_cache_ops(hlo, cache)[:3])
+    new = forward_split(graphdef, state, tok, cache, dense_attention)[1]
+    hlo = write_cache.lower(cache, new).compile().as_text()
+    assert "input_output_alias" in hlo and not any("copy(" in op for op in full_cache_ops(hlo, cache))
+    before = cache.k[0].unsafe_buffer_pointer()
+    written = write_cache(cache, new)
+    assert cache.k[0].is_deleted() and written.k[0].unsafe_buffer_pointer() == before
+
+
+def test_split_decode_equals_decode_on_the_written_cache():
+    """Dense and Kascade decode steps that read the cache and their own key separately (`reads_new_separately`)
+    give the logits of the same attention run on the cache with the key written (the generic path)."""
+    from kascade_lite.kascade import KascadeAttention
+    from kascade_lite.schedule import default_schedule
+
+    model = Llama(TINY, rngs=__import__("flax").nnx.Rngs(3))
+    tokens = np.random.default_rng(2).integers(0, TINY.vocab_size, (1, 70)).astype(np.int32)
+    schedule = default_schedule("tiny", 3, 2, 2, 16, 0.25)
+    for attention in (dense_attention, KascadeAttention(schedule, min_keys=16),
+                      KascadeAttention(schedule, granularity="tile", min_keys=16)):
+        generic = GenericPath(attention)
+        np.testing.assert_allclose(decode_token_by_token(model, tokens, 64, attention),
+                                   decode_token_by_token(model, tokens, 64, generic), atol=1e-5, rtol=0)
+
+
+class GenericPath:
+    """An attention function without ``reads_new_separately``: the model hands it the cache with the keys
+    written."""
+
+    def __init__(self, attention):
+        self.attention = attention
+
+    def __call__(self, layer, q, k, v, *, q_offset, kv_len, carry):
+        return self.attention(layer, q, k, v, q_offset=q_offset, kv_len=kv_len, carry=carry)
+
+    def __hash__(self):
+        return hash(("generic", self.attention))
+
+    def __eq__(self, other):
+        return isinstance(other, GenericPath) and other.attention == self.attention

@@ -36,10 +36,19 @@ def test_attention_benchmark_gpu_mode_on_cpu(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_e2e_benchmark_records_positions_and_the_ceiling(tmp_path: Path) -> None:
+def test_e2e_benchmark_records_rates_ceilings_and_both_granularities(tmp_path: Path) -> None:
     _script("bench_e2e").main(["--smoke", "--out", str(tmp_path)])
     doc = json.loads((tmp_path / "bench_e2e_cpu.json").read_text())
     assert is_smoke(doc) and doc["config"]["cache"] == "head-major"
-    (row,) = doc["results"]
-    assert set(row["decode"]) == {"dense", "flash", "kascade", "kascade_positions"}
-    assert row["decode_ceiling"] >= 1 and row["decode_speedup"]["positions_vs_best"] > 0
+    machine = doc["config"]["machine"]
+    assert machine["copy_gb_per_s"] > 0 and machine["read_gb_per_s"] > 0 and machine["matmul_gflop_per_s"] > 0
+    assert {(r["phase"], r["context"]) for r in doc["results"]} == {("decode", 256), ("decode", 512), ("prefill", 256)}
+    for row in doc["results"]:
+        sparse = {n for n in row["times"] if n.startswith("kascade_")}
+        assert {row["settings"][n]["granularity"] for n in sparse} == {"position", "tile"}
+        assert {row["settings"][n]["budget"] for n in sparse} == {0.1, 0.5}
+        rate = row["gb_per_s"] if row["phase"] == "decode" else row["gflop_per_s"]
+        assert set(rate) == set(row["times"]) and min(rate.values()) > 0
+        if row["phase"] == "decode":
+            assert row["ceiling"]["dense"] == 1 and all(row["ceiling"][n] >= 1 for n in sparse)
+            assert all(row["of_ceiling"][n] == row["speedup"][n] / row["ceiling"][n] for n in sparse)
