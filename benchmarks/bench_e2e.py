@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from kascade_lite import bench as B
 from kascade_lite.baselines import flash_dense_attention
-from kascade_lite.convert import smollm2_or_tiny
+from kascade_lite.models import smollm2_or_tiny
 from kascade_lite.cost import decode_ceiling
 from kascade_lite.data import wikitext_windows
 from kascade_lite.files import shipped_dir

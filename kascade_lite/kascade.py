@@ -35,16 +35,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
 from .attention import NEG_INF, check_qkv
 from .kernels import flash_attention, gather_positions, gather_tiles, key_block, pad_to_tiles
-
-if TYPE_CHECKING:
-    from .schedule import Schedule
+from .schedule import Schedule
 
 Granularity = Literal["position", "tile"]
 Pool = Literal["group", "all", "head"]
