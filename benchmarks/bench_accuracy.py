@@ -30,15 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from kascade_lite.baselines import (BASELINES, DenseAttention, QuestAttention, SinkWindowAttention, TidalDecode,
-                                    TiledSinkWindow, all_heads_pooled, flash_dense_attention, kascade_no_remap, omnikv,
-                                    oracle_topk)
-from kascade_lite.convert import smollm2_or_tiny
+from kascade_lite.baselines import (BASELINES, QuestAttention, SinkWindowAttention, TidalDecode, TiledSinkWindow,
+                                    all_heads_pooled, flash_dense_attention, kascade_no_remap, omnikv, oracle_topk)
 from kascade_lite.data import load_tokenizer, token_windows, wikitext_windows
 from kascade_lite.eval import nll_per_window
 from kascade_lite.files import provenance, shipped_dir, write_json_atomic
 from kascade_lite.kascade import KascadeAttention, tiles_kept
-from kascade_lite.model import Llama
+from kascade_lite.model import Llama, dense_attention
+from kascade_lite.models import smollm2_or_tiny
 from kascade_lite.schedule import Schedule, default_schedule
 from kascade_lite.tasks import RetrievalMethod, answer_case, make_cases
 
@@ -49,11 +48,6 @@ Config = dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------------------ model + schedules
-def load_model(smoke: bool) -> Llama:
-    """SmolLM2-135M (float32), or with ``smoke`` a tiny random Llama with the same vocabulary and head layout."""
-    return smollm2_or_tiny(smoke)
-
-
 def kascade_schedules(model: Llama, schedule_dir: Path | None = None) -> dict[str, Schedule]:
     """Calibrated schedules from ``schedule_dir`` (default: the shipped ones; DP for each K, greedy) when present;
     otherwise (or for a model they do not fit) an evenly spaced 5-anchor schedule with the identity head map."""
@@ -87,7 +81,7 @@ def policy(method: str, sched: Schedule, *, num_layers: int, kv_heads: int, budg
     """The attention function of ``method`` (a `baselines.BASELINES` name) at one budget setting."""
     opts = dict(tile_size=tile, budget=budget, min_keys=min_keys, granularity=granularity)
     return {
-        "dense": lambda: DenseAttention(),
+        "dense": lambda: dense_attention,
         "kascade": lambda: KascadeAttention(sched, **opts),
         "kascade_sw": lambda: KascadeAttention.kascade_sw(sched, **opts),
         "kascade_no_remap": lambda: kascade_no_remap(sched, **opts),
@@ -170,7 +164,7 @@ def ppl_configs(schedules: dict[str, Schedule], main: str, lengths: list[int]) -
 
 
 def run_ppl(args: argparse.Namespace, command: str) -> None:
-    model = load_model(args.smoke)
+    model = smollm2_or_tiny(args.smoke)
     schedules = kascade_schedules(model, args.schedule_dir)
     main = main_schedule(schedules)
     lengths = {128: args.windows_512} if args.smoke else {512: args.windows_512, 2048: args.windows_2048}
@@ -324,7 +318,7 @@ def parse_every(spec: str, names: list[str]) -> dict[str, int]:
 def run_retrieval_bench(args: argparse.Namespace, command: str) -> None:
     """Case by case, round-robin over the lengths (a time budget leaves every length with about as many cases);
     every method answers the same cases; the JSON is rewritten after each case."""
-    model = load_model(args.smoke)
+    model = smollm2_or_tiny(args.smoke)
     schedules = kascade_schedules(model, args.schedule_dir)
     main = main_schedule(schedules)
     cases = {256: 2} if args.smoke else parse_cases(args.cases)

@@ -41,12 +41,12 @@ import jax.numpy as jnp
 from kascade_lite import bench as B
 from kascade_lite.baselines import flash_dense_attention
 from kascade_lite.config import SMOLLM2_135M
-from kascade_lite.convert import smollm2_or_tiny
 from kascade_lite.cost import model_step_cost
 from kascade_lite.data import wikitext_windows
 from kascade_lite.files import shipped_dir
 from kascade_lite.kascade import GRANULARITIES, KascadeAttention, decode_keys, keys_kept
 from kascade_lite.model import KVCache, Llama, dense_attention, make_forward
+from kascade_lite.models import smollm2_or_tiny
 from kascade_lite.schedule import Schedule, default_schedule
 
 TILE = 32

@@ -14,10 +14,10 @@ import time
 
 import numpy as np
 
-from kascade_lite.convert import load_smollm2
 from kascade_lite.data import smollm2_gguf_path, wikitext_windows
 from kascade_lite.eval import nll_per_window
 from kascade_lite.files import provenance, write_json_atomic
+from kascade_lite.models import load_smollm2
 
 
 def transformers_nll(windows: np.ndarray, batch_size: int) -> np.ndarray:

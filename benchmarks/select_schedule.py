@@ -41,12 +41,13 @@ from typing import Any
 import numpy as np
 
 from kascade_lite.calibrate import Calibration, calibrate
-from kascade_lite.convert import smollm2_or_tiny
 from kascade_lite.data import held_out_windows, load_tokenizer, wikitext_windows
 from kascade_lite.eval import nll_per_window
 from kascade_lite.files import provenance, shipped_dir, write_json_atomic
 from kascade_lite.model import dense_attention
-from kascade_lite.schedule import OBJECTIVES, Schedule, write_schedules
+from kascade_lite.models import smollm2_or_tiny
+from kascade_lite.schedule import Schedule
+from kascade_lite.search import OBJECTIVES, write_schedules
 from kascade_lite.kascade import KascadeAttention
 from kascade_lite.tasks import RetrievalMethod, answer_case, make_cases
 

@@ -2,7 +2,7 @@
 
 | name | one line | citation |
 |---|---|---|
-| dense | exact causal attention in every layer | Vaswani et al. 2017 |
+| dense | exact causal attention in every layer (`model.dense_attention`) | Vaswani et al. 2017 |
 | oracle | every layer an anchor, Top-k per query head and per query, no pooling: the ceiling of Top-k attention | Kascade, Deshmukh et al. 2025 (§ oracle) |
 | kascade_no_remap | Kascade with the identity head map (KV head h reuses anchor head h) | Kascade ablation |
 | all_heads_pooled | Kascade pooling over *all* query heads: one key set shared by every KV head | Kascade ablation |
@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .attention import check_qkv, gqa_attention
+from .attention import check_qkv
 from .kascade import KascadeAttention, Pool, Selection, attend, check_budget, keys_kept, topk_count, topk_units
 from .kernels import flash_attention
 from .schedule import Schedule
@@ -52,15 +52,6 @@ def flash_dense_attention(layer: int, q: jax.Array, k: jax.Array, v: jax.Array, 
                           kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]:
     """`model.AttentionFn` for dense attention through :func:`kernels.flash_attention` (no ``[T, L]`` scores)."""
     return flash_attention(q, k, v, q_offset=q_offset, kv_len=kv_len), carry
-
-
-@dataclass(frozen=True)
-class DenseAttention:
-    """Exact causal GQA in every layer (the reference). Vaswani et al. 2017."""
-
-    def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
-                 kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]:
-        return gqa_attention(q, k, v, causal=True, q_offset=q_offset, kv_len=kv_len), carry
 
 
 def oracle_topk(num_layers: int, num_kv_heads: int, *, budget: float | int = 0.1, min_keys: int = 128,

@@ -68,8 +68,8 @@ def model_spec(model: str | None, dtype: str = "auto") -> ModelSpec:
 
 
 def cache_root(cache: str | None) -> Path:
-    """``--cache`` or `convert.default_cache_root` (``$KASCADE_CACHE`` or ``~/.cache/kascade-lite``)."""
-    from .convert import default_cache_root
+    """``--cache`` or `models.default_cache_root` (``$KASCADE_CACHE`` or ``~/.cache/kascade-lite``)."""
+    from .models import default_cache_root
 
     return Path(cache).expanduser() if cache else default_cache_root()
 
@@ -226,7 +226,7 @@ def run_schedule(calibration: Path, out_dir: Path, *, smoke: bool, min_keys: int
     """DP schedules (K = 2..8 anchors) and the greedy one from a calibration file, into ``out_dir``. A smoke
     calibration makes smoke schedules; ``min_keys`` defaults to 128, or `SMOKE_MIN_KEYS` for smoke."""
     from .calibrate import Calibration
-    from .schedule import write_schedules
+    from .search import write_schedules
 
     if not calibration.with_suffix(".safetensors").is_file():
         raise FileNotFoundError(f"calibration {calibration.with_suffix('.safetensors')} not found: "
@@ -673,7 +673,7 @@ def pipeline(spec: ModelSpec, root: Path, *, smoke: bool, cache: str | None, fig
         Step("schedules",
              lambda: run_schedule(stem, schedule_dir, smoke=smoke, min_keys=min_keys,
                                   command=f"kascade-lite schedule{model_opt}{out_opt}{sm}"),
-             {"min_keys": min_keys}, lambda: [stem.with_suffix(".safetensors"), *_sources("schedule")]),
+             {"min_keys": min_keys}, lambda: [stem.with_suffix(".safetensors"), *_sources("schedule", "search")]),
         Step("eval",
              lambda: run_eval(spec, root, ev, smoke=smoke, cache=cache,
                               command=f"kascade-lite eval{model_opt}{out_opt}{sm}"),

@@ -27,8 +27,9 @@ class RopeScaling:
 class LlamaConfig:
     """Architecture hyper-parameters of a Llama-3.x style decoder.
 
-    Attention shapes follow from it: queries `[batch, seq, num_heads, head_dim]`, keys and values
-    `[batch, seq, num_kv_heads, head_dim]`; `num_heads // num_kv_heads` query heads share one KV head.
+    Attention shapes follow from it: queries `[batch, seq, num_heads, head_dim]`, keys and values head-major
+    `[batch, num_kv_heads, seq, head_dim]` (the KV cache: `[batch, num_kv_heads, max_len, head_dim]`);
+    `num_heads // num_kv_heads` query heads share one KV head.
     """
 
     vocab_size: int

@@ -19,10 +19,8 @@ a half-converted directory is never loaded; temp files of an interrupted run are
 Loading streams too (`load_converted`): the model is built shape-only and filled one tensor at a time from the
 memory-mapped files, each put on the device before the next is read, so loading Llama-3.1-8B in bfloat16 needs the
 model's 16 GB and one tensor more, never a host copy of the model. `write_converted` writes the same layout from a
-function (synthetic checkpoints for benchmarks and tests).
-
-``$KASCADE_CONVERT_PAUSE`` (seconds, test-only) sleeps before each output tensor so a test can kill a conversion
-mid-file.
+function (synthetic checkpoints for benchmarks and tests). Named models (the bundled SmolLM2, converted once into
+a cache) are `kascade_lite.models`.
 """
 
 from __future__ import annotations
@@ -33,7 +31,6 @@ import math
 import os
 import re
 import struct
-import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,19 +53,10 @@ EMBEDDINGS_FILE = "embeddings.safetensors"
 DTYPES: dict[str, Any] = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 """Output dtypes accepted by `convert_checkpoint`."""
 
-PAUSE_ENV = "KASCADE_CONVERT_PAUSE"
-"""Test hook: seconds to sleep before producing each output tensor, so a test can kill a conversion mid-way."""
-
-
 
 def layer_file(i: int) -> str:
     """File name of layer ``i``: ``layer_00.safetensors`` (two digits, more when a model has > 100 layers)."""
     return f"layer_{i:02d}.safetensors"
-
-
-def default_cache_root() -> Path:
-    """``$KASCADE_CACHE`` or ``~/.cache/kascade-lite``: where converted checkpoints are kept."""
-    return Path(os.environ.get("KASCADE_CACHE") or Path.home() / ".cache" / "kascade-lite")
 
 
 # ================================================================================================ writing
@@ -124,13 +112,6 @@ def _remove_stale_temp_files(out: Path, plan: dict[str, list[str]]) -> None:
     for tmp in out.glob(".*.tmp"):
         if tmp.name[1:].rsplit(".", 2)[0] in ours:
             tmp.unlink(missing_ok=True)
-
-
-def _pause() -> None:
-    """Sleep ``$KASCADE_CONVERT_PAUSE`` seconds (unset: no pause). Test-only: lets a test kill a run mid-file."""
-    seconds = float(os.environ.get(PAUSE_ENV) or 0)
-    if seconds > 0:
-        time.sleep(seconds)
 
 
 def _identity(ckpt: Checkpoint, dtype: str) -> dict[str, Any]:
@@ -203,11 +184,7 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, dt
             if entry and (out / file).is_file() and sha256_file(out / file) == entry.get("sha256"):
                 continue
 
-            def produce(name: str, shape: tuple[int, ...]) -> np.ndarray:
-                _pause()
-                return ckpt.tensor(name, shape, np_dtype)
-
-            _write_file(out, cfg, file, np_dtype, produce, manifest)
+            _write_file(out, cfg, file, np_dtype, lambda name, shape: ckpt.tensor(name, shape, np_dtype), manifest)
             ckpt.release()
         manifest["complete"] = True
         write_json_atomic(out / MANIFEST, manifest)
@@ -399,35 +376,3 @@ def load_converted(path: str | os.PathLike, *, param_dtype: Any = jnp.float32, d
               disable=not progress) as bar:
         tensors.on_read = bar.update
         return Llama.from_tensors(cfg, tensors, param_dtype=param_dtype, dtype=dtype)
-
-
-def smollm2_dir() -> Path:
-    """Where the converted SmolLM2-135M-Instruct lives: ``<cache root>/smollm2-135m``."""
-    return default_cache_root() / "smollm2-135m"
-
-
-def converted_smollm2(*, progress: bool = False) -> Path:
-    """Convert the bundled SmolLM2 GGUF once (float32) into `smollm2_dir` and return that directory.
-
-    A later call only re-hashes the files (about a second) and converts nothing if they match the manifest."""
-    from .data import smollm2_gguf_path
-
-    out = smollm2_dir()
-    if verify_converted(out):
-        return out
-    return convert_checkpoint(smollm2_gguf_path(), out, dtype="float32", force=True, progress=progress)
-
-
-def load_smollm2(*, dtype: Any = jnp.float32) -> Llama:
-    """SmolLM2-135M-Instruct as a `Llama` (converted once, cached; weights and activations in ``dtype``)."""
-    return load_converted(converted_smollm2(), param_dtype=dtype, dtype=dtype)
-
-
-def smollm2_or_tiny(smoke: bool, num_layers: int = 4) -> Llama:
-    """SmolLM2-135M (float32), or with ``smoke`` a tiny random Llama of ``num_layers`` layers with SmolLM2's
-    vocabulary and head layout (9 query / 3 KV heads): what the benchmark scripts run at full and smoke size."""
-    if not smoke:
-        return load_smollm2()
-    return Llama(LlamaConfig(vocab_size=49152, hidden_size=48, intermediate_size=96, num_layers=num_layers,
-                             num_heads=9, num_kv_heads=3, head_dim=16, max_position_embeddings=8192,
-                             tie_word_embeddings=True))

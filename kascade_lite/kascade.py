@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -43,9 +43,7 @@ import jax.numpy as jnp
 from .attention import NEG_INF, check_qkv, gqa_attention_with_new
 from .kernels import flash_attention, gather_positions, gather_tiles, key_block, pad_to_tiles
 from .model import write_new
-
-if TYPE_CHECKING:
-    from .schedule import Schedule
+from .schedule import Schedule
 
 Granularity = Literal["position", "tile"]
 Pool = Literal["group", "all", "head"]

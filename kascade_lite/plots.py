@@ -244,8 +244,9 @@ def convert_rss(bench: Mapping[str, Any]) -> plt.Figure:
 # Chapter 05: sparsity
 
 
-def attention_maps(maps: np.ndarray, layers: Sequence[int]) -> plt.Figure:
-    """One post-softmax attention map per layer (``maps: [len(layers), q, kv]``) on a log colour scale."""
+def attention_heatmaps(maps: np.ndarray, layers: Sequence[int]) -> plt.Figure:
+    """One post-softmax attention map per layer (``maps: [len(layers), q, kv]``, e.g. from `analysis.attention_maps`)
+    on a log colour scale."""
     maps = np.asarray(maps)
     n = maps.shape[-1]
     fig, axes = plt.subplots(1, len(layers), figsize=(BOOK_WIDTH_IN, 3.3), squeeze=False,
@@ -437,7 +438,7 @@ def ppl_deltas(rows: Sequence[Mapping[str, Any]], target_pct: float = 2.0) -> pl
 def survival_maps(needle: np.ndarray, survival: Mapping[str, np.ndarray]) -> plt.Figure:
     """Heatmaps over (KV head, layer): the dense attention mass of the answer's first query on the needle
     (``needle [L, H]``), then for each named schedule the share of each layer-head's mass its Kascade keys keep
-    (``survival[name]: [L, H]``, from `calibrate.reuse_survival`)."""
+    (``survival[name]: [L, H]``, from `analysis.reuse_survival`)."""
     panels = [("needle mass (dense)", needle, "magma")] + [(f"mass kept: {n}", s, "viridis") for n, s in survival.items()]
     fig, axes = plt.subplots(len(panels), 1, figsize=(BOOK_WIDTH_IN, 1.25 * len(panels) + 0.6), sharex=True)
     for ax, (title, values, cmap) in zip(np.atleast_1d(axes), panels):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .data import load_tokenizer
-from .model import AttentionFn, KVCache, Llama, decode, dense_attention, forward
+from .model import AttentionFn, KVCache, Llama, decode, forward
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 KEYS = ("apple", "river", "candle", "garden", "mirror", "pencil", "window", "forest", "button", "rocket", "basket",
@@ -142,24 +142,6 @@ def answer_case(model: Llama, case: RetrievalCase, methods: Mapping[str, Retriev
         text = tok.decode(out.tolist(), skip_special_tokens=True)
         results[name] = dict(output=text, correct=extract_answer(text) == case.answer,
                              seconds=round(time.perf_counter() - t0, 3))
-    return results
-
-
-def run_retrieval(model: Llama, cases: Sequence[RetrievalCase],
-                  methods: Mapping[str, RetrievalMethod] | None = None, *, cache_multiple: int = 32,
-                  tokenizer: Any = None, progress: Callable[[int], None] | None = None
-                  ) -> dict[str, list[dict[str, Any]]]:
-    """`answer_case` over ``cases`` (default method: dense attention in prefill and decode).
-
-    Returns ``{method: [one dict per case: key, answer, depth, output, correct, seconds]}``."""
-    methods = methods or {"dense": RetrievalMethod(dense_attention, dense_attention)}
-    tok = tokenizer or load_tokenizer()
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name in methods}
-    for i, case in enumerate(cases):
-        for name, res in answer_case(model, case, methods, cache_multiple=cache_multiple, tokenizer=tok).items():
-            results[name].append(dict(key=case.key, answer=case.answer, depth=case.depth, **res))
-        if progress is not None:
-            progress(i + 1)
     return results
 
 

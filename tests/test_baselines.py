@@ -11,13 +11,12 @@ import pytest
 from oracles import MaskedKascade, chosen_units, masked_attention, selection_mask
 
 from kascade_lite.attention import gqa_attention
-from kascade_lite.baselines import (BASELINES, DenseAttention, QuestAttention, SinkWindowAttention, TidalDecode,
-                                    TiledSinkWindow, all_heads_pooled, flash_dense_attention, kascade_no_remap,
-                                    oracle_topk, omnikv, page_min_max, quest_upper_bound, sink_window_selection,
-                                    sink_window_tiles)
+from kascade_lite.baselines import (BASELINES, QuestAttention, SinkWindowAttention, TidalDecode, TiledSinkWindow,
+                                    all_heads_pooled, flash_dense_attention, kascade_no_remap, oracle_topk, omnikv,
+                                    page_min_max, quest_upper_bound, sink_window_selection, sink_window_tiles)
 from kascade_lite.config import LlamaConfig
 from kascade_lite.kascade import KascadeAttention, keys_kept
-from kascade_lite.model import KVCache, Llama, forward, generate
+from kascade_lite.model import KVCache, Llama, dense_attention, forward, generate
 from kascade_lite.schedule import Schedule
 
 KV_HEADS, GROUP, D, LAYERS = 2, 3, 8, 4
@@ -38,7 +37,7 @@ def all_policies(budget, min_keys: int = 0) -> dict[str, object]:
     s = sched(tile_size=4, budget=budget if isinstance(budget, float) else 1.0, min_keys=min_keys)
     opts = {} if isinstance(budget, float) else {"budget": budget}
     return {
-        "dense": DenseAttention(),
+        "dense": dense_attention,
         "kascade": KascadeAttention(s, **opts),
         "oracle": oracle_topk(LAYERS, KV_HEADS, budget=budget, min_keys=min_keys),
         "kascade_no_remap": kascade_no_remap(s, **opts),
@@ -228,4 +227,4 @@ def test_baselines_run_in_jitted_model() -> None:
         assert np.isfinite(np.asarray(logits)).all(), name
         if name in ("quest", "sink_window", "tidal"):  # decode-specific baselines also generate with a KV cache
             assert generate(model, tokens[:, :10], 3, attention=policy).shape == (1, 13)
-    np.testing.assert_allclose(forward(model, tokens, None, DenseAttention())[0], dense, atol=1e-6)
+    np.testing.assert_allclose(forward(model, tokens, None, dense_attention)[0], dense, atol=1e-6)

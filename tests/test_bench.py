@@ -118,5 +118,24 @@ def test_cost_rows_and_roofline() -> None:
     assert [r["layer"] for r in rows] == ["dense", "anchor", "reuse"]
     assert abs(rows[0]["FLOPs/byte"] - 2.0) < 1e-12  # 2g/b = 2 * 4 / 4 for float32
     assert roofline_time({"flops": 10.0, "bytes": 4.0}, peak_flops=5.0, bandwidth=1.0) == 4.0
-    peaks = B.measure_peaks(64, 1, reps=1)
-    assert peaks["FLOP/s"] > 0 and peaks["bytes/s"] > 0
+    machine = B.measure_machine(8, 64, reps=1)
+    assert machine["copy_gb_per_s"] > 0 and machine["read_gb_per_s"] > 0 and machine["matmul_gflop_per_s"] > 0
+    times = {"a": {"median_s": 2.0}, "b": {"median_s": 0.5}}
+    assert B.rates(times, {"a": 4e9, "b": 1e9}, "gb") == {"a": 2.0, "b": 2.0}
+
+
+def test_model_step_cost_counts_weights_once_and_the_kv_each_layer_reads() -> None:
+    from kascade_lite.config import SMOLLM2_135M as cfg
+    from kascade_lite.cost import attention_cost, decode_ceiling, model_step_cost
+    from kascade_lite.model import expected_shapes
+
+    weights = sum(np.prod(s) for n, s in expected_shapes(cfg).items()) * 4
+    dense = model_step_cost(cfg, 4096, phase="decode")
+    kv = 2 * cfg.num_kv_heads * cfg.head_dim * 4096 * 4 * cfg.num_layers
+    assert abs(dense["bytes"] - (weights + kv)) / dense["bytes"] < 1e-3    # norms aside, every weight once
+    types = ["dense"] + ["anchor"] * 5 + ["reuse"] * 24
+    sparse = model_step_cost(cfg, 4096, phase="decode", layer_types=types, keep_keys=410)
+    per = {k: attention_cost("decode", k, 4096, 410, q_heads=9, kv_heads=3, head_dim=64)["bytes"]
+           for k in ("dense", "anchor", "reuse")}
+    assert sparse["bytes"] - (dense["bytes"] - kv) == per["dense"] + 5 * per["anchor"] + 24 * per["reuse"]
+    assert decode_ceiling(cfg, 4096, num_anchor_layers=6, keep_keys=410) == dense["bytes"] / sparse["bytes"]

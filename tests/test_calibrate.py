@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from kascade_lite.attention import attention_probs
-from kascade_lite.calibrate import (Calibration, CalibrationHook, attention_maps, calibrate, cross_layer_similarity,
-                                    pool_tiles, query_coverage, topk_keys, topk_mask)
+from kascade_lite.calibrate import (Calibration, CalibrationHook, calibrate, cross_layer_similarity, pool_tiles,
+                                    query_coverage, topk_keys, topk_mask)
 from kascade_lite.config import LlamaConfig
 from kascade_lite.model import Llama, forward
 
@@ -119,14 +119,6 @@ def test_hook_is_exact_dense_attention(model: Llama, sequences: np.ndarray) -> N
     assert len(carry) == CFG.num_layers and carry[0]["prev"].shape == (1, 2, SEQ // TILE, SEQ)
 
 
-def test_attention_maps_are_the_dense_probabilities(model: Llama, sequences: np.ndarray) -> None:
-    maps = attention_maps(model, sequences[0], (2, 0))
-    assert maps.shape == (2, CFG.num_kv_heads, CFG.group_size, SEQ, SEQ)
-    np.testing.assert_allclose(maps.sum(-1), 1.0, rtol=1e-5)
-    assert np.all(np.triu(maps[0, 0, 0], k=1) == 0)                          # causal
-    assert not np.allclose(maps[0], maps[1])                                  # layer 2 first, as asked
-
-
 def test_calibration_shapes_and_ranges(calib: Calibration) -> None:
     L, H, F = CFG.num_layers, CFG.num_kv_heads, len(calib.coverage_fractions)
     assert calib.similarity.shape == (L, L, H, H) and calib.importance.shape == (L,)
@@ -171,23 +163,3 @@ def test_invalid_calibration_is_rejected(calib: Calibration, tmp_path) -> None:
         Calibration.load(tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match=r"sequences must be \[num, seq_len\]"):
         calibrate(Llama(CFG), np.zeros((SEQ,), np.int32), progress=False)
-
-
-def test_reuse_survival(model: Llama, sequences: np.ndarray) -> None:
-    from kascade_lite.calibrate import reuse_survival
-    from kascade_lite.schedule import Schedule
-
-    L, H = model.cfg.num_layers, model.cfg.num_kv_heads
-    prompt, span = sequences[0, :40], (10, 14)
-    sched = Schedule.from_anchors("t", L, H, [2], head_map=[list(range(H))] * (L - 1) + [list(range(H))[::-1]])
-    full = reuse_survival(model, prompt, {"s": sched}, span, budget=1.0, min_keys=0)
-    np.testing.assert_allclose(full["survival"]["s"], 1.0, atol=1e-6)  # every key kept: nothing lost
-    np.testing.assert_allclose(full["own"], 1.0, atol=1e-6)
-    part = reuse_survival(model, prompt, {"s": sched}, span, budget=4, min_keys=0)  # 3 keys + the query itself
-    kept = part["survival"]["s"]
-    assert (kept <= part["own"] + 1e-9).all() and (part["own"] < 1).all()
-    for layer, kind in enumerate(sched.layer_types):  # an anchor (and layer 0) reads its own Top-k
-        if kind != "reuse":
-            np.testing.assert_allclose(kept[layer], part["own"][layer])
-    probs = attention_maps(model, prompt, tuple(range(L)))[:, :, :, -1]                 # [L, H, G, length]
-    np.testing.assert_allclose(part["needle"], probs[..., 10:14].sum(-1).mean(-1), atol=1e-5)

@@ -26,6 +26,7 @@ from kascade_lite.data import load_tokenizer
 from kascade_lite.kascade import (SW_RECENT, SW_SINKS, KascadeAttention, Selection, attend, keys_kept, select,
                                   tiles_kept, topk_count)
 from kascade_lite.model import KVCache, Llama, forward, generate
+from kascade_lite.models import smollm2_or_tiny
 from kascade_lite.schedule import Schedule
 from kascade_lite.tasks import RetrievalMethod, answer_case, make_cases
 
@@ -34,7 +35,7 @@ NO_SHRINK = (Phase.explicit, Phase.generate)  # each example compiles: report th
 
 
 def qkv(rng: np.random.Generator, q_len: int, kv_total: int, batch: int = 2):
-    """Random ``q [batch, q_len, KV_HEADS*GROUP, D]`` and ``k, v [batch, kv_total, KV_HEADS, D]``."""
+    """Random ``q [batch, q_len, KV_HEADS*GROUP, D]`` and head-major ``k, v [batch, KV_HEADS, kv_total, D]``."""
     q = rng.standard_normal((batch, q_len, KV_HEADS * GROUP, D)).astype(np.float32) * 2
     k = rng.standard_normal((batch, KV_HEADS, kv_total, D)).astype(np.float32)
     v = rng.standard_normal((batch, KV_HEADS, kv_total, D)).astype(np.float32)
@@ -277,7 +278,7 @@ def test_model_harness_and_benchmarks_run_the_same_kascade() -> None:
     (`bench_e2e.policies` -> `bench.compiled_forward`) and a plain `model.forward` all run `kascade.KascadeAttention`
     and agree on every layer's selection and on the outputs, in prefill and decode."""
     acc, e2e = _script("bench_accuracy"), _script("bench_e2e")
-    model = acc.load_model(smoke=True)
+    model = smollm2_or_tiny(smoke=True)
     sched = Schedule.from_anchors("smoke", model.cfg.num_layers, model.cfg.num_kv_heads, [2], tile_size=32,
                                   budget=0.1, min_keys=128)
     # the timed benchmark runs the block-sparse speed variant (key tiles); the harness names it kascade_tiles

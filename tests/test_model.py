@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kascade_lite.config import LlamaConfig, RopeScaling
-from kascade_lite.convert import converted_smollm2, load_smollm2
+from kascade_lite.models import converted_smollm2, load_smollm2
 from kascade_lite.data import load_tokenizer, load_wikitext, smollm2_gguf_path
 from kascade_lite.model import KVCache, Llama, dense_attention, forward, forward_split, generate, make_forward, write_cache
 

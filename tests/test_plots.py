@@ -95,7 +95,7 @@ def test_sparsity_figures_from_the_shipped_calibration() -> None:
     assert len(fig.axes[0].texts) == cal.coverage.shape[0] * cal.coverage.shape[1]
     fits_the_book(fig)
     maps = np.tril(np.random.default_rng(0).random((2, 64, 64)))
-    fig = plots.attention_maps(maps / maps.sum(-1, keepdims=True), (0, 15))
+    fig = plots.attention_heatmaps(maps / maps.sum(-1, keepdims=True), (0, 15))
     assert len(fig.axes) == 3 and "layer 15" in fig.axes[1].get_title()
     fits_the_book(fig)
 

@@ -1,7 +1,7 @@
 """Property tests (Hypothesis) not covered elsewhere, and determinism.
 
 Already covered: Kascade's fast path = its oracles and a full budget = dense (``test_kascade.py``), RoPE norms and
-relative positions (``test_rope.py``), head maps in range and DP optimality (``test_schedule.py``). Here: any
+relative positions (``test_rope.py``), head maps in range and DP optimality (``test_search.py``). Here: any
 valid schedule round-trips through JSON; our safetensors writer and reader agree on any shape/dtype and row slice;
 randomly damaged safetensors and GGUF headers give a `ValueError` (or load), never another exception; the same seed gives the same calibration,
 schedule and figure data.
@@ -24,7 +24,8 @@ from kascade_lite.calibrate import calibrate, write_coverage_json
 from kascade_lite.checkpoints import SafetensorsFile, open_checkpoint
 from kascade_lite.convert import write_safetensors
 from kascade_lite.model import Llama
-from kascade_lite.schedule import Schedule, dp_schedule, greedy_schedule
+from kascade_lite.schedule import Schedule
+from kascade_lite.search import dp_schedule, greedy_schedule
 
 TMP = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -1,8 +1,8 @@
 """Nothing lost or half-written: a conversion killed with SIGKILL mid-file resumes to byte-identical output with no
 temp files left, and an interrupted calibration resumes from its partial sums to bit-identical statistics.
 
-The kill test slows the conversion with ``KASCADE_CONVERT_PAUSE`` (seconds slept before each output tensor, a
-test-only hook in `kascade_lite.convert`) so that the kill lands while a layer file is being written.
+The kill test converts in a child process whose checkpoint reader sleeps before each tensor (`SLOW_CONVERT`: it
+wraps `convert.open_checkpoint`), so that the kill lands while a layer file is being written.
 """
 
 from __future__ import annotations
@@ -21,10 +21,29 @@ from tiny_checkpoints import TINY, write_hf
 
 import kascade_lite.calibrate as calibrate_module
 from kascade_lite.calibrate import calibrate, partial_path
-from kascade_lite.convert import MANIFEST, PAUSE_ENV, convert_checkpoint, load_converted, verify_converted
+from kascade_lite.convert import MANIFEST, convert_checkpoint, load_converted, verify_converted
 from kascade_lite.model import Llama
 
 REPO = Path(__file__).resolve().parents[1]
+
+SLOW_CONVERT = """
+import sys, time
+import kascade_lite.convert as convert
+
+real_open = convert.open_checkpoint
+
+def slow_open(src):
+    ckpt = real_open(src)
+    read = ckpt.tensor
+    def tensor(*args, **kwargs):
+        time.sleep(0.3)  # before each output tensor, so the kill lands mid-file
+        return read(*args, **kwargs)
+    ckpt.tensor = tensor
+    return ckpt
+
+convert.open_checkpoint = slow_open
+convert.convert_checkpoint(sys.argv[1], sys.argv[2], progress=False)
+"""
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -42,8 +61,8 @@ def test_sigkill_mid_conversion_then_resume_is_byte_identical(tmp_path: Path) ->
     src = write_hf(tmp_path / "src", replace(TINY, num_layers=4))
     clean = convert_checkpoint(src, tmp_path / "clean", progress=False)
     out = tmp_path / "out"
-    env = dict(os.environ, **{PAUSE_ENV: "0.3", "JAX_PLATFORMS": "cpu"})
-    proc = subprocess.Popen([sys.executable, "-m", "kascade_lite.cli", "convert", str(src), str(out), "--quiet"],
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, str(src), str(out)],
                             env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:  # kill while layer_01 is half-written: layer_00 done, layer_01's temp file open
         wait_for(lambda: (out / "layer_00.safetensors").is_file() and any(out.glob(".layer_01.*.tmp")), proc)

@@ -10,8 +10,8 @@ import pytest
 
 from kascade_lite.data import load_tokenizer
 from kascade_lite.model import dense_attention
-from kascade_lite.tasks import (KEYS, RetrievalMethod, answer_case, extract_answer, make_case, make_cases,
-                                 run_retrieval)
+from kascade_lite.models import smollm2_or_tiny
+from kascade_lite.tasks import KEYS, RetrievalMethod, answer_case, extract_answer, make_case, make_cases
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,8 @@ def test_extract_answer() -> None:
     assert extract_answer("no number") is None
 
 
-def test_run_retrieval_and_smoke_benchmark(tmp_path, tok) -> None:
-    """A tiny random model will not find the needle, but the loop runs and the benchmark JSON is complete."""
+def test_answer_case_and_smoke_benchmark(tmp_path, tok) -> None:
+    """A tiny random model will not find the needle, but a case is answered and the benchmark JSON is complete."""
     import importlib.util
     from pathlib import Path
 
@@ -68,9 +68,10 @@ def test_run_retrieval_and_smoke_benchmark(tmp_path, tok) -> None:
         "bench_accuracy", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_accuracy.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    model = bench.load_model(smoke=True)
-    res = run_retrieval(model, make_cases(200, 2, tokenizer=tok), tokenizer=tok)
-    assert [sorted(r) for r in res["dense"]] == [["answer", "correct", "depth", "key", "output", "seconds"]] * 2
+    model = smollm2_or_tiny(smoke=True)
+    dense = RetrievalMethod(dense_attention, dense_attention)
+    res = [answer_case(model, case, {"dense": dense}, tokenizer=tok) for case in make_cases(200, 2, tokenizer=tok)]
+    assert [sorted(r["dense"]) for r in res] == [["correct", "output", "seconds"]] * 2
     out = tmp_path / "ret.json"
     names = list(bench.RETRIEVAL_METHODS) + ["kascade_decode@0.3"]
     bench.main(["retrieval", "--smoke", "--out", str(out), "--methods", ",".join(names)])
@@ -98,7 +99,7 @@ def test_methods_sharing_a_prefill_match_their_own_runs(tok) -> None:
         "bench_accuracy", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_accuracy.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    model = bench.load_model(smoke=True)
+    model = smollm2_or_tiny(smoke=True)
     case = make_cases(256, 1, seed=2, tokenizer=tok)[0]
     sched = bench.kascade_schedules(model)
     methods = {m: bench.retrieval_method(m, next(iter(sched.values())), 256)
