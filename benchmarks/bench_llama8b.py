@@ -22,9 +22,9 @@ memory, and they decode no faster: side by side at ``--layers 2`` and 2k tokens,
 forward is compiled with `COMPILER_OPTIONS` (XLA's memory-optimised scheduler): with the default one, a forward
 pass of the 8B would hold float32 copies of all its weights at once. Memory at full size is then the weights
 (16.06 GB), the float32 copy of the output head made for each forward (2.1 GB), two KV caches (0.27 GB each,
-updated in place: `forward_in_place`) and the runtime.
+updated in place by `model.write_cache`) and the runtime.
 
-Policies, both through the model's forward (`forward_in_place`) compiled ahead of time (no timed call compiles, and
+Policies, both through the model's forward step (`aot_forward`) compiled ahead of time (no timed call compiles, and
 no untimed 8B prefill runs only to compile): ``dense`` (exact: `baselines.flash_dense_attention` in prefill and the
 model's default `gqa_attention` in decode, the faster dense path of each phase in ``bench_e2e_cpu.json``) and
 ``kascade`` (`kascade.KascadeAttention` with key tiles and the schedule of `schedule.default_schedule`: layer 0
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import resource
 import shlex
 import shutil
@@ -64,7 +63,7 @@ from kascade_lite.baselines import flash_dense_attention
 from kascade_lite.config import LLAMA_3_1_8B, LlamaConfig
 from kascade_lite.convert import load_converted, write_converted
 from kascade_lite.kascade import KascadeAttention
-from kascade_lite.model import KVCache, Llama, decode_steps, dense_attention
+from kascade_lite.model import KVCache, Llama, decode_steps, dense_attention, forward_split, write_cache
 from kascade_lite.progress import tqdm
 from kascade_lite.schedule import default_schedule
 
@@ -126,24 +125,21 @@ def memory(samples: dict[str, float]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ timing
-@functools.partial(jax.jit, static_argnames=("graphdef", "attention", "last_only"), donate_argnames="cache")
-def forward_in_place(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, cache: KVCache, attention: Any,
-                     last_only: bool) -> tuple[jax.Array, KVCache]:
-    """`model.forward_split` without the attention carry and with ``cache`` donated: the forward writes the new
-    keys and values into the cache's buffers instead of a copy of the whole cache (272 MB for the 8B at 2k)."""
-    logits, cache, _ = nnx.merge(graphdef, state)(tokens, cache=cache, attention=attention, last_only=last_only)
-    return logits, cache
-
-
 def aot_forward(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, cache: KVCache, attention: Any, *,
                 last_only: bool) -> tuple[Callable[[jax.Array, KVCache], tuple[jax.Array, KVCache]], float]:
-    """``(f(tokens, cache) -> (logits, cache), compile seconds)``: `forward_in_place` compiled ahead of time for
-    these shapes, so the first timed call does not compile (an 8B prefill that only compiles would cost minutes).
-    ``cache`` is donated: pass each cache once."""
+    """``(f(tokens, cache) -> (logits, cache), compile seconds)``: the model's forward step (`model.forward_split`,
+    which only reads the cache, then `model.write_cache`, which writes the new keys in place) with the forward
+    compiled ahead of time for these shapes and `COMPILER_OPTIONS`, so the first timed call does not compile (an 8B
+    prefill that only compiles would cost minutes). ``cache`` is donated: pass each cache once."""
     t0 = time.perf_counter()
-    lowered = forward_in_place.lower(graphdef, state, tokens, cache, attention, last_only)
+    lowered = forward_split.lower(graphdef, state, tokens, cache, attention, False, last_only)
     compiled = lowered.compile(compiler_options=COMPILER_OPTIONS)
-    return (lambda t, c: compiled(state, t, c)), time.perf_counter() - t0
+
+    def step(t: jax.Array, c: KVCache) -> tuple[jax.Array, KVCache]:
+        logits, new, _ = compiled(state, t, c)
+        return logits, write_cache(c, new)
+
+    return step, time.perf_counter() - t0
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

@@ -28,11 +28,18 @@ def test_attention_benchmark_gpu_mode_on_cpu(tmp_path: Path) -> None:
     assert not (tmp_path / "bench_attention_cpu.json").exists() and not (tmp_path / "bench_headline_cpu.json").exists()
     doc = json.loads((tmp_path / "bench_attention_gpu.json").read_text())
     assert is_smoke(doc) and doc["config"]["dtype"] == "bfloat16" and len(doc["provenance"]["load_average"]) == 3
+    assert doc["config"]["machine"]["copy_gb_per_s"] > 0
     for row in doc["results"]:
-        want = {"anchor", "reuse"} | ({"dense", "dense_seq", "reuse_masked"} if row["phase"] == "decode" else set())
+        settings = {f"{g}@{b}" for g in ("position", "tile") for b in (0.1, 0.5)}
+        want = {f"{kind}_{s}" for kind in ("anchor", "reuse") for s in settings}
+        want |= {"dense", "dense_seq", "reuse_masked"} if row["phase"] == "decode" else set()
         assert want <= set(row["times"]), row["times"].keys()
         assert "cudnn" not in row["times"] and row["skipped"]["cudnn"].startswith("skipped: no cuDNN")
-        assert row["speedup"]["best_dense"] in row["times"] and row["speedup"]["vs_best"]["reuse"] > 0
+        s = row["speedup"]
+        assert s["best_dense"] in row["times"] and set(s["vs_best"]) == settings
+        assert all(v["reuse"] > 0 for v in s["vs_best"].values())
+        rate = s["gb_per_s"] if row["phase"] == "decode" else s["gflop_per_s"]
+        assert set(rate) == set(row["times"]) and min(rate.values()) > 0
 
 
 @pytest.mark.slow
