@@ -17,8 +17,9 @@ head, one set shared by all KV heads; ``"head"``: no pooling, one set per query 
           I_{h,t} = \operatorname{TopK}_{u \,:\, \text{start}(u) < \text{start}(t)} S_{h,t,u}.
 
 Scores are computed one block of query tiles at a time, over the key blocks below the diagonal only (`select`:
-one online pass with key tiles, two passes with key positions), so prefill never holds a ``[heads, T, T]`` tensor
-and costs about what FlashAttention's two products cost. Layer 0 is dense (its attention is flat) but still
+one online pass with key tiles, `online_tile_scores`; two passes with key positions, `two_pass_position_scores`;
+one pass when the cache fits one key block, as in decode), so prefill never holds a ``[heads, T, T]`` tensor and
+costs about what FlashAttention's two products cost. Layer 0 is dense (its attention is flat) but still
 selects; an anchor attends over its own Top-k (or densely, ``anchor_dense=True``, for filter-layer baselines); a
 reuse layer ``l`` skips the scoring and its KV head ``h`` takes the selection of the latest anchor's head
 ``head_map[l][h]`` (`Selection.remap`; ``remap=False``: head h).
