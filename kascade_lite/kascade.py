@@ -17,8 +17,9 @@ head, one set shared by all KV heads; ``"head"``: no pooling, one set per query 
           I_{h,t} = \operatorname{TopK}_{u \,:\, \text{start}(u) < \text{start}(t)} S_{h,t,u}.
 
 Scores are computed one block of query tiles at a time, over the key blocks below the diagonal only (`select`:
-one online pass with key tiles, two passes with key positions), so prefill never holds a ``[heads, T, T]`` tensor
-and costs about what FlashAttention's two products cost. Layer 0 is dense (its attention is flat) but still
+one online pass with key tiles, `online_tile_scores`; two passes with key positions, `two_pass_position_scores`;
+one pass when the cache fits one key block, as in decode), so prefill never holds a ``[heads, T, T]`` tensor and
+costs about what FlashAttention's two products cost. Layer 0 is dense (its attention is flat) but still
 selects; an anchor attends over its own Top-k (or densely, ``anchor_dense=True``, for filter-layer baselines); a
 reuse layer ``l`` skips the scoring and its KV head ``h`` takes the selection of the latest anchor's head
 ``head_map[l][h]`` (`Selection.remap`; ``remap=False``: head h).
@@ -178,6 +179,143 @@ def topk_units(scores: jax.Array, start: jax.Array, basis: jax.Array, own: jax.A
     return idx.astype(jnp.int32), keep
 
 
+def block_scores(qb: jax.Array, kp: jax.Array, j: jax.Array, q_pos: jax.Array, kv_len: Any, bk: int) -> jax.Array:
+    """Masked scores of one query block against key block ``j``: scaled float32 ``qb: [batch, kv_heads, group, bq,
+    d]`` at positions ``q_pos: [bq]``, the key cache ``kp: [batch, kv_heads, L', d]`` (``L'`` a multiple of ``bk``)
+    -> float32 ``[batch, kv_heads, group, bq, bk]``, ``NEG_INF`` above the diagonal and at or past ``kv_len``."""
+    # one block: the cache itself (a sliced copy would let XLA pick a transposed layout for it: a copy)
+    kj = kp if kp.shape[2] == bk else jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=2)
+    s = grouped_dot(qb, kj.astype(jnp.float32))
+    k_pos = j * bk + jnp.arange(bk)
+    return jnp.where((k_pos <= q_pos[:, None]) & (k_pos < kv_len), s, NEG_INF)
+
+
+def unit_sums(x: jax.Array, unit: int) -> jax.Array:
+    """Sum each run of ``unit`` keys: ``[..., n]`` -> ``[..., n / unit]`` (``n`` a multiple of ``unit``)."""
+    return x.reshape(*x.shape[:-1], x.shape[-1] // unit, unit).sum(axis=-1)
+
+
+def pool_query_tiles(p: jax.Array, pool: Pool, q_tile: int) -> jax.Array:
+    """Pool a query block's probabilities per query tile: ``p: [batch, kv_heads, group, bq, n]`` (``n`` keys or key
+    units, ``bq = tpb * q_tile``) -> ``[batch, kv_heads, sets, tpb, n]`` (`pooled_scores` of each tile)."""
+    b, h, g, bq, n = p.shape
+    p = jnp.moveaxis(p.reshape(b, h, g, bq // q_tile, q_tile, n), 3, 0)
+    return jnp.moveaxis(jax.vmap(lambda x: pooled_scores(x, pool, 1))(p), 0, 3)
+
+
+def softmax_step(s: jax.Array, m: jax.Array, total: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One key block of an online softmax: scores ``s: [..., bk]``, running maximum and normaliser ``m, total: [...]``
+    -> the new maximum and normaliser, the factor ``corr: [...]`` that rescales earlier sums to the new maximum, and
+    the block's exponentials ``e: [..., bk]``."""
+    m_new = jnp.maximum(m, s.max(axis=-1))
+    corr, e = jnp.exp(m - m_new), jnp.exp(s - m_new[..., None])
+    return m_new, total * corr + e.sum(axis=-1), corr, e
+
+
+def query_weights(total: jax.Array, real: jax.Array) -> jax.Array:
+    """``1 / total`` per query (``[batch, kv_heads, group, bq]``), 0 for the padded queries (``real: [bq]`` False):
+    they do not vote."""
+    return jnp.where(real, 1.0 / jnp.maximum(total, 1e-30), 0.0)
+
+
+def empty_stats(qb: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Running softmax maximum (``NEG_INF``) and normaliser (0), ``[..., bq]`` each, for the queries ``qb: [..., bq,
+    d]``."""
+    return jnp.full(qb.shape[:-1], NEG_INF, jnp.float32), jnp.zeros(qb.shape[:-1], jnp.float32)
+
+
+def single_block_scores(qb: jax.Array, kp: jax.Array, q_pos: jax.Array, real: jax.Array, kv_len: Any, *, q_tile: int,
+                        unit: int, pool: Pool, own_key: jax.Array | None = None) -> jax.Array:
+    """The whole cache as one key block (decode, or a cache of at most ``block_k`` keys): one exact softmax.
+
+    qb: scaled ``[batch, kv_heads, group, bq, d]`` at ``q_pos: [bq]`` (``real``: not padding); kp: ``[batch, kv_heads,
+    L', d]``, ``L'`` a multiple of ``unit``; ``own_key`` (a decode step, ``bq == 1``): the query's own key
+    ``[batch, kv_heads, 1, d]``, scored in place of the not yet written cache slot ``q_pos``. Returns the pooled unit
+    scores ``[batch, kv_heads, sets, tpb, L' / unit]``."""
+    s = block_scores(qb, kp, jnp.int32(0), q_pos, kv_len, kp.shape[2])
+    if own_key is not None:
+        s = jnp.where(jnp.arange(kp.shape[2]) == q_pos[:, None], grouped_dot(qb, own_key.astype(jnp.float32)), s)
+    e = jnp.exp(s - s.max(axis=-1, keepdims=True))
+    return pool_query_tiles(unit_sums(e, unit) * jnp.where(real, 1.0 / e.sum(axis=-1), 0.0)[..., None], pool, q_tile)
+
+
+def online_tile_scores(qb: jax.Array, kp: jax.Array, q_pos: jax.Array, real: jax.Array, kv_len: Any, n_kb: jax.Array,
+                       *, bk: int, q_tile: int, unit: int, pool: Pool) -> jax.Array:
+    """Key tiles (``unit > 1``): one online pass over key blocks ``0 .. n_kb - 1`` of ``bk`` keys.
+
+    Per query it keeps a running softmax maximum and normaliser and the unnormalised mass of every key tile
+    ``[batch, kv_heads, group, bq, L' / unit]``, rescaled when the maximum grows (as FlashAttention rescales its
+    output), then normalises and pools. Arguments as `single_block_scores`; returns ``[batch, kv_heads, sets, tpb,
+    L' / unit]``."""
+    def step(j: jax.Array, state: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        m, total, acc = state
+        m, total, corr, e = softmax_step(block_scores(qb, kp, j, q_pos, kv_len, bk), m, total)
+        acc = jax.lax.dynamic_update_slice_in_dim(acc * corr[..., None], unit_sums(e, unit), j * (bk // unit), axis=4)
+        return m, total, acc
+
+    zeros = jnp.zeros((*qb.shape[:-1], kp.shape[2] // unit), jnp.float32)
+    _, total, acc = jax.lax.fori_loop(0, n_kb, step, (*empty_stats(qb), zeros))
+    return pool_query_tiles(acc * query_weights(total, real)[..., None], pool, q_tile)
+
+
+def two_pass_position_scores(qb: jax.Array, kp: jax.Array, q_pos: jax.Array, real: jax.Array, kv_len: Any,
+                             n_kb: jax.Array, *, bk: int, q_tile: int, pool: Pool) -> jax.Array:
+    """Key positions (``unit == 1``): two passes over key blocks ``0 .. n_kb - 1``, no ``[bq, L]`` state.
+
+    The first pass finds each query's softmax maximum and normaliser; the second recomputes every block's scores as
+    probabilities and pools them into its slice of ``[batch, kv_heads, sets, tpb, L']``. Arguments as
+    `single_block_scores`."""
+    def max_and_sum(j: jax.Array, state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        return softmax_step(block_scores(qb, kp, j, q_pos, kv_len, bk), *state)[:2]
+
+    m, total = jax.lax.fori_loop(0, n_kb, max_and_sum, empty_stats(qb))
+    weight = query_weights(total, real)
+
+    def pool_block(j: jax.Array, acc: jax.Array) -> jax.Array:
+        p = jnp.exp(block_scores(qb, kp, j, q_pos, kv_len, bk) - m[..., None]) * weight[..., None]
+        return jax.lax.dynamic_update_slice_in_dim(acc, pool_query_tiles(p, pool, q_tile), j * bk, axis=4)
+
+    b, h, g, bq = qb.shape[:4]
+    sets = g if pool == "head" else 1
+    return jax.lax.fori_loop(0, n_kb, pool_block, jnp.zeros((b, h, sets, bq // q_tile, kp.shape[2]), jnp.float32))
+
+
+def query_block_scores(qt: jax.Array, first: jax.Array, real: jax.Array, kp: jax.Array, kv_len: Any, *, bk: int,
+                       unit: int, pool: Pool, own_key: jax.Array | None = None) -> jax.Array:
+    """Pooled unit scores of one block of query tiles, over the key blocks that hold a key visible to it.
+
+    qt: scaled ``[tpb, batch, kv_heads, group, q_tile, d]`` (`query_tiles`), its first query at position ``first``;
+    ``real: [tpb * q_tile]`` False for padded queries; kp: ``[batch, kv_heads, L', d]``, ``L'`` a multiple of ``bk``.
+    Returns ``[batch, kv_heads, sets, tpb, L' / unit]``: `single_block_scores` when ``L' == bk``, else
+    `online_tile_scores` (key tiles) or `two_pass_position_scores` (key positions). ``own_key``: see
+    `single_block_scores`."""
+    tpb, b, h, g, q_tile, d = qt.shape
+    bq = tpb * q_tile
+    qb = jnp.moveaxis(qt, 0, 3).reshape(b, h, g, bq, d)
+    q_pos = first + jnp.arange(bq)
+    if kp.shape[2] == bk:
+        return single_block_scores(qb, kp, q_pos, real, kv_len, q_tile=q_tile, unit=unit, pool=pool, own_key=own_key)
+    n_kb = (jnp.minimum(first + bq, kv_len) + bk - 1) // bk          # key blocks holding a visible key
+    if unit > 1:
+        return online_tile_scores(qb, kp, q_pos, real, kv_len, n_kb, bk=bk, q_tile=q_tile, unit=unit, pool=pool)
+    return two_pass_position_scores(qb, kp, q_pos, real, kv_len, n_kb, bk=bk, q_tile=q_tile, pool=pool)
+
+
+def tile_topk(scores: jax.Array, start: jax.Array, kv_len: Any, *, q_tile: int, unit: int, k_max: int,
+              budget: float | int, min_keys: int, rolling: bool = False, sinks: int = 0,
+              recent: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Top-k of the query tile starting at ``start``: pooled ``scores: [batch, kv_heads, sets, n_units]`` -> ``(idx,
+    keep)`` each ``[batch, kv_heads, sets, k_max]`` (`topk_units`). The units holding the first ``sinks`` positions
+    and the ``recent`` positions before ``start`` are forced first; the budget basis is ``kv_len`` or, with
+    ``rolling``, the keys visible to the tile."""
+    end = jnp.minimum(start + q_tile, kv_len)                          # keys visible to the tile
+    if sinks or recent:
+        unit_first = jnp.arange(scores.shape[-1]) * unit               # first position of each unit
+        scores = jnp.where((unit_first < sinks) | (unit_first + unit > start - recent), scores + FORCED, scores)
+    return topk_units(scores, start, end if rolling else kv_len, end - start, k_max=k_max, unit=unit, budget=budget,
+                      min_keys=min_keys)
+
+
 def select(q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any, *, q_tile: int, unit: int, pool: Pool,
            budget: float | int, min_keys: int, rolling: bool = False, block_q: int = 256, block_k: int = 512,
            sinks: int = 0, recent: int = 0, own_key: jax.Array | None = None) -> Selection:
@@ -185,99 +323,41 @@ def select(q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any, *, q_tile: in
     tensor.
 
     q: ``[batch, T, heads, d]`` at positions ``q_offset + i``; k: ``[batch, kv_heads, L, d]`` valid below ``kv_len``.
-    Query tiles are scored ``block_q`` queries at a time, over the key blocks that hold a visible key (``block_k``
-    keys each; none above the diagonal). With key tiles (``unit > 1``) one pass keeps, per query, a running softmax
-    maximum and normaliser and the unnormalised mass of every key tile, rescaled when the maximum grows (as
-    FlashAttention rescales its output); with key positions a first pass finds the maxima and normalisers and a
-    second recomputes the scores as probabilities, so no ``[block_q, L]`` state is kept. Either way the result is
-    the pooled scores ``[batch, kv_heads, sets, tiles, n_units]``. A single-query decode step needs no blocking:
-    one pass over the whole cache. The budget basis is ``kv_len`` or, with ``rolling``, the keys visible
-    to the tile. ``sinks`` / ``recent``: the units holding the first ``sinks`` positions and the ``recent`` positions
-    just before the tile are chosen first (inside the same budget; StreamingLLM's sinks and window, Xiao et al.
-    2023). Returns a `Selection` with ``n_qtiles = ceil(T / q_tile)`` and a static ``k = ceil((keys_kept(L) - own)
-    / unit)`` (at least 1), where ``own`` is the smallest own tile (the last one may be partial). A tile's own keys
-    are its causal keys below ``kv_len``: ``q_tile`` of them, or fewer in a partial last tile. ``own_key`` (decode
-    only, ``[batch, kv_heads, 1, d]``): the query's own key, not yet written at position ``kv_len - 1`` of ``k``."""
+    Query tiles are scored ``block_q`` queries at a time (`query_block_scores`), over the key blocks that hold a
+    visible key (``block_k`` keys each; none above the diagonal). With key tiles (``unit > 1``) one pass keeps, per
+    query, a running softmax maximum and normaliser and the unnormalised mass of every key tile, rescaled when the
+    maximum grows (`online_tile_scores`); with key positions a first pass finds the maxima and normalisers and a
+    second recomputes the scores as probabilities (`two_pass_position_scores`), so no ``[block_q, L]`` state is kept.
+    Either way the result is the pooled scores ``[batch, kv_heads, sets, tiles, n_units]``. A single-query decode step
+    needs no blocking: one pass over the whole cache (`single_block_scores`). Each tile's Top-k is `tile_topk`: the
+    budget basis is ``kv_len`` or, with ``rolling``, the keys visible to the tile; ``sinks`` / ``recent``: the units
+    holding the first ``sinks`` positions and the ``recent`` positions just before the tile are chosen first (inside
+    the same budget; StreamingLLM's sinks and window, Xiao et al. 2023). Returns a `Selection` with ``n_qtiles =
+    ceil(T / q_tile)`` and a static ``k = ceil((keys_kept(L) - own) / unit)`` (at least 1), where ``own`` is the
+    smallest own tile (the last one may be partial). A tile's own keys are its causal keys below ``kv_len``:
+    ``q_tile`` of them, or fewer in a partial last tile. ``own_key`` (decode only, ``[batch, kv_heads, 1, d]``): the
+    query's own key, not yet written at position ``kv_len - 1`` of ``k``."""
     if own_key is not None and q.shape[1] != 1:
         raise ValueError(f"own_key is for a single-query decode step, got q{q.shape}")
-    kv_heads, group = check_qkv(q, k, k)
-    b, t, length = q.shape[0], q.shape[1], k.shape[2]
+    kv_heads, _ = check_qkv(q, k, k)
+    t, length = q.shape[1], k.shape[2]
     n_t = -(-t // q_tile)
     own_min = t - (n_t - 1) * q_tile
     tpb = max(1, min(block_q // q_tile, n_t))                          # query tiles per block
     bq = tpb * q_tile
     bk = key_block(length, unit, length if t == 1 else block_k)
     kp = pad_to_tiles(k, bk)
-    n_units = kp.shape[2] // unit
     k_max = max(1, min(-(-length // unit), topk_count(length, own_min, budget=budget, min_keys=min_keys, unit=unit)))
+    rule = dict(q_tile=q_tile, unit=unit, k_max=k_max, budget=budget, min_keys=min_keys, rolling=rolling,
+                sinks=sinks, recent=recent)                            # the Top-k rule of every tile (`tile_topk`)
 
     def one_block(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        qb, i = args                                                   # [tpb, b, h, g, q_tile, d], block number
-        qb = jnp.moveaxis(qb, 0, 3).reshape(b, kv_heads, group, bq, -1)
+        qt, i = args                                                   # [tpb, b, h, g, q_tile, d], block number
         first = q_offset + i * bq
-        q_pos = first + jnp.arange(bq)
         real = i * bq + jnp.arange(bq) < t                             # padded queries do not vote
-        n_kb = (jnp.minimum(first + bq, kv_len) + bk - 1) // bk         # key blocks holding a visible key
-
-        def scores(j: jax.Array) -> jax.Array:                         # [b, h, g, bq, bk]
-            # one block: the cache itself (a sliced copy would let XLA pick a transposed layout for it: a copy)
-            kj = kp if kp.shape[2] == bk else jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=2)
-            s = grouped_dot(qb, kj.astype(jnp.float32))
-            k_pos = j * bk + jnp.arange(bk)
-            return jnp.where((k_pos <= q_pos[:, None]) & (k_pos < kv_len), s, NEG_INF)
-
-        def pool_probs(p: jax.Array) -> jax.Array:   # [b, h, g, bq, n] probabilities of n keys or units -> pooled
-            p = jnp.moveaxis(p.reshape(b, kv_heads, group, tpb, q_tile, p.shape[-1]), 3, 0)
-            return jnp.moveaxis(jax.vmap(lambda x: pooled_scores(x, pool, 1))(p), 0, 3)  # [b, h, sets, tpb, n]
-
-        def unit_sums(x: jax.Array) -> jax.Array:     # [..., bk] -> [..., bk / unit]
-            return x.reshape(*x.shape[:-1], bk // unit, unit).sum(axis=-1)
-
-        def softmax_stats(j: jax.Array, m: jax.Array, total: jax.Array) -> tuple[jax.Array, ...]:
-            """Running max and normaliser after key block ``j``, the rescale factor and the block's exponentials."""
-            s = scores(j)
-            m_new = jnp.maximum(m, s.max(axis=-1))
-            corr, e = jnp.exp(m - m_new), jnp.exp(s - m_new[..., None])
-            return m_new, total * corr + e.sum(axis=-1), corr, e
-
-        def online(j: jax.Array, state: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-            m, total, acc = state                     # running max, normaliser, unit sums [b, h, g, bq, n_units]
-            m, total, corr, e = softmax_stats(j, m, total)
-            acc = jax.lax.dynamic_update_slice_in_dim(acc * corr[..., None], unit_sums(e), j * (bk // unit), axis=4)
-            return m, total, acc
-
-        def max_and_sum(j: jax.Array, state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-            return softmax_stats(j, *state)[:2]
-
-        def pool_block(j: jax.Array, acc: jax.Array) -> jax.Array:
-            p = jnp.exp(scores(j) - m[..., None]) * weight[..., None]     # probabilities of key block j
-            return jax.lax.dynamic_update_slice_in_dim(acc, pool_probs(p), j * bk, axis=4)
-
-        stats = jnp.full(qb.shape[:-1], NEG_INF, jnp.float32), jnp.zeros(qb.shape[:-1], jnp.float32)
-        if kp.shape[2] == bk:                                          # one key block (decode): one pass
-            s = scores(jnp.int32(0))
-            if own_key is not None:                                    # the own key, not yet in the cache
-                s = jnp.where(jnp.arange(bk) == q_pos[:, None], grouped_dot(qb, own_key.astype(jnp.float32)), s)
-            e = jnp.exp(s - s.max(axis=-1, keepdims=True))
-            acc = pool_probs(unit_sums(e) * jnp.where(real, 1.0 / e.sum(axis=-1), 0.0)[..., None])
-        elif unit > 1:                                                 # one pass, unit sums rescaled online
-            zeros = jnp.zeros((*qb.shape[:-1], n_units), jnp.float32)
-            _, total, acc = jax.lax.fori_loop(0, n_kb, online, (*stats, zeros))
-            acc = pool_probs(acc * jnp.where(real, 1.0 / jnp.maximum(total, 1e-30), 0.0)[..., None])
-        else:                                                          # positions: two passes, no [bq, L] state
-            m, total = jax.lax.fori_loop(0, n_kb, max_and_sum, stats)
-            weight = jnp.where(real, 1.0 / jnp.maximum(total, 1e-30), 0.0)
-            sets = group if pool == "head" else 1
-            acc = jax.lax.fori_loop(0, n_kb, pool_block, jnp.zeros((b, kv_heads, sets, tpb, n_units), jnp.float32))
-        return jax.vmap(lambda sc, j: tile_topk(sc, first + j * q_tile), in_axes=(3, 0))(acc, jnp.arange(tpb))
-
-    def tile_topk(sc: jax.Array, start: jax.Array) -> tuple[jax.Array, jax.Array]:
-        end = jnp.minimum(start + q_tile, kv_len)                       # keys visible to the tile
-        if sinks or recent:
-            unit_first = jnp.arange(n_units) * unit                     # first position of each unit
-            sc = jnp.where((unit_first < sinks) | (unit_first + unit > start - recent), sc + FORCED, sc)
-        return topk_units(sc, start, end if rolling else kv_len, end - start, k_max=k_max, unit=unit,
-                          budget=budget, min_keys=min_keys)
+        scores = query_block_scores(qt, first, real, kp, kv_len, bk=bk, unit=unit, pool=pool, own_key=own_key)
+        return jax.vmap(lambda sc, j: tile_topk(sc, first + j * q_tile, kv_len, **rule),
+                        in_axes=(3, 0))(scores, jnp.arange(tpb))
 
     qt = query_tiles(q, kv_heads, q_tile)                              # [n_t, b, h, g, q_tile, d]
     n_blocks = -(-n_t // tpb)

@@ -1,6 +1,7 @@
 """The slow, obvious versions of Kascade that `kascade_lite.kascade` is checked against.
 
-* `brute_topk`: NumPy, one row at a time: sort the eligible units of a pooled score row and keep the first few.
+* `brute_topk`: NumPy, one row at a time: sort the eligible units of a pooled score row (forced sinks / recent units
+  first) and keep the first few.
 * `selection_mask` + `masked_attention`: a boolean ``[batch, kv_heads, sets, q_len, kv_total]`` mask of the allowed
   keys (selected units before the query tile, plus the tile's own causal keys) and a dense masked softmax.
 * `MaskedKascade`: the whole policy written with those (ranks by a double argsort, so it runs under ``jit``).
@@ -48,17 +49,27 @@ def units_to_keep(start: Any, q_tile: int, unit: int, kv_len: Any, *, budget: An
     return -(-k_keys // unit)
 
 
+def forced_units(n_units: int, start: int, unit: int, sinks: int, recent: int) -> np.ndarray:
+    """Bool ``[n_units]``: the units holding one of the first ``sinks`` positions or one of the ``recent`` positions
+    just before ``start``, written out position by position."""
+    wanted = set(range(sinks)) | set(range(start - recent, start))
+    return np.array([any(p in wanted for p in range(u * unit, (u + 1) * unit)) for u in range(n_units)], bool)
+
+
 def brute_topk(scores: np.ndarray, q_len: int, q_offset: int, kv_len: int, *, q_tile: int, unit: int,
-               budget: Any, min_keys: int, rolling: bool = False) -> np.ndarray:
-    """Chosen units, bool ``[batch, kv_heads, sets, n_qtiles, n_units]``, one sorted row at a time."""
+               budget: Any, min_keys: int, rolling: bool = False, sinks: int = 0, recent: int = 0) -> np.ndarray:
+    """Chosen units, bool ``[batch, kv_heads, sets, n_qtiles, n_units]``, one sorted row at a time: the eligible
+    `forced_units` first, then the rest, each by descending score."""
     scores = np.asarray(scores, np.float64)
     chosen = np.zeros(scores.shape, bool)
     starts = np.asarray(tile_starts(q_len, q_tile, q_offset))
     counts = np.asarray(units_to_keep(jnp.asarray(starts), q_tile, unit, kv_len, budget=budget, min_keys=min_keys,
                                       rolling=rolling))
+    forced = [forced_units(scores.shape[-1], int(start), unit, sinks, recent) for start in starts]
     for b, h, s, t in np.ndindex(*scores.shape[:4]):
         eligible = np.flatnonzero(np.arange(scores.shape[-1]) * unit < starts[t])
-        best = eligible[np.argsort(-scores[b, h, s, t, eligible], kind="stable")][:counts[t]]
+        order = np.lexsort((-scores[b, h, s, t, eligible], ~forced[t][eligible]))   # forced first, then by score
+        best = eligible[order][:counts[t]]
         chosen[b, h, s, t, best] = True
     return chosen
 

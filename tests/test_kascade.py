@@ -16,14 +16,15 @@ import numpy as np
 import pytest
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
-from oracles import MaskedKascade, brute_topk, chosen_units, masked_attention, selection_mask, unit_scores
+from oracles import (MaskedKascade, brute_topk, chosen_units, forced_units, masked_attention, selection_mask,
+                     unit_scores)
 
 from kascade_lite import bench as B
 from kascade_lite import kernels as K
 from kascade_lite.attention import gqa_attention
 from kascade_lite.config import LlamaConfig
 from kascade_lite.data import load_tokenizer
-from kascade_lite.kascade import (SW_RECENT, SW_SINKS, KascadeAttention, Selection, attend, keys_kept, select,
+from kascade_lite.kascade import (FORCED, SW_RECENT, SW_SINKS, KascadeAttention, Selection, attend, keys_kept, select,
                                   tiles_kept, topk_count)
 from kascade_lite.model import KVCache, Llama, forward, generate
 from kascade_lite.models import smollm2_or_tiny
@@ -125,6 +126,42 @@ def test_selection_is_the_brute_force_topk(q_len, past, spare, q_tile, granulari
     scores = unit_scores(q, k, past, past + q_len, q_tile=tq, unit=unit, pool=pool)
     want = brute_topk(np.asarray(scores), q_len, past, past + q_len, **kw)
     np.testing.assert_array_equal(chosen_units(sel, scores.shape[-1]), want)
+
+
+def assert_same_choice(got: np.ndarray, want: np.ndarray, scores: np.ndarray, forced: np.ndarray) -> None:
+    """Per row (``[batch, kv_heads, sets, n_qtiles, n_units]`` bool), ``got`` chose as many forced units and as many
+    others as ``want``, with the same oracle scores in order (float32 rounding apart): the same set up to ties. The
+    fast path ranks forced units by ``score + FORCED`` in float32, whose spacing (1/16 at 1e6) makes scores closer
+    than that tie; that matters only when the forced units outnumber the budget."""
+    for row in np.ndindex(*got.shape[:4]):
+        for part, atol in ((forced[row[3]], float(np.spacing(np.float32(FORCED)))), (~forced[row[3]], 1e-6)):
+            a, b = (np.sort(scores[row][c[row] & part]) for c in (got, want))
+            assert a.shape == b.shape, (row, np.flatnonzero(got[row]), np.flatnonzero(want[row]))
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol, err_msg=str(row))
+
+
+@pytest.mark.slow
+@settings(max_examples=24, phases=NO_SHRINK)
+@given(q_len=st.integers(1, 40), past=st.integers(0, 12), spare=st.integers(0, 6), q_tile=st.sampled_from([2, 4]),
+       granularity=st.sampled_from(["position", "tile"]), pool=st.sampled_from(["group", "all", "head"]),
+       budget=st.sampled_from([0.1, 0.3, 0.6]), min_keys=st.integers(0, 6), rolling=st.booleans(),
+       sinks=st.sampled_from([0, 2]), recent=st.sampled_from([0, 5]), block_q=st.integers(1, 12),
+       block_k=st.integers(1, 16), seed=st.integers(0, 99))
+def test_blocked_selection_is_the_brute_force_topk(q_len, past, spare, q_tile, granularity, pool, budget, min_keys,
+                                                   rolling, sinks, recent, block_q, block_k, seed) -> None:
+    """Small ``block_q`` / ``block_k``: several query blocks and key blocks (often a partial last one), so the one-pass
+    key-tile path and the two-pass position path of `select` run as they do at 2k-8k with the default blocks; with
+    and without sinks / recent units."""
+    q, k, _ = qkv(np.random.default_rng(seed), q_len, past + q_len + spare)
+    tq = 1 if q_len == 1 else q_tile
+    unit = q_tile if granularity == "tile" else 1
+    kw = dict(q_tile=tq, unit=unit, budget=budget, min_keys=min_keys, rolling=rolling, sinks=sinks, recent=recent)
+    sel = select(q, k, past, past + q_len, pool=pool, block_q=block_q, block_k=block_k, **kw)
+    scores = np.asarray(unit_scores(q, k, past, past + q_len, q_tile=tq, unit=unit, pool=pool))
+    want = brute_topk(scores, q_len, past, past + q_len, **kw)
+    forced = np.stack([forced_units(scores.shape[-1], start, unit, sinks, recent)
+                       for start in range(past, past + q_len, tq)])             # [n_qtiles, n_units]
+    assert_same_choice(chosen_units(sel, scores.shape[-1]), want, scores, forced)
 
 
 # ------------------------------------------------------------------------------------------------ attend
