@@ -300,10 +300,9 @@ def coverage_heatmaps(per_row: np.ndarray, pooled: np.ndarray, fraction: float, 
 # --------------------------------------------------------------------------------------------------------------------
 # Chapter 08: speedups
 
-SPEEDUP_SERIES = (("reuse", "o-", "reuse layer"), ("whole_model", "s-", "whole model"),
-                  ("whole_model_conservative", "s--", "whole model (conservative)"), ("anchor", "^-", "anchor layer"))
 DENSE_BASELINES = ("dense", "flash", "xla")
 COUNTER_EXAMPLES = ("dense_seq", "reuse_masked")  # not baselines: what the layout costs, what a mask saves
+GRANULARITY_STYLE = {"position": "o-", "tile": "s--"}
 
 
 def _context_label(tokens: int) -> str:
@@ -321,20 +320,25 @@ def _context_axis(ax: plt.Axes, contexts: list[int]) -> None:
 
 
 def speedup_vs_context(att: Mapping[str, Any]) -> plt.Figure:
-    """Speedup over the fastest dense baseline against context, decode and prefill, from
-    ``data/bench_attention_cpu.json`` (``speedup.vs_best`` of each result)."""
-    fig, axes = plt.subplots(1, 2, figsize=(BOOK_WIDTH_IN, 3.6), sharey=True)
+    """Whole-model attention speed-up over the fastest dense baseline against context, decode and prefill, one line
+    per Kascade setting (key positions solid, key tiles dashed; one colour per budget), from
+    ``data/bench_attention_cpu.json`` (``speedup.vs_best[setting].whole_model``)."""
+    fig, axes = plt.subplots(1, 2, figsize=(BOOK_WIDTH_IN, 3.8), sharey=True)
     for ax, phase in zip(axes, ("decode", "prefill")):
         rows = sorted((r for r in att["results"] if r["phase"] == phase), key=lambda r: r["context"])
         contexts = [r["context"] for r in rows]
-        for key, style, label in SPEEDUP_SERIES:
-            ax.plot(contexts, [r["speedup"]["vs_best"][key] for r in rows], style, label=label, ms=5)
+        settings = list(rows[0]["speedup"]["vs_best"])
+        budgets = list(dict.fromkeys(k.split("@")[1] for k in settings))
+        for key in settings:
+            g, b = key.split("@")
+            ax.plot(contexts, [r["speedup"]["vs_best"][key]["whole_model"] for r in rows], GRANULARITY_STYLE[g],
+                    color=f"C{budgets.index(b)}", label=f"{g}s, {float(b):.0%}", ms=5)
         _context_axis(ax, contexts)
-        ax.set(title=f"{phase}")
-    axes[0].set_ylabel("speedup vs fastest dense (×)")
+        ax.set(title=phase)
+    axes[0].set_ylabel("whole-model attention speed-up (×)")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False, bbox_to_anchor=(0.5, -0.01))
-    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False, bbox_to_anchor=(0.5, -0.01))
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     return fig
 
 
@@ -342,7 +346,7 @@ def anchor_vs_reuse(att: Mapping[str, Any]) -> plt.Figure:
     """Median time per layer of every candidate at the largest decode and prefill context, dense baselines in grey,
     Kascade in blue, the counter-examples (sequence-major dense, masked reuse) in orange, from
     ``data/bench_attention_cpu.json``."""
-    fig, axes = plt.subplots(2, 1, figsize=(BOOK_WIDTH_IN, 5.2))
+    fig, axes = plt.subplots(2, 1, figsize=(BOOK_WIDTH_IN, 7.0))
     for ax, phase in zip(axes, ("decode", "prefill")):
         r = max((x for x in att["results"] if x["phase"] == phase), key=lambda x: x["context"])
         names = list(r["times"])
@@ -351,23 +355,32 @@ def anchor_vs_reuse(att: Mapping[str, Any]) -> plt.Figure:
                   for n in names]
         ax.barh(names, ms, color=colors)
         ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize="small")
         ax.set(xlabel="median time per layer (ms)", title=f"{phase}, {_context_label(r['context'])} tokens")
     fig.tight_layout()
     return fig
 
 
 def decode_vs_ceiling(e2e: Mapping[str, Any]) -> plt.Figure:
-    """End-to-end decode speedup of Kascade (key tiles and key positions) over the best dense path against context,
-    next to the bytes-moved ceiling `cost.decode_ceiling` each row records, from ``data/bench_e2e_cpu.json``."""
-    rows = sorted(e2e["results"], key=lambda r: r["context"])
+    """End-to-end decode speed-up of each Kascade setting over dense against context (key positions solid, key tiles
+    dashed, one colour per budget), with each budget's bytes-moved ceiling (key positions) dotted, from
+    ``data/bench_e2e_cpu.json``."""
+    rows = sorted((r for r in e2e["results"] if r["phase"] == "decode"), key=lambda r: r["context"])
     contexts = [r["context"] for r in rows]
-    fig, ax = plt.subplots(figsize=(BOOK_WIDTH_IN * 0.6, 3.0))
-    ax.plot(contexts, [r["decode_ceiling"] for r in rows], "k--", label="bytes-moved ceiling")
-    ax.plot(contexts, [r["decode_speedup"]["vs_best"] for r in rows], "o-", label="Kascade, key tiles")
-    ax.plot(contexts, [r["decode_speedup"]["positions_vs_best"] for r in rows], "s-", label="Kascade, key positions")
+    settings = list(rows[0]["settings"])
+    budgets = list(dict.fromkeys(rows[0]["settings"][n]["budget"] for n in settings))
+    fig, ax = plt.subplots(figsize=(BOOK_WIDTH_IN * 0.75, 3.6))
+    for name in settings:
+        g, b = rows[0]["settings"][name]["granularity"], rows[0]["settings"][name]["budget"]
+        c = f"C{budgets.index(b)}"
+        ax.plot(contexts, [r["speedup"][name] for r in rows], GRANULARITY_STYLE[g], color=c, ms=4,
+                label=f"{g}s, {b:.0%}")
+        if g == "position":
+            ax.plot(contexts, [r["ceiling"][name] for r in rows], ":", color=c, lw=1)
+    ax.plot([], [], "k:", lw=1, label="bytes-moved ceiling")
     _context_axis(ax, contexts)
-    ax.set(ylabel="decode speedup vs best dense (×)")
-    ax.legend(frameon=False, fontsize="small")
+    ax.set(ylabel="decode speed-up vs dense (×)")
+    ax.legend(frameon=False, fontsize="small", ncol=2)
     fig.tight_layout()
     return fig
 

@@ -312,14 +312,14 @@ def _script(name: str):
 @pytest.mark.slow
 def test_model_harness_and_benchmarks_run_the_same_kascade() -> None:
     """The retrieval harness (`bench_accuracy.retrieval_method` -> `tasks.answer_case`), the end-to-end benchmark
-    (`bench_e2e.policies` -> `bench.compiled_forward`) and a plain `model.forward` all run `kascade.KascadeAttention`
+    (`bench_e2e.kascade_policies` -> `bench.compiled_forward`) and a plain `model.forward` all run `kascade.KascadeAttention`
     and agree on every layer's selection and on the outputs, in prefill and decode."""
     acc, e2e = _script("bench_accuracy"), _script("bench_e2e")
     model = smollm2_or_tiny(smoke=True)
     sched = Schedule.from_anchors("smoke", model.cfg.num_layers, model.cfg.num_kv_heads, [2], tile_size=32,
                                   budget=0.1, min_keys=128)
     # the timed benchmark runs the block-sparse speed variant (key tiles); the harness names it kascade_tiles
-    harness, timed = acc.retrieval_method("kascade_tiles", sched, 256), e2e.policies(sched)["kascade"]
+    harness, timed = acc.retrieval_method("kascade_tiles", sched, 256), e2e.kascade_policies(sched, (0.1,))["kascade_tile@0.1"]
     direct = KascadeAttention(sched, granularity="tile")
     paper = acc.retrieval_method("kascade", sched, 256)  # the tables' kascade: key positions, the same settings
     assert paper.prefill == paper.decode == KascadeAttention(sched, tile_size=32, budget=0.1, min_keys=128)
