@@ -11,12 +11,10 @@ What the timed work should cost (FLOPs, bytes) is `kascade_lite.cost`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -70,19 +68,6 @@ def write_results(path: str | os.PathLike, command: str, config: dict[str, Any],
     doc = {"provenance": {**provenance(command, smoke=smoke), "load_average": list(os.getloadavg())},
            "config": config, "results": rows}
     write_json_atomic(path, doc)
-    return doc
-
-
-def load_results(path: str | os.PathLike) -> dict:
-    """Read a results JSON written by :func:`write_results`; ``ValueError`` naming the file if it is not one."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read benchmark JSON ({e})") from e
-    missing = {"provenance", "config", "results"} - set(doc if isinstance(doc, dict) else {})
-    if missing:
-        raise ValueError(f"{path}: benchmark JSON lacks keys {sorted(missing)}")
     return doc
 
 
@@ -153,40 +138,3 @@ def whole_model_ratio(t_dense: float, t_anchor: float, t_reuse: float, *, num_la
     if reuse < 0:
         raise ValueError(f"{num_anchors} anchors do not fit in {num_layers} layers")
     return num_layers * t_dense / (t_dense + num_anchors * t_anchor + reuse * t_reuse)
-
-
-def min_ratio(result: dict, name: str, dense: str) -> float:
-    """Speedup of ``name`` over ``dense`` from each candidate's fastest repetition (``min_s``) in one result."""
-    return result["times"][dense]["min_s"] / result["times"][name]["min_s"]
-
-
-def whole_model_ratio_from_minima(result: dict, dense: str, anchor: str, reuse: str, **kw: int) -> float:
-    """`whole_model_ratio` of one benchmark result from each candidate's fastest repetition."""
-    t = {n: result["times"][n]["min_s"] for n in (dense, anchor, reuse)}
-    return whole_model_ratio(t[dense], t[anchor], t[reuse], **kw)
-
-
-def find_result(doc: dict, phase: str, context: int | None = None, **match: Any) -> dict:
-    """The result of ``doc["results"]`` with this phase and context (default: the largest context)."""
-    rows = [r for r in doc["results"] if r["phase"] == phase and all(r.get(k) == v for k, v in match.items())]
-    if not rows:
-        raise KeyError(f"no {phase} result matching {match}")
-    if context is None:
-        return max(rows, key=lambda r: r["context"])
-    for r in rows:
-        if r["context"] == context:
-            return r
-    raise KeyError(f"no {phase} result at context {context}; have {sorted(r['context'] for r in rows)}")
-
-
-def speedup_rows(doc: dict, key: str = "speedup") -> list[dict[str, Any]]:
-    """One row per result of a ``bench_attention`` JSON: phase, context, the fastest dense baseline and its median
-    time, the speedups over it (``vs_best``) and the reuse layer's speedup over each dense baseline."""
-    rows = []
-    for r in doc["results"]:
-        s = r[key]
-        rows.append({"phase": r["phase"], "context": r["context"], "best dense": s["best_dense"],
-                     "dense ms": r["times"][s["best_dense"]]["median_s"] * 1e3, **s["vs_best"],
-                     **{f"{k.removeprefix('vs_')} (reuse)": v["reuse"] for k, v in s.items()
-                        if k.startswith("vs_") and k != "vs_best"}})
-    return rows

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kascade_lite.attention import (attention_probs, causal_mask, gqa_attention, grouped_scores, kv_cache_bytes,
-                                    repeat_kv)
+from kascade_lite.attention import (attention_probs, causal_mask, gqa_attention, gqa_attention_with_new,
+                                    grouped_scores, kv_cache_bytes, repeat_kv)
 
 KV_HEADS, HEAD_DIM = 2, 16
 
@@ -62,6 +62,22 @@ def test_decode_step_against_partial_cache(group: int, rng: np.random.Generator)
     mask = jnp.broadcast_to(causal_mask(3, 32, q_offset, kv_len), (2, q.shape[2], 3, 32))
     np.testing.assert_allclose(ours, jax.nn.dot_product_attention(q, seq_major(k), seq_major(v), mask=mask),
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_new_keys_beside_the_cache_equal_the_written_cache(group: int, q_len: int, rng: np.random.Generator) -> None:
+    """`gqa_attention_with_new` reads the cache before the step (stale values in the new slots) and the step's own
+    keys separately: the textbook attention over the cache with those keys written, with every slot from
+    ``q_offset`` on poisoned in the cache it reads."""
+    q, k, v = qkv(rng, group, q_len=q_len, kv_len=32)
+    q_offset = 20
+    k_new, v_new = k[:, :, q_offset:q_offset + q_len], v[:, :, q_offset:q_offset + q_len]
+    stale_k, stale_v = k.at[:, :, q_offset:].set(1e4), v.at[:, :, q_offset:].set(-1e4)
+    ours = gqa_attention_with_new(q, stale_k, stale_v, k_new, v_new, q_offset=q_offset)
+    kv_len = q_offset + q_len
+    ref = expanded_attention(q, k[:, :, :kv_len], v[:, :, :kv_len], causal_mask(q_len, kv_len, q_offset))
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
 def test_garbage_in_unused_cache_slots_is_ignored(rng: np.random.Generator) -> None:

@@ -41,14 +41,10 @@ def test_compare_runs_every_candidate_warmup_plus_reps_times():
 def test_results_round_trip_with_provenance(tmp_path):
     path = tmp_path / "r.json"
     B.write_results(path, "python x.py", {"tile": 32}, [{"context": 1}], smoke=True)
-    doc = B.load_results(path)
+    doc = json.loads(path.read_text())
     assert doc["results"] == [{"context": 1}] and doc["provenance"]["command"] == "python x.py"
     assert "machine" in doc["provenance"] and "jax" in doc["provenance"]["versions"]
-    path.write_text(json.dumps({"results": []}))
-    with pytest.raises(ValueError, match="lacks keys"):
-        B.load_results(path)
-    with pytest.raises(ValueError, match="cannot read"):
-        B.load_results(tmp_path / "missing.json")
+    assert doc["provenance"]["smoke"] is True and len(doc["provenance"]["load_average"]) == 3
 
 
 def test_default_schedule():
@@ -93,22 +89,11 @@ def test_kascade_policy_is_sparse_and_carries_selections():
     assert carry[0].idx.shape == (1, CFG.num_kv_heads, 1, 1, 2)  # decode: ceil((ceil(0.25 * 48) - 1) / 8) tiles
 
 
-def test_result_readers_on_the_shipped_json() -> None:
-    """The helpers chapter 08 reads the published benchmark with."""
-    from kascade_lite.files import results_file
-
-    att = B.load_results(results_file("bench_attention_cpu.json"))
-    rows = B.speedup_rows(att)
-    assert len(rows) == len(att["results"]) and {"phase", "context", "best dense", "reuse", "whole_model"} <= set(rows[0])
-    big = B.find_result(att, "decode")
-    assert big["context"] == max(r["context"] for r in att["results"] if r["phase"] == "decode")
-    assert B.find_result(att, "decode", 2048)["context"] == 2048
-    t = big["times"]
-    assert B.min_ratio(big, "reuse", "dense") == t["dense"]["min_s"] / t["reuse"]["min_s"]
-    ratio = B.whole_model_ratio_from_minima(big, "dense", "anchor", "reuse")
-    d, a, r = (t[n]["min_s"] for n in ("dense", "anchor", "reuse"))
-    assert abs(ratio - 32 * d / (d + 4 * a + 27 * r)) < 1e-12
+def test_whole_model_ratio() -> None:
     assert B.whole_model_ratio(1.0, 1.0, 1.0) == 1.0
+    assert B.whole_model_ratio(2.0, 2.0, 1.0, num_layers=4, num_anchors=1) == 8.0 / 6.0
+    with pytest.raises(ValueError):
+        B.whole_model_ratio(1.0, 1.0, 1.0, num_layers=4, num_anchors=4)
 
 
 def test_cost_rows_and_roofline() -> None:
