@@ -3,7 +3,9 @@
 Usage (from anywhere): ``python book/build.py [OUTPUT_DIR]``. The HTML lands in ``OUTPUT_DIR/_build/html``;
 ``OUTPUT_DIR`` defaults to ``book`` (so ``book/_build/html``, what ``make book`` builds); the tests pass a temporary
 folder so that they never replace that book. Sizes follow ``KASCADE_SMOKE`` (``1``: tiny CI sizes). The previous
-HTML is removed first, so no stale page can pass for a built one.
+HTML is removed first, so no stale page can pass for a built one. The figures the chapters save go to
+``OUTPUT_DIR/_build/figures`` (``$KASCADE_FIGURES_DIR``), never to the committed ``book/figures``: building the book
+modifies no tracked file (``kascade-lite figures --out .`` is what replaces the committed figures).
 
 The build fails when
 
@@ -18,6 +20,7 @@ The build fails when
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -25,6 +28,7 @@ import sys
 from pathlib import Path
 
 from kascade_lite.notebooks import chapter_notebooks as find_chapters
+from kascade_lite.plots import FIGURES_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "book"
@@ -36,6 +40,11 @@ STDERR_WARNING = re.compile(r"^(?P<file>\S+?\.ipynb)(?::\d+)?: WARNING: (?P<msg>
 def html_dir(output: Path = DEFAULT_OUTPUT) -> Path:
     """Where ``jupyter-book build --path-output output`` puts the HTML."""
     return Path(output) / "_build" / "html"
+
+
+def figures_dir(output: Path = DEFAULT_OUTPUT) -> Path:
+    """Where the chapters executed by a build into ``output`` save their figures."""
+    return Path(output) / "_build" / "figures"
 
 
 def chapter_notebooks() -> list[Path]:
@@ -76,8 +85,9 @@ def build(output: Path = DEFAULT_OUTPUT) -> int:
     jupyter_book = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()"]
     cmd = [*jupyter_book, "build", str(REPO), "--config", "book/_config.yml", "--toc", "book/_toc.yml",
            "--path-output", str(output), "--all"]
+    env = {**os.environ, FIGURES_ENV: str(figures_dir(output))}
     # jupyter-book's output is echoed as it comes and kept, to find myst-nb's stderr warnings in it.
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             errors="replace")
     lines = []
     for line in proc.stdout:

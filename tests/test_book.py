@@ -213,3 +213,4 @@ def test_build_script_finds_stderr_warnings() -> None:
         "notebooks/05_attention_sparsity.ipynb: stderr was found in the cell outputs of cell 12"]
     assert build.stderr_cells("/work/x/notebooks/01_rope.ipynb: Executed notebook in 15.05 seconds [mystnb]") == []
     assert build.html_dir(Path("/tmp/b")) == Path("/tmp/b/_build/html")
+    assert build.figures_dir(Path("/tmp/b")) == Path("/tmp/b/_build/figures")  # never the committed book/figures
