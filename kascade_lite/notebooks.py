@@ -1,5 +1,6 @@
 """The book's chapters as files: finding them, their Colab setup cell, and executing one (``kascade-lite figures``
-and the tests use `execute_notebook`; the book build executes through Jupyter Book with the same environment rules).
+and the tests use `execute_notebook`; ``make book`` executes through Jupyter Book with the same environment rules,
+and the tests' book is built from the notebooks `execute_notebook` returned).
 
 A chapter reads the book's results with `kascade_lite.files.results_file` / `load_results` and saves figures with
 `kascade_lite.plots.save_figure`; both are steered by environment variables, never by rebinding module globals:
@@ -13,8 +14,12 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import REPOSITORY_URL
+
+if TYPE_CHECKING:
+    from nbformat import NotebookNode
 
 CHAPTER_GLOB = "[0-9][0-9]_*.ipynb"
 """Chapter file names: ``NN_name.ipynb``."""
@@ -54,8 +59,9 @@ def chapter_notebooks(folder: str | Path, only: Sequence[str] = ()) -> list[Path
 
 
 def execute_notebook(path: str | Path, *, env: Mapping[str, str] | None = None, cwd: str | Path | None = None,
-                     timeout: int = 3600) -> None:
-    """Execute notebook ``path`` top to bottom in a fresh ``python3`` kernel (the file is not modified).
+                     timeout: int = 3600) -> NotebookNode:
+    """Execute notebook ``path`` top to bottom in a fresh ``python3`` kernel and return it with its outputs (the
+    file is not modified).
 
     ``env``: variables set for the kernel on top of this process's environment; ``cwd``: the kernel's working
     folder (default: the notebook's folder, as in the book build). Raises ``RuntimeError`` naming the notebook and
@@ -72,6 +78,7 @@ def execute_notebook(path: str | Path, *, env: Mapping[str, str] | None = None, 
                            env={**os.environ, **(env or {})})
     except CellExecutionError as e:
         raise RuntimeError(f"{path.name} failed:\n{str(e)[-3000:]}") from None
+    return nb
 
 
 def sync_colab_cells(path: str | Path) -> bool:

@@ -2,11 +2,11 @@
 
 Notebooks call `set_style()` once, then one function per figure (``rope_wavelengths``, ``kv_cache_bars``,
 ``speedup_vs_context``, ...) that draws it from the shipped JSON in ``data/`` or from arrays the chapter computed and
-returns the `Figure`; `save_figure(fig, "NN_name")` writes it (atomically) to the book's figure folder when there is
-one (see `figures_dir`; elsewhere, on Colab say, nothing is written) and the notebook still shows it inline. The style is sized for the book's content column: figures are at most
-``BOOK_WIDTH_IN`` inches wide at 100 dpi (~700 px), so they are shown at their natural size and 10-12 pt text stays
-10-12 pt on the page. `table` turns rows into a styled HTML table (no index column, fixed number formats, blanks
-for missing cells).
+returns the `Figure`; `save_figure(fig, "NN_name")` writes it (atomically) to ``$KASCADE_FIGURES_DIR`` when that is
+set (see `figures_dir`; otherwise nothing is written) and the notebook still shows it inline. The style is sized
+for the book's content column: figures are at most ``BOOK_WIDTH_IN`` inches wide at 100 dpi (~700 px), so they are
+shown at their natural size and 10-12 pt text stays 10-12 pt on the page. `table` turns rows into a styled HTML
+table (no index column, fixed number formats, blanks for missing cells).
 """
 
 from __future__ import annotations
@@ -52,25 +52,14 @@ def set_style() -> None:
     })
 
 
-def figures_dir(cwd: str | Path | None = None) -> Path | None:
-    """Where chapter figures go: ``$KASCADE_FIGURES_DIR`` if set, else ``book/figures`` of the book checkout that
-    ``cwd`` (default: the current folder, which is ``notebooks/`` when the book build runs a chapter) lies in,
-    else None. At smoke size (``KASCADE_SMOKE=1``) only ``$KASCADE_FIGURES_DIR``: the committed figures are
-    full-size ones and a smoke build must not replace them.
+def figures_dir() -> Path | None:
+    """Where chapter figures go: ``$KASCADE_FIGURES_DIR`` if set, else None (the figure is only shown).
 
-    Never the package's own location: on a non-editable install that is site-packages, which is not ours to write
-    into, and a chapter run outside a checkout (Colab) has no book to put figures in: they are only shown."""
-    from .data import smoke
-
-    if os.environ.get(FIGURES_ENV):
-        return Path(os.environ[FIGURES_ENV])
-    if smoke():
-        return None
-    here = Path(cwd or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "book" / "_config.yml").is_file() and (folder / "notebooks").is_dir():
-            return folder / "book" / "figures"
-    return None
+    Only a caller that means to write figures sets it: ``kascade-lite figures --out ROOT`` (``ROOT/book/figures``,
+    the committed full-size figures with ``--out .``) and ``book/build.py`` (its own output folder, so building the
+    book never modifies a tracked file). Never a default inside the checkout or the package's own location: a
+    chapter opened in Jupyter, run on Colab or in the tests writes nothing."""
+    return Path(os.environ[FIGURES_ENV]) if os.environ.get(FIGURES_ENV) else None
 
 
 def save_figure(fig: plt.Figure, name: str, directory: str | Path | None = None) -> Path | None:

@@ -1,8 +1,9 @@
-"""Build the whole book with ``KASCADE_SMOKE=1`` (executing every chapter notebook once) into a temporary folder
-(``book/build.py <folder>``; the book ``make book`` built in ``book/_build/html`` is left alone), then render each
-chapter in headless Chromium: one screenshot per chapter in ``<folder>/_build/screenshots/NN_name.png`` (the folder
-is printed; ``KASCADE_BOOK_TEST_DIR`` picks it and keeps it). Fail on a notebook that did not execute, a cell that
-wrote to stderr, a missing page, a Python traceback on a page, an image that does not load, or console noise on a
+"""Build the whole book with ``KASCADE_SMOKE=1`` into a temporary folder from the chapter notebooks executed once, as
+on Colab, by ``conftest.ColabRuns`` (``book/build.py <folder> --executed <folder>``, execution off; the book
+``make book`` built in ``book/_build/html`` is left alone), then render each chapter in headless Chromium: one
+screenshot per chapter in ``<folder>/_build/screenshots/NN_name.png`` (the folder is printed;
+``KASCADE_BOOK_TEST_DIR`` picks it and keeps it). Fail on a notebook that did not execute, a cell that wrote to
+stderr, a missing page, a Python traceback on a page, an image that does not load, or console noise on a
 page (progress bars, warnings, raw ``PosixPath`` reprs, stderr boxes)."""
 
 from __future__ import annotations
@@ -66,21 +67,23 @@ class Build:
     screenshots: Path
     returncode: int
     output: str
-    failed: dict[str, str]  # chapter name -> its execution error log (ANSI colours removed)
+    failed: dict[str, str]  # chapter name -> its execution error (ANSI colours removed)
 
 
 @pytest.fixture(scope="session")
-def built_book(tmp_path_factory: pytest.TempPathFactory) -> Build:
-    """Run ``book/build.py <temporary folder>`` once with smoke sizes (this executes every chapter notebook)."""
+def built_book(colab_runs, tmp_path_factory: pytest.TempPathFactory) -> Build:
+    """Run ``book/build.py <temporary folder> --executed <folder>`` once, from the chapters executed at smoke size
+    by `colab_runs` (conftest.py; the only execution of each chapter in the test run, shared with
+    tests/test_notebooks.py)."""
     chosen = os.environ.get("KASCADE_BOOK_TEST_DIR")
     out = Path(chosen) if chosen else tmp_path_factory.mktemp("book")
     html, screenshots = out / "_build" / "html", out / "_build" / "screenshots"
+    runs = {name: colab_runs.run(REPO / "notebooks" / f"{name}.ipynb") for name in existing_chapters()}
+    failed = {name: ANSI.sub("", run.error) for name, run in runs.items() if run.error}
     print(f"test book: {html} (screenshots in {screenshots})")
     env = {**os.environ, "KASCADE_SMOKE": "1", "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-    proc = subprocess.run([sys.executable, str(REPO / "book" / "build.py"), str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True)
-    failed = {p.name.removesuffix(".err.log"): ANSI.sub("", p.read_text(errors="replace"))
-              for p in sorted((html / "reports").rglob("*.err.log"))}
+    proc = subprocess.run([sys.executable, str(REPO / "book" / "build.py"), str(out), "--executed",
+                           str(colab_runs.executed)], cwd=REPO, env=env, capture_output=True, text=True)
     output = f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     if not (html / "index.html").is_file():
         pytest.fail(f"the book did not build (exit {proc.returncode}):\n{output}")
@@ -213,3 +216,24 @@ def test_build_script_finds_stderr_warnings() -> None:
         "notebooks/05_attention_sparsity.ipynb: stderr was found in the cell outputs of cell 12"]
     assert build.stderr_cells("/work/x/notebooks/01_rope.ipynb: Executed notebook in 15.05 seconds [mystnb]") == []
     assert build.html_dir(Path("/tmp/b")) == Path("/tmp/b/_build/html")
+    assert build.figures_dir(Path("/tmp/b")) == Path("/tmp/b/_build/figures")  # never the committed book/figures
+
+
+def test_build_from_executed_notebooks_fails_on_stderr_and_missing_chapters(tmp_path: Path) -> None:
+    """``book/build.py --executed`` (execution off) still fails on a cell's stderr output (myst-nb warns when it
+    renders the saved outputs) and on a chapter with no executed notebook; it executes nothing."""
+    import nbformat
+
+    executed, first = tmp_path / "executed", REPO / "notebooks" / f"{existing_chapters()[0]}.ipynb"
+    executed.mkdir()
+    nb = nbformat.read(first, as_version=4)
+    cell = next(c for c in nb.cells if c.cell_type == "code")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text="a warning\n")]
+    nbformat.write(nb, executed / first.name)
+    proc = subprocess.run([sys.executable, str(REPO / "book" / "build.py"), str(tmp_path), "--executed",
+                           str(executed)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cell_number = nb.cells.index(cell) + 1
+    assert f"notebooks/{first.name}: stderr was found in the cell outputs of cell {cell_number}" in proc.stderr
+    assert all(name in proc.stderr for name in existing_chapters()[1:]), proc.stderr
+    assert not (tmp_path / "_build" / "figures").exists() and (tmp_path / "_build" / "html" / "index.html").is_file()
