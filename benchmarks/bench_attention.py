@@ -202,7 +202,8 @@ def run_grid(cfg: LlamaConfig, *, phase: str, contexts: list[int], tile: int, bu
                                                                                       budgets)}
         s = row["speedup"]
         print(f"{phase:7s} {n:6d}  best dense {s['best_dense']:6s} {times[s['best_dense']]['median_s'] * 1e3:9.1f} ms  "
-              + "  ".join(f"{k} reuse x{v['reuse']:.2f} whole x{v['whole_model']:.2f}" for k, v in s["vs_best"].items()),
+              + "  ".join(f"{k} reuse x{v['reuse']:.2f} whole x{v['whole_model']:.2f}"
+                          for k, v in s["vs_best"].items()),
               flush=True)
         rows.append(row)
     return rows

@@ -147,8 +147,9 @@ def run(model: Llama, schedule: Schedule, text: jax.Array, *, phase: str, contex
                {"dense": f"skipped above {DENSE_PREFILL_LIMIT} tokens ([T, T] scores; flash is the dense path)"},
                **summarise(phase, times, costs, dense_names)}
         rate = row.get("gb_per_s") or row.get("gflop_per_s")
-        print(f"{phase:7s} {context:6d}: best dense {row['best_dense']} {times[row['best_dense']]['median_s'] * 1e3:8.1f}"
-              f" ms ({rate[row['best_dense']]:.1f} {'GB/s' if phase == 'decode' else 'GFLOP/s'}); "
+        best = row["best_dense"]
+        print(f"{phase:7s} {context:6d}: best dense {best} {times[best]['median_s'] * 1e3:8.1f}"
+              f" ms ({rate[best]:.1f} {'GB/s' if phase == 'decode' else 'GFLOP/s'}); "
               + ", ".join(f"{n.removeprefix('kascade_')} x{row['speedup'][n]:.2f}" for n in sparse), flush=True)
         rows.append(row)
     return rows

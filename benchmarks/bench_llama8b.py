@@ -62,7 +62,8 @@ from kascade_lite import bench as B
 from kascade_lite.baselines import flash_dense_attention
 from kascade_lite.config import LLAMA_3_1_8B, LlamaConfig
 from kascade_lite.convert import load_converted, write_converted
-from kascade_lite.kascade import KascadeAttention
+from kascade_lite.cost import model_step_cost
+from kascade_lite.kascade import KascadeAttention, decode_keys, keys_kept
 from kascade_lite.model import KVCache, Llama, decode_steps, dense_attention, forward_split, write_cache
 from kascade_lite.progress import tqdm
 from kascade_lite.schedule import default_schedule
@@ -157,6 +158,23 @@ def policies(cfg: LlamaConfig) -> dict[str, tuple[Any, Any]]:
     return {"dense": (flash_dense_attention, dense_attention), "kascade": (kascade, kascade)}
 
 
+def add_rate(row: dict[str, Any], model: Llama, phase: str, context: int, schedule: Any) -> None:
+    """Record in ``row`` what the step moved and computed (`cost.model_step_cost`; ``schedule`` None: dense) and its
+    achieved rate: GB/s for a decode step (its median), GFLOP/s for the prefill."""
+    keep = None
+    if schedule is not None and phase == "decode":
+        keep = decode_keys(context, granularity="tile", tile=TILE, budget=BUDGET, min_keys=schedule.min_keys)
+    elif schedule is not None:
+        keep = min(context, -(-keys_kept(context, BUDGET, schedule.min_keys) // TILE) * TILE)
+    row["cost"] = model_step_cost(model.cfg, context, phase=phase, keep_keys=keep,
+                                  layer_types=None if schedule is None else schedule.layer_types,
+                                  bytes_per_value=jnp.dtype(model.dtype).itemsize)
+    if phase == "decode":
+        row["gb_per_s"] = row["cost"]["bytes"] / row["median_s"] / 1e9
+    else:
+        row["gflop_per_s"] = row["cost"]["flops"] / row["seconds"] / 1e9
+
+
 def run(model: Llama, context: int, steps: int, rss: dict[str, float]) -> dict[str, Any]:
     """Prefill ``context`` random tokens and decode ``steps`` tokens with every `policies` entry, recording VmRSS
     into ``rss``; times in seconds, the Kascade/dense ratios and the schedule."""
@@ -190,8 +208,12 @@ def run(model: Llama, context: int, steps: int, rss: dict[str, float]) -> dict[s
         row["tokens_per_s"] = 1.0 / row["median_s"]
     ratios = {"prefill_speedup": prefill["dense"]["seconds"] / prefill["kascade"]["seconds"],
               "decode_speedup": decode["kascade"]["tokens_per_s"] / decode["dense"]["tokens_per_s"]}
+    schedule = pols["kascade"][0].schedule
+    for phase, rows in (("prefill", prefill), ("decode", decode)):
+        for name, row in rows.items():
+            add_rate(row, model, phase, context, schedule if name == "kascade" else None)
     return {"prefill": prefill, "decode": decode, "kascade_vs_dense": ratios,
-            "schedule": B.schedule_summary(pols["kascade"][0].schedule)}
+            "schedule": B.schedule_summary(schedule)}
 
 
 def measure(ckpt: Path, dtype: Any, context: int, steps: int) -> dict[str, Any]:
@@ -261,7 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     context = args.context or (256 if args.smoke else 2048)
     steps = args.decode_steps or (4 if args.smoke else 32)
     dtype = DTYPES[args.dtype]
+    machine = B.measure_machine(64, 256, reps=2) if args.smoke else B.measure_machine()
     config: dict[str, Any] = {"weights_dtype": "bfloat16", "activations_dtype": args.dtype, "batch": 1,
+                              "machine": machine,
                               "tile": TILE, "budget": BUDGET, "tokens": "random ids (seed 0)",
                               "xla_compiler_options": COMPILER_OPTIONS, "smoke": args.smoke}
     if args.checkpoint is not None:

@@ -282,9 +282,9 @@ class Llama(nnx.Module):
         """Run ``tokens: [batch, seq]`` (int) after the ``cache.length`` positions already in ``cache``; the cache is
         only read (`KVCache.write` stores this step's keys and values afterwards).
 
-        Returns ``(logits [batch, seq, vocab] float32, this step's (k, v) per layer, aux)``; with ``last_only`` the logits
-        are ``[batch, 1, vocab]``, the last position's only (a prefill that only samples the next token skips the
-        ``seq x vocab`` output projection: 0.46 TFLOP for SmolLM2 at 8k tokens). ``aux`` is the final attention
+        Returns ``(logits [batch, seq, vocab] float32, this step's (k, v) per layer, aux)``; with ``last_only`` the
+        logits are ``[batch, 1, vocab]``, the last position's only (a prefill that only samples the next token skips
+        the ``seq x vocab`` output projection: 0.46 TFLOP for SmolLM2 at 8k tokens). ``aux`` is the final attention
         ``carry``, or with ``collect=True`` a dict ``{"carry", "residual", "attn_out"}`` where the two lists hold,
         per layer, the block input and the attention output ``[batch, seq, hidden]`` (for layer importance).
         """
@@ -295,7 +295,8 @@ class Llama(nnx.Module):
         if cache is not None and isinstance(cache.max_len, int) and s > cache.max_len:
             raise ValueError(f"{s} tokens do not fit a cache of max_len={cache.max_len}")
         if s > self.cfg.max_position_embeddings:
-            raise ValueError(f"sequence of {s} tokens exceeds max_position_embeddings={self.cfg.max_position_embeddings}")
+            raise ValueError(f"sequence of {s} tokens exceeds "
+                             f"max_position_embeddings={self.cfg.max_position_embeddings}")
         cos, sin = rope_cos_sin(offset + jnp.arange(s), self.inv_freq[...])
         x = self.embed[...].astype(self.dtype)[tokens]
         kvs, residual, attn_outs = [], [], []

@@ -319,7 +319,8 @@ def test_model_harness_and_benchmarks_run_the_same_kascade() -> None:
     sched = Schedule.from_anchors("smoke", model.cfg.num_layers, model.cfg.num_kv_heads, [2], tile_size=32,
                                   budget=0.1, min_keys=128)
     # the timed benchmark runs the block-sparse speed variant (key tiles); the harness names it kascade_tiles
-    harness, timed = acc.retrieval_method("kascade_tiles", sched, 256), e2e.kascade_policies(sched, (0.1,))["kascade_tile@0.1"]
+    harness = acc.retrieval_method("kascade_tiles", sched, 256)
+    timed = e2e.kascade_policies(sched, (0.1,))["kascade_tile@0.1"]
     direct = KascadeAttention(sched, granularity="tile")
     paper = acc.retrieval_method("kascade", sched, 256)  # the tables' kascade: key positions, the same settings
     assert paper.prefill == paper.decode == KascadeAttention(sched, tile_size=32, budget=0.1, min_keys=128)

@@ -12,7 +12,8 @@ import pytest
 from kascade_lite.config import LlamaConfig, RopeScaling
 from kascade_lite.models import converted_smollm2, load_smollm2
 from kascade_lite.data import load_tokenizer, load_wikitext, smollm2_gguf_path
-from kascade_lite.model import KVCache, Llama, dense_attention, forward, forward_split, generate, make_forward, write_cache
+from kascade_lite.model import (KVCache, Llama, dense_attention, forward, forward_split, generate, make_forward,
+                                write_cache)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
