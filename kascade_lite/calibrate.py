@@ -31,6 +31,7 @@ bit-identical results. The partial file is deleted once the calibration finishes
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -150,11 +151,17 @@ def layer_importance(residual: list[jax.Array], attn_out: list[jax.Array]) -> ja
     return (1.0 - cos).mean(axis=2).sum(axis=1)
 
 
-@nnx.jit(static_argnames=("hook",))
 def sequence_stats(model: Llama, tokens: jax.Array, hook: CalibrationHook) -> dict[str, jax.Array]:
     """Statistics of ``tokens: [batch, seq]`` (sums over the batch, so they can be accumulated):
     ``similarity [L, L, H, H]``, ``importance [L]``, ``coverage [L, H, F]``, ``tile_coverage [L, H]``."""
-    _, _, aux = model(tokens, attention=hook, carry=(), collect=True)
+    return _sequence_stats(*nnx.split(model), tokens, hook)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "hook"))
+def _sequence_stats(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array,
+                    hook: CalibrationHook) -> dict[str, jax.Array]:
+    """`sequence_stats` on a model split by ``nnx.split`` (the jit style of `model.forward_split`)."""
+    _, _, aux = nnx.merge(graphdef, state)(tokens, attention=hook, carry=(), collect=True)
     layers = aux["carry"]
     prev, own, mask = (jnp.stack([s[name] for s in layers]) for name in ("prev", "own", "mask"))
     kept = ((prev * mask).sum(-1) + own) / (prev.sum(-1) + own)                     # [L, batch, H, tiles]

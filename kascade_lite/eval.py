@@ -8,6 +8,8 @@ predicted token of every window, then exponentiate. The ``attention`` argument i
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,10 +18,11 @@ from flax import nnx
 from .model import AttentionFn, Llama, dense_attention
 
 
-@nnx.jit(static_argnames=("attention",))
-def _window_nll(model: Llama, tokens: jax.Array, attention: AttentionFn) -> jax.Array:
-    """Mean NLL ``[batch]`` (float32) of predicting ``tokens[:, 1:]`` from ``tokens: [batch, seq]``."""
-    logits, _, _ = model(tokens, attention=attention)
+@functools.partial(jax.jit, static_argnames=("graphdef", "attention"))
+def _window_nll(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, attention: AttentionFn) -> jax.Array:
+    """Mean NLL ``[batch]`` (float32) of predicting ``tokens[:, 1:]`` from ``tokens: [batch, seq]``, for a model split
+    by ``nnx.split`` (the jit style of `model.forward_split`; the logits never leave the program)."""
+    logits, _, _ = nnx.merge(graphdef, state)(tokens, attention=attention)
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     target = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [batch, seq - 1]
     return -jnp.mean(target, axis=-1)
@@ -43,12 +46,13 @@ def nll_per_window(model: Llama, windows: np.ndarray, *, attention: AttentionFn 
         raise ValueError(f"token ids must lie in [0, {model.cfg.vocab_size}), got [{windows.min()}, {windows.max()}]")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    graphdef, state = nnx.split(model)
     out = []
     for start in tqdm(range(0, len(windows), batch_size), desc="nll", unit="batch", disable=not progress):
         batch = windows[start:start + batch_size]
         pad = batch_size - len(batch)
         padded = np.concatenate([batch, np.repeat(batch[:1], pad, axis=0)]) if pad else batch
-        nll = _window_nll(model, jnp.asarray(padded, jnp.int32), attention)
+        nll = _window_nll(graphdef, state, jnp.asarray(padded, jnp.int32), attention)
         out.append(np.asarray(nll, np.float64)[:len(batch)])
     return np.concatenate(out)
 
