@@ -1,5 +1,6 @@
-"""Diagnostics the chapters draw, on a loaded model: attention maps (`attention_maps`, through `ProbsHook`) and where
-a schedule loses a needle (`reuse_survival`). Calibration itself, the statistics that schedules are made from, is
+"""Diagnostics the chapters draw, on a loaded model: attention maps (`attention_maps`, through `ProbsHook`), what
+pooling costs at equal key counts (`pooling_coverage`), coverage against context length (`coverage_at_context`) and
+where a schedule loses a needle (`reuse_survival`). Calibration itself, the statistics that schedules are made from, is
 `kascade_lite.calibrate`."""
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .attention import attention_probs, gqa_attention
+from .calibrate import COVERAGE_FRACTIONS, query_coverage
 from .kascade import topk_count
+from .kernels import flash_attention
 from .model import AttentionFn, KVCache, Llama, dense_attention, forward
 from .schedule import Schedule
 
@@ -77,3 +80,73 @@ def reuse_survival(model: Llama, prompt: np.ndarray, schedules: Mapping[str, Sch
                                 for layer, a in enumerate(sched.anchor_of)]) for name, sched in schedules.items()}
     needle = p[..., span[0]:span[1]].sum(-1).mean(-1)
     return dict(needle=needle, survival=survival, own=own)
+
+
+# ------------------------------------------------------------------------------------------------ coverage
+POOLINGS = ("per query head and row", "per KV head, per row", "per query head, per tile", "per KV head and tile")
+"""How `pooling_coverage` shares one set of earlier keys: the oracle (no sharing), over the ``group`` query heads of
+a KV head, over the rows of a query tile, over both (Kascade's anchors in prefill)."""
+
+
+def pooling_coverage(p: np.ndarray, tile_size: int, k_prev: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """What pooling costs at equal key counts, for one layer's attention ``p: [kv_heads, group, q_len, kv_len]``
+    (queries from position 0, ``q_len`` a multiple of ``tile_size``).
+
+    Every query row ``i`` of tile ``t`` (first position ``s_t``) reads its tile's keys ``s_t..i`` and
+    ``min(k_prev, s_t)`` earlier keys; only who chooses the earlier keys changes (`POOLINGS`): the Top-``k_prev`` of
+    the row's own attention, or of the attention summed over the group, over the tile's rows, or over both.
+    Returns ``({pooling: [kv_heads]}, keys_read [q_len])``: the attention mass on the keys each row reads, mean over
+    the group and the rows, and how many keys each row reads (the same for every pooling)."""
+    p = np.asarray(p, np.float64)
+    heads, group, q_len, kv_len = p.shape
+    if tile_size <= 0 or q_len % tile_size:
+        raise ValueError(f"q_len={q_len} must be a positive multiple of tile_size={tile_size}")
+    start = np.arange(q_len) // tile_size * tile_size                        # s_t of each row
+    before = np.arange(kv_len)[None, :] < start[:, None]                     # [q_len, kv_len]
+    prev = np.where(before, p, 0.0)
+    own = (p - prev).sum(-1)                                                 # mass on the tile's own keys
+
+    def kept(scores: np.ndarray) -> np.ndarray:
+        """Mass of each row on the Top-``k_prev`` earlier keys by ``scores`` (broadcast against ``prev``)."""
+        top = np.argsort(-scores, axis=-1, kind="stable")[..., :k_prev]
+        mask = np.zeros(scores.shape, bool)
+        np.put_along_axis(mask, top, True, axis=-1)
+        return (prev * (mask & before)).sum(-1)
+
+    def tile_sum(x: np.ndarray) -> np.ndarray:
+        tiles = x.reshape(x.shape[:2] + (q_len // tile_size, tile_size, kv_len)).sum(3)
+        return np.repeat(tiles, tile_size, axis=2)                           # back to one row per query
+
+    scores = {POOLINGS[0]: prev, POOLINGS[1]: prev.sum(1, keepdims=True), POOLINGS[2]: tile_sum(prev),
+              POOLINGS[3]: tile_sum(prev.sum(1, keepdims=True))}
+    coverage = {name: (own + kept(s)).mean(axis=(1, 2)) for name, s in scores.items()}
+    keys_read = np.arange(q_len) - start + 1 + np.minimum(k_prev, start)
+    return coverage, keys_read
+
+
+@dataclass(frozen=True)
+class LastQueriesCoverage:
+    """Dense attention (`kernels.flash_attention`, no ``[T, T]`` scores) that also puts in ``carry``, per layer, the
+    coverage ``[kv_heads, len(fractions)]`` (`calibrate.query_coverage`) of the last ``n_queries`` queries of a
+    prefill from position 0: the queries that read (nearly) the whole context."""
+
+    n_queries: int = 64
+    fractions: tuple[float, ...] = COVERAGE_FRACTIONS
+
+    def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
+                 kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]:
+        out = flash_attention(q, k, v, q_offset=q_offset, kv_len=kv_len)
+        first = q.shape[1] - min(self.n_queries, q.shape[1])
+        p = attention_probs(q[:, first:], k, causal=True, q_offset=q_offset + first, kv_len=kv_len)
+        return out, (carry or ()) + (query_coverage(p, self.fractions, q_offset=first),)
+
+
+def coverage_at_context(model: Llama, windows: np.ndarray, *, n_queries: int = 64,
+                        fractions: tuple[float, ...] = COVERAGE_FRACTIONS) -> np.ndarray:
+    """Coverage ``[layers, kv_heads, len(fractions)]`` of the last ``n_queries`` queries of each window
+    ``[num, seq_len]`` (one prefill each), mean over the windows: how sparse attention is at that context length."""
+    hook = LastQueriesCoverage(n_queries, tuple(fractions))
+    per_window = [np.stack([np.asarray(c) for c in forward(model, jnp.asarray(w[None], jnp.int32), None, hook,
+                                                           last_only=True)[2]])
+                  for w in np.asarray(windows)]
+    return np.mean(per_window, axis=0)

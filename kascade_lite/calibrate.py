@@ -92,15 +92,16 @@ def topk_mask(prev: jax.Array, k: int) -> jax.Array:
     return jnp.put_along_axis(jnp.zeros_like(prev), idx, 1.0, axis=-1, inplace=False)
 
 
-def query_coverage(p: jax.Array, fractions: tuple[float, ...], stride: int = 1) -> jax.Array:
+def query_coverage(p: jax.Array, fractions: tuple[float, ...], stride: int = 1, q_offset: int = 0) -> jax.Array:
     """Share of a query row's mass in its top ``ceil(f * (i + 1))`` keys, mean over batch, group and queries.
 
-    p: ``[batch, kv_heads, group, q_len, kv_len]`` (queries from position 0). Only every ``stride``-th query
-    (positions ``stride - 1, 2 * stride - 1, ...``) is measured: sorting every row dominates the cost otherwise.
-    Returns ``[kv_heads, len(fractions)]``."""
+    p: ``[batch, kv_heads, group, q_len, kv_len]``, query row ``r`` at position ``i = q_offset + r`` (it may read
+    ``i + 1`` keys). Only every ``stride``-th query (rows ``stride - 1, 2 * stride - 1, ...``) is measured: sorting
+    every row dominates the cost otherwise. Returns ``[kv_heads, len(fractions)]``."""
     rows = jnp.arange(stride - 1, p.shape[3], stride)
     cum = jnp.cumsum(-jnp.sort(-p[:, :, :, rows], axis=-1), axis=-1)             # descending, cumulative
-    k = jnp.ceil(jnp.asarray(fractions)[None, :] * (rows[:, None] + 1)).astype(jnp.int32)  # [rows, F]
+    visible = q_offset + rows[:, None] + 1                                       # keys row r may read
+    k = jnp.ceil(jnp.asarray(fractions)[None, :] * visible).astype(jnp.int32)    # [rows, F]
     cov = jnp.take_along_axis(cum, jnp.broadcast_to(k - 1, cum.shape[:3] + k.shape), axis=-1)
     return cov.mean(axis=(0, 2, 3))
 

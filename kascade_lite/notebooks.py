@@ -1,6 +1,7 @@
-"""The book's chapters as files: finding them, their Colab setup cell, and executing one (``kascade-lite figures``
-and the tests use `execute_notebook`; ``make book`` executes through Jupyter Book with the same environment rules,
-and the tests' book is built from the notebooks `execute_notebook` returned).
+"""The book's chapters as files: finding them, their Colab setup cell, showing the package's source in them
+(`show`), and executing one (``kascade-lite figures`` and the tests use `execute_notebook`; ``make book`` executes
+through Jupyter Book with the same environment rules, and the tests' book is built from the notebooks
+`execute_notebook` returned).
 
 A chapter reads the book's results with `kascade_lite.files.results_file` / `load_results` and saves figures with
 `kascade_lite.plots.save_figure`; both are steered by environment variables, never by rebinding module globals:
@@ -10,6 +11,7 @@ A chapter reads the book's results with `kascade_lite.files.results_file` / `loa
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -40,6 +42,11 @@ def colab_badge(stem: str) -> str:
     repo = REPOSITORY_URL.removeprefix("https://github.com/")
     return ("[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
             f"(https://colab.research.google.com/github/{repo}/blob/main/notebooks/{stem}.ipynb)")
+
+
+def show(obj) -> None:
+    """Print the source of a function or class: the code the chapter's text just described."""
+    print(inspect.getsource(obj))
 
 
 def chapter_notebooks(folder: str | Path, only: Sequence[str] = ()) -> list[Path]:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kascade_lite.analysis import attention_maps, reuse_survival
+from kascade_lite.analysis import POOLINGS, attention_maps, coverage_at_context, pooling_coverage, reuse_survival
+from kascade_lite.calibrate import query_coverage
 from kascade_lite.config import LlamaConfig
 from kascade_lite.model import Llama
 from kascade_lite.schedule import Schedule
@@ -46,3 +47,34 @@ def test_reuse_survival(model: Llama) -> None:
             np.testing.assert_allclose(kept[layer], part["own"][layer])
     probs = attention_maps(model, prompt, tuple(range(L)))[:, :, :, -1]                 # [L, H, G, length]
     np.testing.assert_allclose(part["needle"], probs[..., 10:14].sum(-1).mean(-1), atol=1e-5)
+
+
+def test_pooling_coverage_at_equal_keys(model: Llama) -> None:
+    p = attention_maps(model, TOKENS, (1,))[0]                                # [kv_heads, group, SEQ, SEQ]
+    cov, keys = pooling_coverage(p, tile_size=8, k_prev=5)
+    assert set(cov) == set(POOLINGS) and all(c.shape == (CFG.num_kv_heads,) for c in cov.values())
+    start = np.arange(SEQ) // 8 * 8
+    np.testing.assert_array_equal(keys, np.arange(SEQ) - start + 1 + np.minimum(5, start))
+    oracle = cov[POOLINGS[0]]
+    for name in POOLINGS[1:]:                                                 # a row's own Top-k is the best set
+        assert np.all(cov[name] <= oracle + 1e-12) and np.all(cov[name] > 0)
+    everything, _ = pooling_coverage(p, tile_size=8, k_prev=SEQ)            # every earlier key: all the mass
+    for c in everything.values():
+        np.testing.assert_allclose(c, 1.0, rtol=1e-5)
+    single, _ = pooling_coverage(p[:, :1], tile_size=1, k_prev=5)           # nothing to pool: all the same
+    for c in single.values():
+        np.testing.assert_allclose(c, single[POOLINGS[0]])
+    with pytest.raises(ValueError, match="multiple of tile_size"):
+        pooling_coverage(p, tile_size=7, k_prev=5)
+
+
+def test_coverage_at_context_is_the_last_rows_coverage(model: Llama) -> None:
+    fractions, n = (0.05, 0.25), 16
+    got = coverage_at_context(model, TOKENS[None], n_queries=n, fractions=fractions)
+    maps = attention_maps(model, TOKENS, tuple(range(CFG.num_layers)))      # [L, H, G, SEQ, SEQ]
+    want = np.stack([np.asarray(query_coverage(m[None, :, :, SEQ - n:], fractions, q_offset=SEQ - n)) for m in maps])
+    assert got.shape == (CFG.num_layers, CFG.num_kv_heads, len(fractions))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    full = np.stack([np.asarray(query_coverage(m[None], fractions, stride=SEQ)) for m in maps])  # the last row only
+    last = coverage_at_context(model, TOKENS[None], n_queries=1, fractions=fractions)
+    np.testing.assert_allclose(last, full, rtol=1e-5)

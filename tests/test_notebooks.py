@@ -19,7 +19,7 @@ import pytest
 
 from kascade_lite import REPOSITORY_URL
 from kascade_lite.data import checkout_root
-from kascade_lite.notebooks import chapter_notebooks, colab_badge, colab_install_lines
+from kascade_lite.notebooks import chapter_notebooks, colab_badge, colab_install_lines, show
 
 REPO = checkout_root()
 CHAPTERS = chapter_notebooks(REPO / "notebooks")
@@ -33,6 +33,12 @@ def test_colab_cells_come_from_the_one_repository_url(path: Path) -> None:
     assert colab_badge(path.stem) in nb.cells[0].source, path.name
     for url in re.findall(r"github\.com/[\w.-]+/[\w.-]+", path.read_text()):
         assert REPOSITORY_URL.endswith(url.removeprefix("github.com")), (path.name, url)
+
+
+def test_show_prints_the_source(capsys: pytest.CaptureFixture[str]) -> None:
+    show(colab_badge)
+    out = capsys.readouterr().out
+    assert out.startswith("def colab_badge(stem: str) -> str:") and "colab-badge.svg" in out
 
 
 def test_book_config_names_the_same_repository() -> None:
