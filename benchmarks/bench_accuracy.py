@@ -218,7 +218,8 @@ RETRIEVAL_METHODS: dict[str, str] = {
     "oracle_decode": "dense prefill; in every decode step each query head of every layer but 0 keeps its own exact "
                      "Top-k key positions (the Top-k ceiling at this budget)",
     "quest": "dense prefill, Quest in every decode step (the setting of Quest's paper; pages of 16, layers 0-1 "
-             "dense, 10 % of the keys with the 128-key floor)",
+             "dense, per query head the page holding the query plus the Top pages by the min/max bound, "
+             "ceil(keys kept / 16) pages in all at 10 % of the keys with the 128-key floor)",
     "sink_window": "StreamingLLM at tile granularity (baselines.TiledSinkWindow): the first tile (sinks) plus the "
                    "most recent tiles, as many tiles as Kascade keeps; layer 0 dense",
     "tidal": "dense prefill; TidalDecode in decode: layers 0-1 dense, token-selection layers 2 and num_layers // 2 "

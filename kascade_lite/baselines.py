@@ -7,7 +7,7 @@
 | kascade_no_remap | Kascade with the identity head map (KV head h reuses anchor head h) | Kascade ablation |
 | all_heads_pooled | Kascade pooling over *all* query heads: one key set shared by every KV head | Kascade ablation |
 | sink_window | 4 attention-sink tokens plus a sliding window of recent keys | StreamingLLM, Xiao et al. 2023 |
-| quest | pages of 16 keys; per-page key min/max give an upper bound on q·k; Top pages per query head | Quest, Tang et al. 2024 |
+| quest | pages of 16 keys; per-page key min/max give an upper bound on q·k; per query head the query's own page plus the Top pages before it | Quest, Tang et al. 2024 |
 | omnikv | a few dense "filter" layers choose tokens (pooled over all heads) that the following layers reuse | OmniKV, Hao et al. 2025 |
 | tidal | decode: layers 0-1 dense, two token-selection layers (2 and one mid-stack) pick Top-k positions that every other layer reuses | TidalDecode, Yang et al. 2024 |
 
@@ -24,8 +24,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .attention import check_qkv
-from .kascade import KascadeAttention, Pool, Selection, attend, check_budget, keys_kept, topk_count, topk_units
+from .attention import NEG_INF, check_qkv
+from .kascade import KascadeAttention, Pool, Selection, attend, check_budget, keys_kept
 from .kernels import flash_attention
 from .schedule import Schedule
 
@@ -39,7 +39,7 @@ BASELINES: dict[str, str] = {
     "all_heads_pooled": "Kascade with one key set pooled over all query heads, shared by every KV head "
                         "(ablation, Deshmukh et al. 2025)",
     "sink_window": "4 sink tokens + a sliding window of recent keys (StreamingLLM, Xiao et al. 2023, arXiv 2309.17453)",
-    "quest": "pages of 16 keys ranked by a min/max upper bound on q·k, per query head "
+    "quest": "pages of 16 keys ranked by a min/max upper bound on q·k, per query head, the query's page always kept "
              "(Quest, Tang et al. 2024, arXiv 2406.10774)",
     "omnikv": "dense filter layers choose tokens, pooled over all heads, reused by the following layers without "
               "head awareness (OmniKV, Hao et al. 2025, ICLR)",
@@ -181,24 +181,43 @@ def quest_upper_bound(q: jax.Array, kmin: jax.Array, kmax: jax.Array) -> jax.Arr
     return bound * d ** -0.5
 
 
+def quest_pages(context: Any, page_size: int, budget: float | int, min_keys: int) -> Any:
+    """Quest's page budget, the page holding the query included: ``ceil(keys_kept(context) / page_size)`` (Quest's
+    ``page_budget = token_budget / page_size``). Int, or int32 array like ``context``."""
+    n = keys_kept(context, budget, min_keys)
+    return -(-n // page_size)
+
+
 def quest_selection(q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any, *, page_size: int,
                     budget: float | int, min_keys: int) -> Selection:
-    """Quest's Top pages per query head and query token: a `Selection` ``[batch, kv_heads, group, q_len, k]`` of
-    page numbers (``unit = page_size``), ranked by `quest_upper_bound` among the pages before the query."""
+    """Quest's pages per query head and query token: a `Selection` ``[batch, kv_heads, group, q_len, k + 1]`` of page
+    numbers (``unit = page_size``). As in Quest's decode kernels (the last page is excluded from the Top-k and always
+    attended), the page holding the query is always kept (its keys up to the query), and the other
+    ``quest_pages(kv_len) - 1`` pages are the Top pages by `quest_upper_bound` among the pages before it."""
     bound = quest_upper_bound(q, *page_min_max(k, page_size, kv_len))              # [b, h, g, q_len, pages]
-    k_max = max(1, min(bound.shape[-1], topk_count(k.shape[2], 1, budget=budget, min_keys=min_keys,
-                                                   unit=page_size)))
-    one_query = lambda scores, start: topk_units(scores, start, kv_len, 1, k_max=k_max, unit=page_size,  # noqa: E731
-                                                 budget=budget, min_keys=min_keys)
+    n_pages = bound.shape[-1]
+    k_max = max(1, min(n_pages, quest_pages(k.shape[2], page_size, budget, min_keys) - 1))
+    n_top = quest_pages(jnp.asarray(kv_len), page_size, budget, min_keys) - 1
+
+    def one_query(scores: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+        current = pos // page_size                                                 # the page holding the query
+        earlier = jnp.arange(n_pages) < current
+        vals, idx = jax.lax.top_k(jnp.where(earlier, scores, NEG_INF), k_max)
+        keep = (jnp.arange(k_max) < n_top) & (vals > NEG_INF / 2)
+        idx = jnp.concatenate([idx.astype(jnp.int32), jnp.broadcast_to(current, idx.shape[:-1] + (1,))], axis=-1)
+        keep = jnp.concatenate([keep, jnp.broadcast_to(pos % page_size > 0, keep.shape[:-1] + (1,))], axis=-1)
+        return jax.lax.sort((idx.astype(jnp.int32), keep), dimension=idx.ndim - 1, num_keys=1)  # key order
+
     idx, keep = jax.vmap(one_query, in_axes=(3, 0), out_axes=3)(bound, q_offset + jnp.arange(q.shape[1]))
     return Selection(idx=idx, keep=keep, q_tile=1, unit=page_size)
 
 
 @dataclass(frozen=True)
 class QuestAttention:
-    """Quest (Tang et al. 2024): keys in pages of ``page_size``; each query head ranks the pages before it by the
-    min/max upper bound on q·k and attends to the Top pages (same key budget), per query token. The original applies
-    it to decode only and leaves the first two layers dense (``dense_layers``)."""
+    """Quest (Tang et al. 2024): keys in pages of ``page_size``; each query head attends to the page holding its
+    query and to the Top pages before it by the min/max upper bound on q·k, ``ceil(keys_kept / page_size)`` pages in
+    all (`quest_selection`), per query token. The original applies it to decode only and leaves the first two
+    layers dense (``dense_layers``)."""
 
     budget: float | int = 0.1
     min_keys: int = 128

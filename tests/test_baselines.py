@@ -8,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oracles import MaskedKascade, chosen_units, masked_attention, selection_mask
+from oracles import chosen_units, masked_attention, selection_mask
 
-from kascade_lite.attention import gqa_attention
+from kascade_lite.attention import gqa_attention, grouped_scores
 from kascade_lite.baselines import (BASELINES, QuestAttention, SinkWindowAttention, TidalDecode, TiledSinkWindow,
                                     all_heads_pooled, flash_dense_attention, kascade_no_remap, oracle_topk, omnikv,
-                                    page_min_max, quest_upper_bound, sink_window_selection, sink_window_tiles)
+                                    page_min_max, quest_selection, quest_upper_bound, sink_window_selection,
+                                    sink_window_tiles)
 from kascade_lite.config import LlamaConfig
 from kascade_lite.kascade import KascadeAttention, keys_kept
 from kascade_lite.model import KVCache, Llama, dense_attention, forward, generate
@@ -72,6 +73,22 @@ def test_full_budget_is_dense(name, rng) -> None:
         np.testing.assert_allclose(out, dense, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(set(BASELINES) - {"dense"}) + ["tiled_sink_window"])
+def test_full_budget_is_dense_in_the_model(name) -> None:
+    """At 100 % of the keys every sparse baseline gives dense attention's logits through the model: a prefill from
+    position 0, a chunk prefilled after it, and two decode steps."""
+    model = tiny_model()
+    policy = (TiledSinkWindow(keep=4, tile=8) if name == "tiled_sink_window"
+              else all_policies(1.0)[name])
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, 50, (1, 28)), jnp.int32)
+    cache = dense_cache = KVCache.empty(model.cfg, 1, 32)
+    for part in (tokens[:, :20], tokens[:, 20:26], tokens[:, 26:27], tokens[:, 27:28]):
+        got, cache, _ = forward(model, part, cache, policy)
+        want, dense_cache, _ = forward(model, part, dense_cache)
+        np.testing.assert_allclose(got, want, atol=1e-4, err_msg=f"{name} at {int(cache.length)}")
+
+
 def mask_of(sel, q_len: int, kv_total: int, q_offset: int, kv_len: int) -> np.ndarray:
     """A selection as the oracle's boolean mask ``[batch, kv_heads, sets, q_len, kv_total]``."""
     n_units = -(-kv_total // sel.unit)
@@ -106,19 +123,47 @@ def test_quest_bound_is_an_upper_bound(rng) -> None:
     assert np.isneginf(np.asarray(kmax2[:, :, 4])).all()
 
 
-def test_quest_keeps_the_top_pages_per_query_head(rng) -> None:
-    """Decode at position 63, pages of 4, budget 16 keys: each query head attends to the 4 pages with the largest
-    bound (plus its own key), which we rebuild in NumPy and attend to with a masked softmax."""
+def quest_rule(q, k, q_offset: int, kv_len: int, *, page: int, budget, min_keys: int) -> np.ndarray:
+    """Quest's rule written out (Tang et al. 2024, and its decode kernels): per query head (the paper's models are
+    multi-head; with GQA each query head ranks the pages of its KV head on its own), a page's score is
+    sum_d max(q_d * min_d, q_d * max_d) over the page's keys; the page holding the query is always attended (its
+    keys up to the query), plus the ceil(keys_kept / page) - 1 best-scoring pages before it.
+    Returns the allowed keys, bool [1, kv_heads, group, q_len, kv_total]."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    _, t_len, heads, _ = q.shape
+    kv_heads, kv_total = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    n_pages = -(-keys_kept(kv_len, budget, min_keys) // page)
+    allowed = np.zeros((1, kv_heads, group, t_len, kv_total), bool)
+    for h, g, t in np.ndindex(kv_heads, group, t_len):
+        qv, pos = q[0, t, h * group + g], q_offset + t
+        current = pos // page
+        score = {pg: np.maximum(qv * k[0, h, pg * page:(pg + 1) * page].min(0),
+                                qv * k[0, h, pg * page:(pg + 1) * page].max(0)).sum() for pg in range(current)}
+        for pg in sorted(score, key=lambda x: -score[x])[:n_pages - 1]:
+            allowed[0, h, g, t, pg * page:(pg + 1) * page] = True
+        allowed[0, h, g, t, current * page:pos + 1] = True
+    return allowed
+
+
+@pytest.mark.parametrize("q_offset,q_len,budget", [(32, 1, 12), (33, 1, 12), (35, 1, 0.3), (39, 1, 12),
+                                                   (27, 9, 12), (5, 9, 1.0)])
+def test_quest_selection_equals_its_rule(rng, q_offset, q_len, budget) -> None:
+    """quest_selection keeps, per query head, the query's page and the Top pages before it by Quest's bound."""
+    q, k, _ = qkv(rng, q_len, 40)
+    kv_len = q_offset + q_len
+    sel = quest_selection(q, k, jnp.int32(q_offset), jnp.int32(kv_len), page_size=4, budget=budget, min_keys=0)
+    assert sel.idx.shape[2] == GROUP                                                  # one set per query head
+    np.testing.assert_array_equal(mask_of(sel, q_len, 40, q_offset, kv_len),
+                                  quest_rule(q, k, q_offset, kv_len, page=4, budget=budget, min_keys=0))
+
+
+def test_quest_attends_its_rule(rng) -> None:
+    """Decode at position 62, pages of 4, 16 keys: the output is the masked softmax over Quest's rule."""
     q, k, v = qkv(rng, 1, 64)
     quest = QuestAttention(budget=16, min_keys=0, page_size=4, dense_layers=())
-    out, _ = quest(1, q, k, v, q_offset=jnp.int32(63), kv_len=jnp.int32(64), carry=None)
-    bound = np.asarray(quest_upper_bound(q, *page_min_max(k, 4, 64)))[0, :, :, 0]     # [kv_heads, group, pages]
-    mask = np.zeros((1, KV_HEADS, GROUP, 1, 64), bool)
-    for h in range(KV_HEADS):
-        for g in range(GROUP):
-            for page in np.argsort(-bound[h, g])[:4]:
-                mask[0, h, g, 0, page * 4:page * 4 + 4] = True
-    mask[..., 63] = True
+    out, _ = quest(1, q, k, v, q_offset=jnp.int32(62), kv_len=jnp.int32(63), carry=None)
+    mask = quest_rule(q, k, 62, 63, page=4, budget=16, min_keys=0)
     np.testing.assert_allclose(out, masked_attention(q, k, v, jnp.asarray(mask)), atol=1e-5)
 
 
@@ -148,27 +193,49 @@ def test_sparse_baselines_respect_budget(rng) -> None:
     assert mask_of(carry[3], 1, 200, 199, 200).sum(-1).max() == budget
 
 
-def test_tidal_decode_equals_its_masked_oracle() -> None:
-    """TidalDecode in a tiny model: the prefill is dense; each decode step equals masked attention with layers
-    0-1 dense, dense selection layers 2 and 3 (per query head Top-k positions) and position-persistent reuse."""
+def tidal_rule(reselect: int, budget, min_keys: int):
+    """TidalDecode's rule written out (Yang et al. 2024 and its reference code), as an eager attention function:
+    prefill dense; in decode layers 0-1 dense, layers 2 and ``reselect`` dense and each query head keeps its own key
+    plus the ``keys_kept - 1`` earlier keys of largest score, every other layer attends to the latest such set of
+    the same query head."""
+    chosen = {}
+
+    def attention(layer, q, k, v, *, q_offset, kv_len, carry):
+        pos, n = int(q_offset) + np.arange(q.shape[1]), int(kv_len)
+        allowed = (np.arange(k.shape[2]) <= pos[:, None]) & (np.arange(k.shape[2]) < n)       # causal, [q, L]
+        if q.shape[1] == 1 and layer >= 2:
+            if layer in (2, reselect):
+                s = np.asarray(grouped_scores(q, k))[0, :, :, 0]                             # [kv_heads, group, L]
+                keep = np.zeros(s.shape, bool)
+                for h, g in np.ndindex(*s.shape[:2]):
+                    keep[h, g, np.argsort(-s[h, g, :pos[0]])[:keys_kept(n, budget, min_keys) - 1]] = True
+                keep[..., pos[0]] = True
+                chosen["set"] = keep
+            else:
+                allowed = chosen["set"][None, :, :, None, :]
+        return masked_attention(q, k, v, jnp.asarray(allowed)), carry
+
+    return attention
+
+
+@pytest.mark.parametrize("reselect", [None, 4])
+def test_tidal_decode_equals_its_rule(reselect) -> None:
+    """TidalDecode in a tiny model (6 layers): a dense prefill, then each decode step equals `tidal_rule`."""
     model = tiny_model(num_layers=6)
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, 50, (1, 30)), jnp.int32)
-    tidal = TidalDecode(6, KV_HEADS, budget=0.25, min_keys=2)
-    assert tidal.reselect_layer == 3
-    oracle_sched = Schedule.from_anchors("tidal", 6, KV_HEADS, [1, 2, 3], tile_size=1, budget=0.25, min_keys=2)
-    oracle = MaskedKascade(oracle_sched, pool="head", remap=False, anchor_dense=True)
+    tidal = TidalDecode(6, KV_HEADS, budget=0.25, min_keys=2, reselect=reselect)
+    rule = tidal_rule(tidal.reselect_layer, 0.25, 2)
+    assert reselect is not None or tidal.reselect_layer == 3
     cache = KVCache.empty(model.cfg, 1, 32)
     logits, cache, _ = forward(model, tokens[:, :28], cache, tidal)
     np.testing.assert_allclose(logits, forward(model, tokens[:, :28])[0], atol=1e-5)   # dense prefill
     for t in (28, 29):
         step = tokens[:, t:t + 1]
         got, new_cache, carry = forward(model, step, cache, tidal)
-        want, _, _ = forward(model, step, cache, oracle)
-        np.testing.assert_allclose(got, want, atol=1e-5)
-        assert sorted(carry) == [0, 1, 2, 3] and carry[2].idx.shape[2] == GROUP    # one set per query head
+        np.testing.assert_allclose(got, model(step, cache=cache, attention=rule)[0], atol=1e-5)
+        assert sorted(carry) == [0, 1, 2, tidal.reselect_layer] and carry[2].idx.shape[2] == GROUP
         cache = new_cache
-    dense_step, _, _ = forward(model, tokens[:, 29:30], cache)
-    assert not np.allclose(got, dense_step, atol=1e-4)                            # it is sparse
+    assert not np.allclose(got, forward(model, step, cache)[0], atol=1e-4)         # it is sparse
     with pytest.raises(ValueError, match="reselect"):
         TidalDecode(6, KV_HEADS, reselect=2)
 
