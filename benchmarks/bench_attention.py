@@ -38,7 +38,7 @@ from kascade_lite import kernels as K
 from kascade_lite.attention import NEG_INF
 from kascade_lite.config import LLAMA_3_1_8B, SMOLLM2_135M, LlamaConfig
 from kascade_lite.cost import attention_cost, whole_model_time
-from kascade_lite.kascade import GRANULARITIES, Selection, attend, decode_keys, keys_kept, select
+from kascade_lite.kascade import GRANULARITIES, Selection, attend, keys_read, select
 from kascade_lite.schedule import default_schedule
 
 DENSE_DECODE = ("dense", "flash", "xla", "cudnn")
@@ -144,14 +144,6 @@ def prefill_candidates(cfg: LlamaConfig, t: int, tile: int, budgets: tuple[float
     return cands, skipped
 
 
-def kept(phase: str, context: int, g: str, budget: float, tile: int) -> int:
-    """Keys a sparse query (decode) or query tile (prefill) attends at this setting (no floor)."""
-    if phase == "decode":
-        return decode_keys(context, granularity=g, tile=tile, budget=budget, min_keys=0)
-    keys = keys_kept(context, budget, 0)
-    return min(context, -(-keys // tile) * tile) if g == "tile" else keys
-
-
 def costs(cfg: LlamaConfig, phase: str, context: int, tile: int, budgets: tuple[float, ...], names: list[str],
           bytes_per_value: int) -> dict[str, dict[str, float]]:
     """`cost.attention_cost` of every candidate (dense baselines and counter-examples cost a dense layer)."""
@@ -160,7 +152,7 @@ def costs(cfg: LlamaConfig, phase: str, context: int, tile: int, budgets: tuple[
                               head_dim=cfg.head_dim, bytes_per_value=bytes_per_value)
     out = {n: cost("dense", context) for n in names}
     for g, b in settings(budgets):
-        keep = kept(phase, context, g, b, tile)
+        keep = keys_read(context, phase=phase, granularity=g, tile=tile, budget=b, min_keys=0)
         out[f"anchor_{g}@{b:g}"], out[f"reuse_{g}@{b:g}"] = cost("anchor", keep), cost("reuse", keep)
     return {n: c for n, c in out.items() if n in names}
 
@@ -197,7 +189,7 @@ def run_grid(cfg: LlamaConfig, *, phase: str, contexts: list[int], tile: int, bu
         times = B.compare(cands, reps=reps)
         cost = costs(cfg, phase, n, tile, budgets, list(times), jnp.dtype(dtype).itemsize)
         row = {"phase": phase, "context": n, "tile": tile,
-               "keep_keys": {f"{g}@{b:g}": kept(phase, n, g, b, tile) for g, b in settings(budgets)},
+               "keep_keys": {f"{g}@{b:g}": keys_read(n, phase=phase, granularity=g, tile=tile, budget=b, min_keys=0) for g, b in settings(budgets)},
                "times": times, "cost": cost, "skipped": skipped, "speedup": summarise(phase, times, cost, schedule,
                                                                                       budgets)}
         s = row["speedup"]

@@ -44,7 +44,7 @@ from kascade_lite.config import SMOLLM2_135M
 from kascade_lite.cost import model_step_cost
 from kascade_lite.data import wikitext_windows
 from kascade_lite.files import shipped_dir
-from kascade_lite.kascade import GRANULARITIES, KascadeAttention, decode_keys, keys_kept
+from kascade_lite.kascade import GRANULARITIES, KascadeAttention, keys_read
 from kascade_lite.model import KVCache, Llama, dense_attention, make_forward
 from kascade_lite.models import smollm2_or_tiny
 from kascade_lite.schedule import Schedule, default_schedule
@@ -61,22 +61,14 @@ def kascade_policies(schedule: Schedule, budgets: tuple[float, ...]) -> dict[str
             for b in budgets for g in GRANULARITIES}
 
 
-def kept_keys(policy: Any, context: int, phase: str) -> int:
-    """Keys a sparse layer of ``policy`` reads per query (decode) or per query tile (prefill)."""
-    if phase == "decode":
-        return decode_keys(context, granularity=policy.granularity, tile=policy.q_tile, budget=policy.budget_value,
-                           min_keys=policy.min_keys_value)
-    keys = keys_kept(context, policy.budget_value, policy.min_keys_value)
-    return min(context, -(-keys // TILE) * TILE) if policy.granularity == "tile" else keys
-
-
 def work(cfg: Any, schedule: Schedule, policies: dict[str, Any], context: int, phase: str,
          bytes_per_value: int) -> dict[str, dict[str, float]]:
     """`cost.model_step_cost` of each path: ``{name: {"flops", "bytes", "keys"}}`` (keys: per sparse query)."""
     out = {}
     for name, pol in policies.items():
         sparse = isinstance(pol, KascadeAttention)
-        keys = kept_keys(pol, context, phase) if sparse else context
+        keys = (keys_read(context, phase=phase, granularity=pol.granularity, tile=pol.q_tile,
+                          budget=pol.budget_value, min_keys=pol.min_keys_value) if sparse else context)
         cost = model_step_cost(cfg, context, phase=phase, layer_types=schedule.layer_types if sparse else None,
                                keep_keys=keys, bytes_per_value=bytes_per_value)
         out[name] = {**cost, "keys": keys}

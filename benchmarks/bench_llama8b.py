@@ -63,7 +63,7 @@ from kascade_lite.baselines import flash_dense_attention
 from kascade_lite.config import LLAMA_3_1_8B, LlamaConfig
 from kascade_lite.convert import load_converted, write_converted
 from kascade_lite.cost import model_step_cost
-from kascade_lite.kascade import KascadeAttention, decode_keys, keys_kept
+from kascade_lite.kascade import KascadeAttention, keys_read
 from kascade_lite.model import KVCache, Llama, decode_steps, dense_attention, forward_split, write_cache
 from kascade_lite.progress import tqdm
 from kascade_lite.schedule import default_schedule
@@ -161,11 +161,8 @@ def policies(cfg: LlamaConfig) -> dict[str, tuple[Any, Any]]:
 def add_rate(row: dict[str, Any], model: Llama, phase: str, context: int, schedule: Any) -> None:
     """Record in ``row`` what the step moved and computed (`cost.model_step_cost`; ``schedule`` None: dense) and its
     achieved rate: GB/s for a decode step (its median), GFLOP/s for the prefill."""
-    keep = None
-    if schedule is not None and phase == "decode":
-        keep = decode_keys(context, granularity="tile", tile=TILE, budget=BUDGET, min_keys=schedule.min_keys)
-    elif schedule is not None:
-        keep = min(context, -(-keys_kept(context, BUDGET, schedule.min_keys) // TILE) * TILE)
+    keep = None if schedule is None else keys_read(context, phase=phase, granularity="tile", tile=TILE,
+                                                    budget=BUDGET, min_keys=schedule.min_keys)
     row["cost"] = model_step_cost(model.cfg, context, phase=phase, keep_keys=keep,
                                   layer_types=None if schedule is None else schedule.layer_types,
                                   bytes_per_value=jnp.dtype(model.dtype).itemsize)

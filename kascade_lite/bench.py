@@ -72,16 +72,6 @@ def write_results(path: str | os.PathLike, command: str, config: dict[str, Any],
 
 
 # ------------------------------------------------------------------------------------------------ model timing
-def compiled_forward(model: Any, attention: Any = None, *, donate: bool = False
-                     ) -> Callable[..., tuple[jax.Array, Any, Any]]:
-    """``f(tokens, cache) -> (logits, cache, carry)``: `model.make_forward` (the model split once, so a call costs
-    only the compiled programs). With ``donate`` each call consumes the cache it is given (a decode step that writes
-    in place); time a repeated step on one cache with ``donate=False``, whose write makes a copy."""
-    from .model import dense_attention, make_forward
-
-    return make_forward(model, dense_attention if attention is None else attention, donate=donate)
-
-
 def schedule_summary(schedule: Schedule) -> dict[str, Any]:
     """The parts of a schedule a benchmark JSON records."""
     d = dataclasses.asdict(schedule)

@@ -94,12 +94,15 @@ def tiles_kept(context: int, tile: int, budget: float | int = 0.1, min_keys: int
     return min(-(-context // tile), 1 + topk_count(context, tile, budget=budget, min_keys=min_keys, unit=tile))
 
 
-def decode_keys(context: int, *, granularity: Granularity, tile: int, budget: float | int = 0.1,
-                min_keys: int = 128) -> int:
-    """Keys a sparse layer reads per decode step (its own key plus the Top-k, whole key tiles with
-    ``granularity="tile"``), at most ``context``: what its K/V read costs (`cost.model_step_cost`)."""
+def keys_read(context: int, *, phase: str, granularity: Granularity, tile: int, budget: float | int = 0.1,
+              min_keys: int = 128) -> int:
+    """Keys a sparse layer attends per query in decode (its own key plus the Top-k) or per query tile in prefill
+    (`keys_kept`), in whole key tiles of ``tile`` with ``granularity="tile"``, at most ``context``: what its K/V read
+    and FLOPs cost (`cost.model_step_cost`, `cost.attention_cost`)."""
     unit = tile if granularity == "tile" else 1
-    return min(context, 1 + unit * topk_count(context, 1, budget=budget, min_keys=min_keys, unit=unit))
+    if phase == "decode":
+        return min(context, 1 + unit * topk_count(context, 1, budget=budget, min_keys=min_keys, unit=unit))
+    return min(context, -(-keys_kept(context, budget, min_keys) // unit) * unit)
 
 
 # ------------------------------------------------------------------------------------------------ selection

@@ -128,12 +128,9 @@ class KVCache:
         """This cache with ``new`` (per layer ``(k_new, v_new)``, each ``[batch, kv_heads, s, head_dim]``) written at
         ``length``, and ``length + s``. Jitted with the cache donated (`write_cache`) it updates the buffers in place:
         the program reads nothing but the new keys."""
-        s = new[0][0].shape[2]
-        k = tuple(jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), self.length, axis=2)
-                  for c, (n, _) in zip(self.k, new))
-        v = tuple(jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), self.length, axis=2)
-                  for c, (_, n) in zip(self.v, new))
-        return KVCache(k, v, (self.length + s).astype(jnp.int32))
+        written = [write_new(k, v, kv, self.length) for k, v, kv in zip(self.k, self.v, new)]
+        return KVCache(tuple(k for k, _ in written), tuple(v for _, v in written),
+                       (self.length + new[0][0].shape[2]).astype(jnp.int32))
 
     def copy(self) -> "KVCache":
         """A copy with buffers of its own (to keep a cache that a donating step would consume)."""

@@ -13,7 +13,7 @@ from kascade_lite import bench as B
 from kascade_lite.baselines import flash_dense_attention
 from kascade_lite.config import LlamaConfig
 from kascade_lite.kascade import KascadeAttention
-from kascade_lite.model import KVCache, Llama, forward
+from kascade_lite.model import KVCache, Llama, forward, make_forward
 from kascade_lite.schedule import default_schedule
 
 CFG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
@@ -62,7 +62,7 @@ def _model_and_tokens():
 @pytest.mark.parametrize("policy", ["flash", "kascade"])
 def test_policies_match_dense_when_everything_is_kept(policy):
     """With a full budget, Kascade (key tiles, the gather path) is exact: same logits as dense, prefill and decode,
-    through `model.forward` and `bench.compiled_forward` alike."""
+    through `model.forward` and `model.make_forward` alike."""
     model, tokens = _model_and_tokens()
     sched = default_schedule("tiny", CFG.num_layers, CFG.num_kv_heads, 2, 8, 1.0)
     pol = flash_dense_attention if policy == "flash" else KascadeAttention(sched, granularity="tile")
@@ -72,7 +72,7 @@ def test_policies_match_dense_when_everything_is_kept(policy):
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4)
     step = tokens[:, -1:]
     np.testing.assert_allclose(forward(model, step, cache, pol)[0], forward(model, step, ref_cache)[0], atol=1e-4)
-    np.testing.assert_allclose(B.compiled_forward(model, pol)(tokens, empty)[0], logits, atol=1e-5)
+    np.testing.assert_allclose(make_forward(model, pol)(tokens, empty)[0], logits, atol=1e-5)
 
 
 @pytest.mark.slow

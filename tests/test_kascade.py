@@ -19,14 +19,13 @@ from hypothesis import strategies as st
 from oracles import (MaskedKascade, brute_topk, chosen_units, forced_units, masked_attention, selection_mask,
                      unit_scores)
 
-from kascade_lite import bench as B
 from kascade_lite import kernels as K
 from kascade_lite.attention import gqa_attention
 from kascade_lite.config import LlamaConfig
 from kascade_lite.data import load_tokenizer
 from kascade_lite.kascade import (FORCED, SW_RECENT, SW_SINKS, KascadeAttention, Selection, attend, keys_kept, select,
                                   tiles_kept, topk_count)
-from kascade_lite.model import KVCache, Llama, forward, generate
+from kascade_lite.model import KVCache, Llama, forward, generate, make_forward
 from kascade_lite.models import smollm2_or_tiny
 from kascade_lite.schedule import Schedule
 from kascade_lite.tasks import RetrievalMethod, answer_case, make_cases
@@ -312,7 +311,7 @@ def _script(name: str):
 @pytest.mark.slow
 def test_model_harness_and_benchmarks_run_the_same_kascade() -> None:
     """The retrieval harness (`bench_accuracy.retrieval_method` -> `tasks.answer_case`), the end-to-end benchmark
-    (`bench_e2e.kascade_policies` -> `bench.compiled_forward`) and a plain `model.forward` all run `kascade.KascadeAttention`
+    (`bench_e2e.kascade_policies` -> `model.make_forward`) and a plain `model.forward` all run `kascade.KascadeAttention`
     and agree on every layer's selection and on the outputs, in prefill and decode."""
     acc, e2e = _script("bench_accuracy"), _script("bench_e2e")
     model = smollm2_or_tiny(smoke=True)
@@ -330,7 +329,7 @@ def test_model_harness_and_benchmarks_run_the_same_kascade() -> None:
     tokens = jnp.asarray(case.ids[None], jnp.int32)
     empty = KVCache.empty(model.cfg, 1, 288)
     runs = [forward(model, tokens, empty, direct), forward(model, tokens, empty, harness.prefill),
-            B.compiled_forward(model, timed)(tokens, empty)]
+            make_forward(model, timed)(tokens, empty)]
     decoders = (direct, harness.decode, timed)
     steps = [forward(model, tokens[:, -1:], cache, pol) for (_, cache, _), pol in zip(runs, decoders)]
     pairs = [(runs[1], runs[0]), (runs[2], runs[0]), (steps[1], steps[0]), (steps[2], steps[0])]
@@ -357,3 +356,16 @@ def test_every_benchmark_builds_the_same_kascade_sw() -> None:
     retrieval = acc.retrieval_method("kascade_sw", sched, 256)
     chosen = pick.variants(sched, dict(granularity="position", tile_size=32, budget=0.1, min_keys=128))["kascade_sw"]
     assert ppl == retrieval.prefill == retrieval.decode == chosen == want
+
+
+def test_keys_read_follows_the_budget_rule() -> None:
+    """What a sparse layer reads: in decode its own key plus `topk_count` units, in prefill `keys_kept` per query
+    tile; key tiles round up to whole tiles; never more than the context."""
+    from kascade_lite.kascade import keys_read, topk_count
+
+    assert keys_read(32768, phase="decode", granularity="position", tile=32, budget=0.1, min_keys=0) == 3277
+    assert keys_read(32768, phase="decode", granularity="tile", tile=32, budget=0.1, min_keys=0) == \
+        1 + 32 * topk_count(32768, 1, budget=0.1, min_keys=0, unit=32)
+    assert keys_read(1000, phase="prefill", granularity="position", tile=32, budget=0.1, min_keys=0) == 100
+    assert keys_read(1000, phase="prefill", granularity="tile", tile=32, budget=0.1, min_keys=0) == 128
+    assert keys_read(100, phase="decode", granularity="tile", tile=32, budget=0.1, min_keys=128) == 100
