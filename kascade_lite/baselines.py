@@ -11,9 +11,9 @@
 | omnikv | a few dense "filter" layers choose tokens (pooled over all heads) that the following layers reuse | OmniKV, Hao et al. 2025 |
 | tidal | decode: layers 0-1 dense, two token-selection layers (2 and one mid-stack) pick Top-k positions that every other layer reuses | TidalDecode, Yang et al. 2024 |
 
-Every sparse baseline runs on `kascade.py`: its key sets are `kascade.Selection` rows attended by `kascade.attend`
-(a gather over the cache), at the budget of `kascade.keys_kept` (own key or tile included), so that the comparison
-is at equal keys per query.
+Their names and one-line descriptions, for the harnesses, are `kascade_lite.methods`. Every sparse baseline runs on
+`kascade.py`: its key sets are `kascade.Selection` rows attended by `kascade.attend` (a gather over the cache), at
+the budget of `kascade.keys_kept` (own key or tile included), so that the comparison is at equal keys per query.
 """
 
 from __future__ import annotations
@@ -28,24 +28,6 @@ from .attention import NEG_INF, check_qkv
 from .kascade import KascadeAttention, Pool, Selection, attend, check_budget, keys_kept
 from .kernels import flash_attention
 from .schedule import Schedule
-
-BASELINES: dict[str, str] = {
-    "dense": "exact causal attention in every layer (Vaswani et al. 2017)",
-    "kascade": "anchor layers pick Top-k keys pooled per GQA group; reuse layers attend to them through a head map "
-               "(Deshmukh et al. 2025, arXiv 2512.16391)",
-    "oracle": "every layer an anchor with its own exact Top-k per query head and per query, no pooling "
-              "(Top-k ceiling; Deshmukh et al. 2025)",
-    "kascade_no_remap": "Kascade with the identity head map (ablation, Deshmukh et al. 2025)",
-    "all_heads_pooled": "Kascade with one key set pooled over all query heads, shared by every KV head "
-                        "(ablation, Deshmukh et al. 2025)",
-    "sink_window": "4 sink tokens + a sliding window of recent keys (StreamingLLM, Xiao et al. 2023, arXiv 2309.17453)",
-    "quest": "pages of 16 keys ranked by a min/max upper bound on q·k, per query head, the query's page always kept "
-             "(Quest, Tang et al. 2024, arXiv 2406.10774)",
-    "omnikv": "dense filter layers choose tokens, pooled over all heads, reused by the following layers without "
-              "head awareness (OmniKV, Hao et al. 2025, ICLR)",
-    "tidal": "decode-time token-selection layers (layer 2 and one mid-stack) with full attention pick Top-k "
-             "positions that all other layers reuse (TidalDecode, Yang et al. 2024, arXiv 2410.05076)",
-}
 
 
 def flash_dense_attention(layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,6 +90,59 @@ def provenance(command: str, *, smoke: bool) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions,
     }
+
+
+class ResultsLog:
+    """A results file that grows one finished unit at a time, so a long run stopped anywhere keeps what it measured
+    and a rerun with ``resume`` does only the rest: the one resume mechanism of the package's long runs.
+
+    The document is ``{"provenance", "settings", "results": [rows], "skipped": [...]}`` (``fields`` replaces the
+    last two, e.g. ``{"variants": {}}``); every `add` (or `save`) rewrites it atomically with the elapsed seconds. A row is keyed by its settings: `done` finds the earlier row
+    whose fields include the given ones. ``resume`` keeps an earlier file's rows if its ``settings`` equal these (but
+    for the ``free`` keys, mappings that are merged, e.g. more cases or methods) and records this run's provenance in
+    its ``resumed_by`` list. ``time_budget`` seconds (0: none) after the start, `out_of_time` turns True."""
+
+    def __init__(self, path: str | os.PathLike, command: str, settings: dict[str, Any], *, smoke: bool,
+                 time_budget: float = 0, resume: bool = False, free: tuple[str, ...] = (),
+                 fields: dict[str, Any] | None = None):
+        self.path, self.start, self.time_budget = Path(path), time.monotonic(), time_budget
+        self.doc: dict[str, Any] = {"provenance": provenance(command, smoke=smoke), "settings": settings,
+                                    **({"results": [], "skipped": []} if fields is None else fields)}
+        if resume and self.path.is_file():
+            old = json.loads(self.path.read_text())
+            new = json.loads(json.dumps(settings))
+            fixed = lambda d: {k: v for k, v in d.items() if k not in free}  # noqa: E731
+            if fixed(old.get("settings", {})) != fixed(new):
+                raise ValueError(f"{self.path}: --resume needs the same settings as the run that wrote it")
+            for key in free:
+                old["settings"][key] = {**old["settings"][key], **new[key]}
+            old["resumed_by"] = old.get("resumed_by", []) + [self.doc["provenance"]]
+            old["skipped"] = []
+            self.doc = old
+
+    def done(self, key: dict[str, Any]) -> dict[str, Any] | None:
+        """The earlier row whose fields include ``key``, if any."""
+        return next((r for r in self.doc["results"] if all(r.get(k) == v for k, v in key.items())), None)
+
+    def note(self, text: str | None) -> None:
+        """Record a remark about the run (e.g. a configuration the machine could not hold in memory)."""
+        if text:
+            self.doc.setdefault("notes", []).append(text)
+            self.save()
+
+    def out_of_time(self) -> bool:
+        return self.time_budget > 0 and time.monotonic() - self.start > self.time_budget
+
+    def add(self, row: dict[str, Any], key: str = "results") -> None:
+        """Append ``row`` to the list ``key`` (``"results"`` or ``"skipped"``), save, and print it."""
+        self.doc[key].append(row)
+        self.save()
+        print({k: v for k, v in row.items() if k != "cases"}, flush=True)
+
+    def save(self) -> None:
+        """Rewrite the file (atomically) with the elapsed time of this run."""
+        self.doc["elapsed_s"] = round(time.monotonic() - self.start, 1)
+        write_json_atomic(self.path, self.doc)
 
 
 RESULTS_ENV = "KASCADE_RESULTS_DIR"

@@ -11,12 +11,13 @@ import pytest
 from oracles import chosen_units, masked_attention, selection_mask
 
 from kascade_lite.attention import gqa_attention, grouped_scores
-from kascade_lite.baselines import (BASELINES, QuestAttention, SinkWindowAttention, TidalDecode, TiledSinkWindow,
+from kascade_lite.baselines import (QuestAttention, SinkWindowAttention, TidalDecode, TiledSinkWindow,
                                     all_heads_pooled, flash_dense_attention, kascade_no_remap, oracle_topk, omnikv,
                                     page_min_max, quest_selection, quest_upper_bound, sink_window_selection,
                                     sink_window_tiles)
 from kascade_lite.config import LlamaConfig
 from kascade_lite.kascade import KascadeAttention, keys_kept
+from kascade_lite.methods import METHODS
 from kascade_lite.model import KVCache, Llama, dense_attention, forward, generate
 from kascade_lite.schedule import Schedule
 
@@ -58,12 +59,12 @@ def run(policy, q, k, v, q_offset: int, kv_len: int):
     return outs, carry
 
 
-def test_every_baseline_is_described() -> None:
-    assert set(all_policies(0.5)) == set(BASELINES)
-    assert all("20" in line for line in BASELINES.values())  # each cites a year
+def test_every_baseline_is_a_registered_method() -> None:
+    assert set(all_policies(0.5)) <= set(METHODS)
+    assert all("20" in METHODS[name].description for name in all_policies(0.5))  # each cites a year
 
 
-@pytest.mark.parametrize("name", sorted(BASELINES))
+@pytest.mark.parametrize("name", sorted(all_policies(0.5)))
 def test_full_budget_is_dense(name, rng) -> None:
     q, k, v = qkv(rng, 9, 14)
     policy = all_policies(1.0)[name]
@@ -74,7 +75,7 @@ def test_full_budget_is_dense(name, rng) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(set(BASELINES) - {"dense"}) + ["tiled_sink_window"])
+@pytest.mark.parametrize("name", sorted(set(all_policies(0.5)) - {"dense"}) + ["tiled_sink_window"])
 def test_full_budget_is_dense_in_the_model(name) -> None:
     """At 100 % of the keys every sparse baseline gives dense attention's logits through the model: a prefill from
     position 0, a chunk prefilled after it, and two decode steps."""

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,13 +20,10 @@ from oracles import (MaskedKascade, brute_topk, chosen_units, forced_units, mask
 from kascade_lite import kernels as K
 from kascade_lite.attention import gqa_attention
 from kascade_lite.config import LlamaConfig
-from kascade_lite.data import load_tokenizer
-from kascade_lite.kascade import (FORCED, SW_RECENT, SW_SINKS, KascadeAttention, Selection, attend, keys_kept, select,
-                                  tiles_kept, topk_count)
-from kascade_lite.model import KVCache, Llama, forward, generate, make_forward
-from kascade_lite.models import smollm2_or_tiny
+from kascade_lite.kascade import (FORCED, KascadeAttention, Selection, attend, keys_kept, select, tiles_kept,
+                                  topk_count)
+from kascade_lite.model import KVCache, Llama, forward, generate
 from kascade_lite.schedule import Schedule
-from kascade_lite.tasks import RetrievalMethod, answer_case, make_cases
 
 KV_HEADS, GROUP, D = 3, 2, 8
 NO_SHRINK = (Phase.explicit, Phase.generate)  # each example compiles: report the first failure as found
@@ -297,65 +292,6 @@ def test_full_budget_generate_is_dense() -> None:
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, (1, 12)), jnp.int32)
     full = KascadeAttention(schedule(tile_size=8, budget=1.0, min_keys=0), granularity="tile")
     np.testing.assert_array_equal(generate(model, tokens, 5, attention=full), generate(model, tokens, 5))
-
-
-def _script(name: str):
-    """A benchmark script of ``benchmarks/`` as a module."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.mark.slow
-def test_model_harness_and_benchmarks_run_the_same_kascade() -> None:
-    """The retrieval harness (`bench_accuracy.retrieval_method` -> `tasks.answer_case`), the end-to-end benchmark
-    (`bench_e2e.kascade_policies` -> `model.make_forward`) and a plain `model.forward` all run `kascade.KascadeAttention`
-    and agree on every layer's selection and on the outputs, in prefill and decode."""
-    acc, e2e = _script("bench_accuracy"), _script("bench_e2e")
-    model = smollm2_or_tiny(smoke=True)
-    sched = Schedule.from_anchors("smoke", model.cfg.num_layers, model.cfg.num_kv_heads, [2], tile_size=32,
-                                  budget=0.1, min_keys=128)
-    # the timed benchmark runs the block-sparse speed variant (key tiles); the harness names it kascade_tiles
-    harness = acc.retrieval_method("kascade_tiles", sched, 256)
-    timed = e2e.kascade_policies(sched, (0.1,))["kascade_tile@0.1"]
-    direct = KascadeAttention(sched, granularity="tile")
-    paper = acc.retrieval_method("kascade", sched, 256)  # the tables' kascade: key positions, the same settings
-    assert paper.prefill == paper.decode == KascadeAttention(sched, tile_size=32, budget=0.1, min_keys=128)
-    assert all(type(p) is KascadeAttention for p in (harness.prefill, harness.decode, timed))
-    tok = load_tokenizer()
-    case = make_cases(256, 1, seed=5, tokenizer=tok)[0]
-    tokens = jnp.asarray(case.ids[None], jnp.int32)
-    empty = KVCache.empty(model.cfg, 1, 288)
-    runs = [forward(model, tokens, empty, direct), forward(model, tokens, empty, harness.prefill),
-            make_forward(model, timed)(tokens, empty)]
-    decoders = (direct, harness.decode, timed)
-    steps = [forward(model, tokens[:, -1:], cache, pol) for (_, cache, _), pol in zip(runs, decoders)]
-    pairs = [(runs[1], runs[0]), (runs[2], runs[0]), (steps[1], steps[0]), (steps[2], steps[0])]
-    for (got, _, got_carry), (want, _, want_carry) in pairs:
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
-        assert sorted(got_carry) == sorted(want_carry) == [0, 2]
-        for layer in got_carry:
-            np.testing.assert_array_equal(got_carry[layer].idx, want_carry[layer].idx)
-            np.testing.assert_array_equal(got_carry[layer].keep, want_carry[layer].keep)
-    answers = answer_case(model, case, {"harness": harness, "direct": RetrievalMethod(direct, direct)}, tokenizer=tok)
-    assert answers["harness"]["output"] == answers["direct"]["output"]
-
-
-def test_every_benchmark_builds_the_same_kascade_sw() -> None:
-    """The perplexity policy, the retrieval harness and the held-out variant choice all construct our variant through
-    `KascadeAttention.kascade_sw`: the same sinks and window over the paper's Kascade at equal settings."""
-    acc, pick = _script("bench_accuracy"), _script("select_variant")
-    sched = schedule(tile_size=32, budget=0.1, min_keys=128)
-    opts = dict(tile_size=32, budget=0.1, min_keys=128, granularity="position")
-    want = KascadeAttention.kascade_sw(sched, **opts)
-    assert (want.sinks, want.recent) == (SW_SINKS, SW_RECENT) and want != KascadeAttention(sched, **opts)
-    ppl = acc.policy("kascade_sw", sched, num_layers=sched.num_layers, kv_heads=sched.num_kv_heads, budget=0.1,
-                     min_keys=128, tile=32)
-    retrieval = acc.retrieval_method("kascade_sw", sched, 256)
-    chosen = pick.variants(sched, dict(granularity="position", tile_size=32, budget=0.1, min_keys=128))["kascade_sw"]
-    assert ppl == retrieval.prefill == retrieval.decode == chosen == want
 
 
 def test_keys_read_follows_the_budget_rule() -> None:

@@ -3,7 +3,6 @@ scoring by exact match; the accuracy benchmark's smoke mode writes JSON with pro
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -59,56 +58,12 @@ def test_extract_answer() -> None:
     assert extract_answer("no number") is None
 
 
-def test_answer_case_and_smoke_benchmark(tmp_path, tok) -> None:
-    """A tiny random model will not find the needle, but a case is answered and the benchmark JSON is complete."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_accuracy", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_accuracy.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_answer_case_scores_every_method(tok) -> None:
+    """A tiny random model will not find the needle, but every case is answered and scored."""
     model = smollm2_or_tiny(smoke=True)
     dense = RetrievalMethod(dense_attention, dense_attention)
     res = [answer_case(model, case, {"dense": dense}, tokenizer=tok) for case in make_cases(200, 2, tokenizer=tok)]
     assert [sorted(r["dense"]) for r in res] == [["correct", "output", "seconds"]] * 2
-    out = tmp_path / "ret.json"
-    names = list(bench.RETRIEVAL_METHODS) + ["kascade_decode@0.3"]
-    bench.main(["retrieval", "--smoke", "--out", str(out), "--methods", ",".join(names)])
-    doc = json.loads(out.read_text())
-    assert doc["provenance"]["command"].startswith("python benchmarks/bench_accuracy.py retrieval")
-    assert [r["method"] for r in doc["results"]] == names
-    assert all(r["n_cases"] == 2 and 0 <= r["accuracy"] <= 1 for r in doc["results"])
-    assert all([c["index"] for c in r["cases"]] == [0, 1] for r in doc["results"]) and doc["skipped"] == []
-    assert "30 %" in doc["settings"]["methods"]["kascade_decode@0.3"]
-    with pytest.raises(ValueError, match="unknown retrieval method 'bogus'"):
-        bench.main(["retrieval", "--smoke", "--out", str(tmp_path / "x.json"), "--methods", "dense,bogus"])
-    assert not (tmp_path / "x.json").exists()
-    # resuming a finished run answers nothing again
-    bench.main(["retrieval", "--smoke", "--out", str(out), "--methods", ",".join(names), "--resume"])
-    assert json.loads(out.read_text())["results"] == doc["results"]
-
-
-def test_methods_sharing_a_prefill_match_their_own_runs(tok) -> None:
-    """answer_case shares one prefill between methods with the same prefill attention: each method's output is
-    what it gives when run alone, and the dense reference attention gives the flash kernel's answer."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_accuracy", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_accuracy.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    model = smollm2_or_tiny(smoke=True)
-    case = make_cases(256, 1, seed=2, tokenizer=tok)[0]
-    sched = bench.kascade_schedules(model)
-    methods = {m: bench.retrieval_method(m, next(iter(sched.values())), 256)
-               for m in ["dense", "kascade_decode", "quest", "kascade", "oracle_decode@0.5"]}
-    together = answer_case(model, case, methods, tokenizer=tok)
-    for name, method in methods.items():
-        assert answer_case(model, case, {name: method}, tokenizer=tok)[name]["output"] == together[name]["output"]
-    reference = answer_case(model, case, {"ref": RetrievalMethod(dense_attention, dense_attention)}, tokenizer=tok)
-    assert reference["ref"]["output"] == together["dense"]["output"]
 
 
 def test_wilson_interval() -> None:

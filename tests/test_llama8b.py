@@ -1,33 +1,27 @@
-"""benchmarks/bench_llama8b.py at smoke size: synthetic checkpoint written, loaded in bf16, prefill and decode of
-dense and Kascade, the JSON complete, and the temporary checkpoint gone."""
+"""`kascade_lite.llama8b` at smoke size: synthetic checkpoint written, loaded in bf16, prefill and decode of dense and
+Kascade, the JSON complete, and the temporary checkpoint gone; its command line refuses what it cannot run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-import pytest
+
+from kascade_lite import llama8b
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_llama8b.py"
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("bench_llama8b", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_smoke_run_writes_a_complete_json(tmp_path: Path) -> None:
     (tmp_path / "tmp").mkdir()
-    _script().main(["--smoke", "--out", str(tmp_path / "out"), "--tmp", str(tmp_path / "tmp")])
+    llama8b.run_llama8b(tmp_path / "out", "test command", smoke=True, tmp=tmp_path / "tmp")
     doc = json.loads((tmp_path / "out" / "bench_llama8b_cpu.json").read_text())
     assert doc["provenance"]["smoke"] is True and doc["config"]["smoke"] is True
-    assert doc["provenance"]["command"] == f"python benchmarks/bench_llama8b.py --smoke --out {tmp_path / 'out'} " \
-                                           f"--tmp {tmp_path / 'tmp'}"
+    assert doc["provenance"]["command"] == "test command"
     (row,) = doc["results"]
     assert row["context"] == 256 and row["decode_steps"] == 4 and row["checkpoint_bytes"] > 0
     assert row["write_s"] > 0 and row["load_s"] > 0
@@ -44,14 +38,14 @@ def test_smoke_run_writes_a_complete_json(tmp_path: Path) -> None:
 
 
 def test_synthetic_values_and_refusals(tmp_path: Path) -> None:
-    bench = _script()
+    bench = llama8b
     base = np.arange(10, dtype=np.float32).astype(ml_dtypes.bfloat16)
     w = bench.synthetic_tensor("layers.0.wq", (3, 4), base)
     assert w.dtype == ml_dtypes.bfloat16 and w.shape == (3, 4)
     np.testing.assert_array_equal(w, bench.synthetic_tensor("layers.0.wq", (3, 4), base))  # deterministic
     assert not np.array_equal(w, bench.synthetic_tensor("layers.1.wq", (3, 4), base))  # another offset
     assert (bench.synthetic_tensor("layers.0.attn_norm", (5,), base) == 1).all()
-    with pytest.raises(SystemExit):
-        bench.main(["--layers", "2"])  # a full-size run needs --out
-    with pytest.raises(SystemExit):
-        bench.main(["--checkpoint", str(tmp_path), "--layers", "2", "--out", str(tmp_path)])
+    for argv, message in ((["--layers", "2"], "--out is required"),  # a full-size run needs --out
+                          (["--checkpoint", str(tmp_path), "--layers", "2", "--out", str(tmp_path)], "do not apply")):
+        res = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2 and message in res.stderr, res.stderr

@@ -4,27 +4,18 @@ bytes-moved ceiling. What they measure at full size is published by ``make bench
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from kascade_lite import speed
 from kascade_lite.files import is_smoke
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 def test_attention_benchmark_gpu_mode_on_cpu(tmp_path: Path) -> None:
-    _script("bench_attention").main(["--smoke", "--gpu", "--out", str(tmp_path)])
+    speed.run_attention(tmp_path, "test", smoke=True, gpu=True)
     assert not (tmp_path / "bench_attention_cpu.json").exists() and not (tmp_path / "bench_headline_cpu.json").exists()
     doc = json.loads((tmp_path / "bench_attention_gpu.json").read_text())
     assert is_smoke(doc) and doc["config"]["dtype"] == "bfloat16" and len(doc["provenance"]["load_average"]) == 3
@@ -44,7 +35,7 @@ def test_attention_benchmark_gpu_mode_on_cpu(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_e2e_benchmark_records_rates_ceilings_and_both_granularities(tmp_path: Path) -> None:
-    _script("bench_e2e").main(["--smoke", "--out", str(tmp_path)])
+    speed.run_e2e(tmp_path, "test", smoke=True)
     doc = json.loads((tmp_path / "bench_e2e_cpu.json").read_text())
     assert is_smoke(doc) and doc["config"]["cache"] == "head-major"
     machine = doc["config"]["machine"]

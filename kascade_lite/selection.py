@@ -1,0 +1,225 @@
+"""Choices made on held-out data, never on the published cases: which Kascade schedule the book ships
+(`choose_schedule`, chapter 06) and whether our ``kascade_sw`` replaces the paper's Kascade (`choose_variant`,
+chapter 07).
+
+**Schedule.** (1) Calibrate with the inference settings (query tiles of 32, 10 % of keys with the 128-key floor, the
+tile's own keys counted in the budget) at the evaluation length (2048 tokens), on WikiText-2 *validation* windows
+plus retrieval prompts of the calibration seed. (2) Candidates from that calibration: DP with the plain similarity
+objective and with the paper's importance-weighted one, K = 2..8 anchors (layer 0 counted), and the greedy rule; plus
+the schedule shipped before. (3) Held-out accuracy on needle cases of a *selection* seed (the published tables use
+seed 0) and on the last WikiText-2 validation windows. Stage 1 ranks every candidate cheaply (perplexity with Kascade
+in the whole forward, retrieval with Kascade in decode after one shared dense prefill); stage 2 runs the finalists
+with Kascade in prefill and decode. (4) `choose`: most stage-2 needles, then lower perplexity, then fewer anchors.
+
+**Variant.** On the held-out data of the schedule choice (its schedule, settings, selection seed), both variants run
+with Kascade in prefill and decode on the same cases. `recommend`: ``kascade_sw`` only if it finds more needles with
+an exact McNemar p < 0.05 *and* its held-out perplexity is not higher.
+
+Each run rewrites its JSON after every measurement (atomically, with provenance). The scripts
+``benchmarks/select_schedule.py`` and ``benchmarks/select_variant.py`` are their command lines.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .calibrate import Calibration, calibrate
+from .data import held_out_windows, load_tokenizer, wikitext_windows
+from .eval import nll_per_window
+from .files import ResultsLog
+from .kascade import SW_RECENT, SW_SINKS
+from .methods import Setting, attention
+from .model import dense_attention
+from .models import smollm2_or_tiny
+from .schedule import Schedule
+from .search import OBJECTIVES, write_schedules
+from .tasks import RetrievalMethod, answer_case, make_cases, mcnemar_p, paired_outcomes
+
+MODEL = "smollm2-135m"
+CALIBRATION_SEED = 1  # retrieval prompts mixed into the calibration set
+SELECTION_SEED = 2    # held-out retrieval cases for choosing; the published tables use seed 0
+SETTINGS = dict(tile_size=32, budget=0.1, min_keys=128)
+VARIANTS = ("kascade", "kascade_sw")
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+def kascade(schedule: Schedule) -> Any:
+    """Paper-faithful Kascade at the experiment's settings: key positions, query tiles of 32, 10 % + 128 floor."""
+    return attention("kascade", Setting(schedule, budget=SETTINGS["budget"], min_keys=SETTINGS["min_keys"],
+                                        tile=SETTINGS["tile_size"]))
+
+
+def calibration_set(seq_len: int, num_wiki: int, num_prompts: int, tok: Any) -> np.ndarray:
+    """``[num_wiki + num_prompts, seq_len]``: the first WikiText-2 validation windows, then retrieval prompts."""
+    wiki = wikitext_windows("validation", seq_len, num_wiki, tokenizer=tok)
+    prompts = [c.ids for c in make_cases(seq_len, num_prompts, seed=CALIBRATION_SEED, tokenizer=tok)]
+    return np.concatenate([wiki, np.stack(prompts)]).astype(np.int32)
+
+
+def candidates(cal_dir: Path, sched_dir: Path, previous: Path | None, command: str, smoke: bool
+               ) -> dict[str, Schedule]:
+    """Every schedule of the new calibration (DP both objectives, K = 2..8, greedy), written to ``sched_dir`` as
+    ``<model>_<name>.json``, and the previously shipped one (``shipped_dpimp_k5_512``, not written)."""
+    cal = Calibration.load(cal_dir / f"{MODEL}-2k.safetensors")
+    paths = write_schedules(cal, sched_dir, model=MODEL, command=command, smoke=smoke, min_keys=SETTINGS["min_keys"])
+    found = {p.stem.removeprefix(f"{MODEL}_"): Schedule.load(p) for p in paths}
+    if previous is not None and previous.is_file():
+        old = Schedule.load(previous)
+        if (old.num_layers, old.num_kv_heads) == (cal.num_layers, cal.num_kv_heads):
+            found["shipped_dpimp_k5_512"] = old
+    return found
+
+
+def objective_of(sched: Schedule) -> str | None:
+    """``"similarity"`` or ``"importance"`` for a DP schedule (older files state the formula), None for greedy."""
+    if sched.method != "dp":
+        return None
+    objective = str(dict(sched.meta).get("objective", "importance"))
+    return objective if objective in OBJECTIVES else "importance"
+
+
+def choose(rows: dict[str, dict[str, Any]]) -> str:
+    """Most held-out needles found; then lower held-out perplexity; then fewer anchors."""
+    return min(rows, key=lambda n: (-rows[n]["retrieval_correct"], rows[n]["ppl"], rows[n]["num_anchors"]))
+
+
+def choose_schedule(out: Path, command: str, *, smoke: bool, seq_len: int = 2048, cal_wiki: int = 16,
+                    cal_prompts: int = 16, cases: int = 30, ppl_windows: int = 6, previous: Path | None = None,
+                    finalists: int = 4, quiet: bool = False) -> dict[str, Any]:
+    """The schedule choice into ``out``: ``schedule_selection.json``, ``calibration/<model>-2k.*`` and
+    ``schedules/<model>_*.json``. Returns the document (``chosen`` once stage 2 has run)."""
+    model, tok = smollm2_or_tiny(smoke, num_layers=6), load_tokenizer()
+    settings = dict(SETTINGS, model=MODEL, seq_len=seq_len,
+                    calibration=dict(wikitext_windows=cal_wiki, retrieval_prompts=cal_prompts, seed=CALIBRATION_SEED),
+                    held_out=dict(retrieval_cases=cases, seed=SELECTION_SEED, ppl_windows=ppl_windows,
+                                  ppl_source="last WikiText-2 validation windows"), granularity="position",
+                    rule=("stage 1: every candidate, ppl + decode-only retrieval; stage 2: the best finalists with "
+                          "Kascade in prefill and decode; chosen: most stage-2 needles, then lower ppl, then fewer "
+                          "anchors"))
+    rec = ResultsLog(out / "schedule_selection.json", command, settings, smoke=smoke,
+                     fields={"candidates": {}, "dense": {}})
+    doc = rec.doc
+    cal_dir, sched_dir = out / "calibration", out / "schedules"
+    cal_stem = cal_dir / f"{MODEL}-2k"
+    cal_dir.mkdir(parents=True, exist_ok=True)
+    seqs = calibration_set(seq_len, cal_wiki, cal_prompts, tok)
+    dataset = (f"wikitext-2-v1 validation first {cal_wiki} x {seq_len} + {cal_prompts} retrieval "
+               f"prompts (seed {CALIBRATION_SEED})")
+    if not (cal_stem.with_suffix(".safetensors").is_file()
+            and Calibration.load(cal_stem.with_suffix(".safetensors")).settings.get("dataset") == dataset):
+        cal = calibrate(model, seqs, model_name=MODEL, progress=not quiet, dataset=dataset,
+                        partial=cal_stem.with_suffix(".partial.safetensors"), save_every=2,
+                        coverage_stride=128, **SETTINGS)  # coverage is chapter 05's (512 tokens); sorting is slow
+        cal.save(cal_stem, command=command, smoke=smoke)
+    schedules = candidates(cal_dir, sched_dir, previous, command, smoke)
+    windows = held_out_windows(seq_len, ppl_windows, cal_wiki, tok)
+    held_out = make_cases(seq_len, cases, seed=SELECTION_SEED, tokenizer=tok)
+
+    # stage 1: perplexity (Kascade everywhere) and decode-only retrieval (one dense prefill shared by all)
+    dense = dense_attention  # the reference: the model's own attention (the registry's "dense")
+    dense_nll = nll_per_window(model, windows, batch_size=1, progress=False)
+    doc["dense"] = dict(ppl=float(np.exp(dense_nll.mean())))
+    rows = doc["candidates"]
+    for name, sched in schedules.items():
+        nll = nll_per_window(model, windows, attention=kascade(sched), batch_size=1, progress=False)
+        ppl = float(np.exp(nll.mean()))
+        rows[name] = dict(anchors=list(sched.anchors), num_anchors=len(sched.anchors), method=sched.method,
+                          objective=objective_of(sched), ppl=ppl, ppl_delta=ppl / doc["dense"]["ppl"] - 1)
+        rec.save()
+        print(name, sched.anchors, f"ppl {ppl:.3f}", flush=True)
+    methods = {"dense": RetrievalMethod(dense, dense)}
+    methods.update({n: RetrievalMethod(dense, kascade(s)) for n, s in schedules.items()})
+    hits = {n: 0 for n in methods}
+    for case in held_out:
+        for n, res in answer_case(model, case, methods, tokenizer=tok).items():
+            hits[n] += int(res["correct"])
+    doc["dense"]["retrieval_correct"] = hits.pop("dense")
+    for n, h in hits.items():
+        rows[n]["decode_only_correct"] = h
+    rec.save()
+    print("stage 1 decode-only hits:", hits, flush=True)
+
+    # stage 2: the finalists with Kascade in prefill and decode
+    ranked = sorted(rows, key=lambda n: (-rows[n]["decode_only_correct"], rows[n]["ppl"], rows[n]["num_anchors"]))
+    for name in ranked[:finalists]:
+        attn = kascade(schedules[name])
+        method = {"k": RetrievalMethod(attn, attn)}
+        rows[name]["retrieval_correct"] = sum(int(answer_case(model, c, method, tokenizer=tok)["k"]["correct"])
+                                              for c in held_out)
+        doc["chosen"] = choose({n: r for n, r in rows.items() if "retrieval_correct" in r})
+        rec.save()
+        print(name, "full Kascade hits:", rows[name]["retrieval_correct"], flush=True)
+    return doc
+
+
+# ------------------------------------------------------------------------------------------------ variant
+def variants(sched: Schedule, settings: dict[str, Any]) -> dict[str, Any]:
+    """The paper's Kascade and ``kascade_sw`` at the schedule choice's settings (granularity, tiles, budget, floor)."""
+    s = Setting(sched, budget=settings["budget"], min_keys=settings["min_keys"], tile=settings["tile_size"],
+                granularity=settings["granularity"])
+    return {name: attention(name, s) for name in VARIANTS}
+
+
+def recommend(rows: dict[str, dict[str, Any]], only_sw: int, only_k: int, p: float) -> str:
+    """``"kascade_sw"`` if it finds significantly more held-out needles (p < 0.05) at no higher perplexity."""
+    better = only_sw > only_k and p < 0.05 and rows["kascade_sw"]["ppl"] <= rows["kascade"]["ppl"]
+    return "kascade_sw" if better else "kascade"
+
+
+def load_selection(path: Path, schedule_dir: Path | None) -> tuple[dict[str, Any], Schedule]:
+    """The schedule choice's JSON and its chosen schedule (from ``schedule_dir``, default: next to the JSON)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no schedule choice here; run benchmarks/select_schedule.py "
+                                f"(kascade-lite bench schedule-selection) first")
+    doc = json.loads(path.read_text())
+    if "chosen" not in doc:
+        raise ValueError(f"{path}: no 'chosen' schedule (the schedule choice did not finish)")
+    sched_path = (schedule_dir or path.parent / "schedules") / f"{MODEL}_{doc['chosen']}.json"
+    return doc, Schedule.load(sched_path)
+
+
+def choose_variant(out: Path, command: str, selection_path: Path, *, smoke: bool, schedule_dir: Path | None = None,
+                   cases: int = 60, ppl_windows: int = 6) -> dict[str, Any]:
+    """The variant choice into ``out/variant_selection.json`` on the held-out data of ``selection_path`` (smoke:
+    a tiny random model with as many layers as the chosen schedule, 256 tokens). Returns the document."""
+    selection, sched = load_selection(selection_path, schedule_dir)
+    s, held = selection["settings"], selection["settings"]["held_out"]
+    seq_len = 256 if smoke else s["seq_len"]
+    model, tok = smollm2_or_tiny(smoke, num_layers=sched.num_layers), load_tokenizer()
+    attn = variants(sched, s)
+    settings = dict(model=MODEL, schedule=selection["chosen"], anchors=list(sched.anchors), seq_len=seq_len,
+                    **{k: s[k] for k in ("granularity", "tile_size", "budget", "min_keys")},
+                    sinks=SW_SINKS, recent=SW_RECENT, selection=selection_path.name,
+                    held_out=dict(retrieval_cases=cases, seed=held["seed"], ppl_windows=ppl_windows,
+                                  ppl_source="last WikiText-2 validation windows"),
+                    rule=("kascade_sw if it finds more held-out needles with exact McNemar p < 0.05 and its "
+                          "held-out perplexity is not higher; else the paper's kascade"))
+    rec = ResultsLog(out / "variant_selection.json", command, settings, smoke=smoke, fields={"variants": {}})
+    doc = rec.doc
+    windows = held_out_windows(seq_len, ppl_windows, s["calibration"]["wikitext_windows"], tok)
+    rows = doc["variants"]
+    for name, fn in attn.items():
+        nll = nll_per_window(model, windows, attention=fn, batch_size=1, progress=False)
+        rows[name] = dict(ppl=float(np.exp(nll.mean())), cases=[])
+        rec.save()
+        print(name, f"held-out ppl {rows[name]['ppl']:.3f}", flush=True)
+    methods = {n: RetrievalMethod(fn, fn) for n, fn in attn.items()}
+    for i, case in enumerate(make_cases(seq_len, cases, seed=held["seed"], tokenizer=tok)):
+        for name, res in answer_case(model, case, methods, tokenizer=tok).items():
+            rows[name]["cases"].append(dict(index=i, answer=case.answer, output=res["output"],
+                                            correct=bool(res["correct"])))
+        for row in rows.values():
+            row["n_cases"], row["n_correct"] = len(row["cases"]), sum(c["correct"] for c in row["cases"])
+        both, only_sw, only_k, neither = paired_outcomes(rows["kascade_sw"]["cases"], rows["kascade"]["cases"])
+        p = mcnemar_p(only_sw, only_k)
+        doc["paired"] = dict(both=both, only_kascade_sw=only_sw, only_kascade=only_k, neither=neither, p=p)
+        doc["recommended"] = recommend(rows, only_sw, only_k, p)
+        rec.save()
+        print(f"case {i}: " + ", ".join(f"{n} {r['n_correct']}/{r['n_cases']}" for n, r in rows.items())
+              + f" | p = {p:.2g}", flush=True)
+    return doc

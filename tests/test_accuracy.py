@@ -1,0 +1,74 @@
+"""The accuracy harness at smoke size: the retrieval and perplexity files are complete, resumable, refuse unknown
+methods before writing anything, and methods that share a prefill answer as they do alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kascade_lite import accuracy as A
+from kascade_lite.data import load_tokenizer
+from kascade_lite.methods import METHODS, build
+from kascade_lite.model import dense_attention
+from kascade_lite.models import smollm2_or_tiny
+from kascade_lite.tasks import RetrievalMethod, answer_case, make_cases
+
+
+def test_retrieval_smoke_run_is_complete_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "ret.json"
+    names = list(METHODS) + ["kascade_decode@0.3"]
+    A.run_retrieval(out, "python benchmarks/bench_accuracy.py retrieval --smoke", names, smoke=True)
+    doc = json.loads(out.read_text())
+    assert doc["provenance"]["smoke"] is True
+    assert [r["method"] for r in doc["results"]] == names
+    assert all(r["n_cases"] == 2 and 0 <= r["accuracy"] <= 1 for r in doc["results"])
+    assert all([c["index"] for c in r["cases"]] == [0, 1] for r in doc["results"]) and doc["skipped"] == []
+    assert list(doc["settings"]["methods"]) == names and "30 %" in doc["settings"]["methods"]["kascade_decode@0.3"]
+    with pytest.raises(ValueError, match="unknown method 'bogus'"):
+        A.run_retrieval(tmp_path / "x.json", "test", ["dense", "bogus"], smoke=True)
+    assert not (tmp_path / "x.json").exists()
+    # resuming a finished run answers nothing again
+    A.run_retrieval(out, "test --resume", names, smoke=True, resume=True)
+    again = json.loads(out.read_text())
+    assert again["results"] == doc["results"] and again["resumed_by"][0]["command"] == "test --resume"
+
+
+def test_perplexity_smoke_run_and_resume(tmp_path: Path) -> None:
+    out = tmp_path / "ppl.json"
+    doc = A.run_perplexity(out, "test", smoke=True, time_budget=0)
+    rows = doc["results"]
+    assert [r["method"] for r in rows][:1] == ["dense"] and len(rows) == 4 and not doc["skipped"]
+    assert all(r["ppl"] > 0 for r in rows) and rows[0]["delta_vs_dense_pct"] == 0
+    assert set(doc["settings"]["methods"]) <= set(METHODS) and {"kascade", "quest"} <= set(doc["settings"]["methods"])
+    again = A.run_perplexity(out, "test", smoke=True, resume=True)
+    assert again["results"] == rows
+    with pytest.raises(ValueError, match="same settings"):
+        A.run_perplexity(out, "test", smoke=True, resume=True, batch_size=1)
+
+
+def test_parse_options() -> None:
+    assert A.parse_cases("2048:8,4096:4") == {2048: 8, 4096: 4}
+    with pytest.raises(ValueError, match="--cases"):
+        A.parse_cases("2048")
+    assert A.parse_every("quest:2", ["dense", "quest"]) == {"quest": 2}
+    with pytest.raises(ValueError, match="--every"):
+        A.parse_every("tidal:2", ["dense", "quest"])
+
+
+def test_methods_sharing_a_prefill_match_their_own_runs() -> None:
+    """answer_case shares one prefill between methods with the same prefill attention: each method's output is
+    what it gives when run alone, and the dense reference attention gives the flash kernel's answer."""
+    tok = load_tokenizer()
+    model = smollm2_or_tiny(smoke=True)
+    case = make_cases(256, 1, seed=2, tokenizer=tok)[0]
+    schedules = A.kascade_schedules(model)
+    main = next(iter(schedules))
+    methods = {m: build(m, schedules, main, length=256, **A.RETRIEVAL_SETTING)
+               for m in ["dense", "kascade_decode", "quest", "kascade", "oracle_decode@0.5"]}
+    together = answer_case(model, case, methods, tokenizer=tok)
+    for name, method in methods.items():
+        assert answer_case(model, case, {name: method}, tokenizer=tok)[name]["output"] == together[name]["output"]
+    reference = answer_case(model, case, {"ref": RetrievalMethod(dense_attention, dense_attention)}, tokenizer=tok)
+    assert reference["ref"]["output"] == together["dense"]["output"]

@@ -1,0 +1,84 @@
+"""The held-out choices at smoke size: the schedule choice (calibration, every candidate schedule, the two stages,
+the choice) and the variant choice (the paper's Kascade against kascade_sw), and their rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kascade_lite import selection as S
+from kascade_lite.schedule import Schedule, default_schedule
+from kascade_lite.tasks import mcnemar_p, paired_outcomes
+
+
+@pytest.mark.slow
+def test_choose_schedule_smoke(tmp_path: Path) -> None:
+    doc = S.choose_schedule(tmp_path, "test", smoke=True, seq_len=256, cal_wiki=2, cal_prompts=2, cases=2,
+                            ppl_windows=1, finalists=2, quiet=True)
+    assert json.loads((tmp_path / "schedule_selection.json").read_text()) == json.loads(json.dumps(doc))
+    assert doc["provenance"]["smoke"] is True
+    rows = doc["candidates"]
+    assert {"dp_k2", "dpimp_k2", "greedy"} <= set(rows)
+    assert all("decode_only_correct" in r and r["ppl"] > 0 for r in rows.values())
+    finalists = [n for n, r in rows.items() if "retrieval_correct" in r]
+    assert len(finalists) == 2 and doc["chosen"] in finalists
+    assert doc["chosen"] == S.choose({n: rows[n] for n in finalists})
+    for name in rows:
+        sched = Schedule.load(tmp_path / "schedules" / f"smollm2-135m_{name}.json")
+        assert list(sched.anchors) == rows[name]["anchors"]
+    cal = json.loads((tmp_path / "calibration" / "smollm2-135m-2k.json").read_text())
+    assert cal["provenance"]["smoke"] is True and cal["settings"]["k_prev"] > 0
+
+
+def test_schedule_choice_rule() -> None:
+    rows = {"a": dict(retrieval_correct=3, ppl=10.0, num_anchors=5), "b": dict(retrieval_correct=3, ppl=9.0,
+            num_anchors=8), "c": dict(retrieval_correct=2, ppl=1.0, num_anchors=2)}
+    assert S.choose(rows) == "b"
+    rows["b"]["ppl"] = 10.0
+    assert S.choose(rows) == "a"  # fewer anchors break the tie
+
+
+def _selection(folder: Path, num_layers: int = 4) -> Path:
+    """A schedule_selection.json as `choose_schedule` writes it, choosing an evenly spaced schedule."""
+    sched = default_schedule("smollm2-135m", num_layers, 3, 2, 32, 0.1)
+    (folder / "schedules").mkdir(parents=True)
+    sched.save(folder / "schedules" / "smollm2-135m_evenly.json")
+    settings = dict(tile_size=32, budget=0.1, min_keys=128, granularity="position", seq_len=256,
+                    calibration=dict(wikitext_windows=2), held_out=dict(seed=2))
+    path = folder / "schedule_selection.json"
+    path.write_text(json.dumps(dict(settings=settings, chosen="evenly")))
+    return path
+
+
+def test_choose_variant_smoke(tmp_path: Path) -> None:
+    S.choose_variant(tmp_path, "test", _selection(tmp_path / "sel"), smoke=True, cases=2, ppl_windows=1)
+    doc = json.loads((tmp_path / "variant_selection.json").read_text())
+    assert doc["provenance"]["smoke"] is True and doc["settings"]["schedule"] == "evenly"
+    rows = doc["variants"]
+    assert set(rows) == {"kascade", "kascade_sw"}
+    for row in rows.values():
+        assert row["ppl"] > 0 and row["n_cases"] == 2 == len(row["cases"])
+        assert row["n_correct"] == sum(c["correct"] for c in row["cases"])
+    split = paired_outcomes(rows["kascade_sw"]["cases"], rows["kascade"]["cases"])
+    assert tuple(doc["paired"][k] for k in ("both", "only_kascade_sw", "only_kascade", "neither")) == split
+    assert doc["paired"]["p"] == mcnemar_p(split[1], split[2])
+    assert doc["recommended"] == S.recommend(rows, split[1], split[2], doc["paired"]["p"])
+
+
+def test_recommend_rule() -> None:
+    rows = {"kascade": dict(ppl=10.0), "kascade_sw": dict(ppl=9.9)}
+    assert S.recommend(rows, 8, 0, mcnemar_p(8, 0)) == "kascade_sw"
+    assert S.recommend(rows, 5, 0, mcnemar_p(5, 0)) == "kascade"      # p = 0.0625: not significant
+    rows["kascade_sw"]["ppl"] = 10.1
+    assert S.recommend(rows, 8, 0, mcnemar_p(8, 0)) == "kascade"      # more needles, but worse perplexity
+
+
+def test_missing_or_unfinished_selection_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="select_schedule.py"):
+        S.load_selection(tmp_path / "schedule_selection.json", None)
+    path = tmp_path / "schedule_selection.json"
+    path.write_text(json.dumps({"settings": {}}))
+    with pytest.raises(ValueError, match="no 'chosen' schedule"):
+        S.load_selection(path, None)
