@@ -1,8 +1,9 @@
 # kascade-lite: one-command setup, book, tests. Everything a fresh machine needs is installed here.
 #   make book   build the book (executes every chapter) into book/_build/html
-#   make test   the test suite at smoke sizes (KASCADE_SMOKE=1): each chapter executed once (as on Colab), a book
-#               built from those notebooks + Chromium screenshots in a temporary folder (book/_build/html stays as
-#               make book left it). Run make book first, then make test; neither modifies a tracked file.
+#   make test   the test suite at smoke sizes (KASCADE_SMOKE=1) without the tests marked slow: each chapter executed
+#               once (as on Colab), a book built from those notebooks + Chromium screenshots in a temporary folder
+#               (book/_build/html stays as make book left it). Run make book first, then make test; neither
+#               modifies a tracked file. make test-all adds the slow tests (pytest --slow).
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
@@ -14,11 +15,13 @@ STAMP := $(VENV)/.kascade-setup
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help setup book test reproduce reproduce-smoke bench bench-8b clean
+.PHONY: help setup book test test-all reproduce reproduce-smoke bench bench-8b clean
 
 help:
 	@echo "make book       build the book, executing every notebook -> book/_build/html/index.html"
-	@echo "make test       run the test suite with KASCADE_SMOKE=1 (tiny sizes, includes the book build)"
+	@echo "make test       run the test suite with KASCADE_SMOKE=1 (tiny sizes, includes the book build; not the"
+	@echo "                tests marked slow)"
+	@echo "make test-all   the same with the tests marked slow (pytest --slow)"
 	@echo "make setup      create .venv ($(PYTHON)), install the package and Chromium (done by book/test)"
 	@echo "make reproduce  recompute every published result into data/ (kascade-lite reproduce --out .)"
 	@echo "make reproduce-smoke  the same pipeline at tiny sizes into /tmp (minutes)"
@@ -49,6 +52,9 @@ test: setup
 	KASCADE_SMOKE=1 $(PY) -m pytest || { code=$$?; \
 	  if [ $$code -eq 5 ]; then echo "make test: FAILED - pytest collected no tests (exit 5)" >&2; fi; \
 	  exit $$code; }
+
+test-all: setup
+	KASCADE_SMOKE=1 $(PY) -m pytest --slow
 
 reproduce: setup
 	$(VENV)/bin/kascade-lite reproduce --out $(CURDIR)

@@ -1,5 +1,9 @@
 """Small file utilities shared by every writer and reader of results: atomic writes (nothing is ever left
-half-written), checksums, provenance, and `results_file` / `load_results`, which find the shipped results.
+half-written), checksums, provenance, `results_file` / `load_results`, which find the shipped results, and how long
+runs resume: `ResultsLog` (a results file that grows one finished unit at a time, each row keyed by its settings)
+and stamps (`write_stamp` / `stamp_is_current`: a finished step's settings, input fingerprints and output checksums,
+so that a pipeline skips what is up to date). Conversion and calibration resume on the same principle inside their
+own files (a manifest of checksums, partial sums saved every few windows).
 
 Results files are JSON with a ``"provenance"`` object (`provenance`) that records, among the command and machine,
 ``"smoke": true|false``. Shipped results (the repository's ``data/``, installed as the package data
@@ -143,6 +147,57 @@ class ResultsLog:
         """Rewrite the file (atomically) with the elapsed time of this run."""
         self.doc["elapsed_s"] = round(time.monotonic() - self.start, 1)
         write_json_atomic(self.path, self.doc)
+
+
+BIG_FILE = 64 << 20
+"""Files above this size are fingerprinted by size and modification time instead of SHA-256."""
+
+
+def fingerprint(path: Path) -> str:
+    """SHA-256 of a file (size + mtime for files over `BIG_FILE`); a folder: its top-level files' fingerprints;
+    ``"missing"`` if there is nothing."""
+    if path.is_dir():
+        parts = [f"{p.name}:{fingerprint(p)}" for p in sorted(path.iterdir())
+                 if p.is_file() and not p.name.startswith(".")]
+        return "dir:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    if not path.is_file():
+        return "missing"
+    stat = path.stat()
+    if stat.st_size > BIG_FILE:
+        return f"size:{stat.st_size},mtime:{stat.st_mtime_ns}"
+    return sha256_file(path)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return str(path.resolve())
+
+
+def stamp_inputs(settings: dict[str, Any], files: list[Path], root: Path) -> dict[str, Any]:
+    """What decides whether a step is up to date: its settings and its input files' fingerprints (paths relative to
+    ``root``), as JSON values, so that they compare equal to a stamp read back (tuples become lists)."""
+    return json.loads(json.dumps({"settings": settings,
+                                  "files": {_relative(p, root): fingerprint(p) for p in files}}))
+
+
+def stamp_is_current(path: Path, inputs: dict[str, Any], root: Path) -> bool:
+    """True if the stamp at ``path`` records these inputs and every output it lists still has its checksum."""
+    try:
+        stamp = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return stamp.get("inputs") == inputs and bool(stamp.get("outputs")) and all(
+        fingerprint(root / rel if not Path(rel).is_absolute() else Path(rel)) == digest
+        for rel, digest in stamp["outputs"].items())
+
+
+def write_stamp(path: Path, step: str, inputs: dict[str, Any], outputs: list[Path], seconds: float,
+                root: Path) -> None:
+    """Record that ``step`` ran on ``inputs`` (`stamp_inputs`) in ``seconds`` and wrote ``outputs``."""
+    write_json_atomic(path, {"step": step, "inputs": inputs, "seconds": round(seconds, 1),
+                             "outputs": {_relative(p, root): fingerprint(p) for p in outputs}})
 
 
 RESULTS_ENV = "KASCADE_RESULTS_DIR"

@@ -26,6 +26,9 @@ from .files import write_json_atomic
 
 SCHEDULE_VERSION = 1
 LAYER_TYPES = ("dense", "anchor", "reuse")
+SMOKE_MIN_KEYS = 32
+"""Inference-time key floor of schedules made from a smoke calibration: below the 256-token smoke windows, so that
+Kascade really drops keys at smoke size (the full-size floor, 128, would keep half of them)."""
 
 
 @dataclass(frozen=True)

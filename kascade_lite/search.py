@@ -16,6 +16,7 @@ candidate the book compares (`kascade-lite schedule`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from .calibrate import Calibration
-from .files import provenance
-from .schedule import Schedule
+from .files import is_smoke, provenance
+from .schedule import SMOKE_MIN_KEYS, Schedule
 
 MAX_REUSE_DIST = 4
 CALIB_THRESHOLD = 0.1
@@ -159,3 +160,21 @@ def write_schedules(calib: Calibration, out_dir: str | os.PathLike, *, command: 
         dataclasses.replace(sched, meta=tuple(sorted(meta.items()))).save(path)
         paths.append(path)
     return paths
+
+
+def calibration_is_smoke(calibration: Path) -> bool:
+    """Whether the calibration ``<stem>.json`` beside ``calibration`` records a smoke run."""
+    record = calibration.with_suffix(".json")
+    return record.is_file() and is_smoke(json.loads(record.read_text()))
+
+
+def run_schedule(calibration: Path, out_dir: Path, *, smoke: bool, min_keys: int | None = None,
+                 command: str = "kascade-lite schedule") -> list[Path]:
+    """DP schedules (K = 2..8 anchors) and the greedy one from a calibration file, into ``out_dir``. A smoke
+    calibration makes smoke schedules; ``min_keys`` defaults to 128, or `SMOKE_MIN_KEYS` for smoke."""
+    if not calibration.with_suffix(".safetensors").is_file():
+        raise FileNotFoundError(f"calibration {calibration.with_suffix('.safetensors')} not found: "
+                                f"run `kascade-lite calibrate` first")
+    smoke = smoke or calibration_is_smoke(calibration)
+    floor = min_keys if min_keys is not None else SMOKE_MIN_KEYS if smoke else 128
+    return write_schedules(Calibration.load(calibration), out_dir, min_keys=floor, command=command, smoke=smoke)

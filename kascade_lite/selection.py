@@ -22,7 +22,6 @@ Each run rewrites its JSON after every measurement (atomically, with provenance)
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 

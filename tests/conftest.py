@@ -1,6 +1,8 @@
 """Shared pytest setup: CPU JAX unless told otherwise, smoke sizes, a Hypothesis profile without deadlines (the
-first call of a jitted function compiles, which would trip Hypothesis' default 200 ms deadline), and the chapters
-executed once per session as on Colab (`colab_runs`), shared by tests/test_notebooks.py and tests/test_book.py."""
+first call of a jitted function compiles, which would trip Hypothesis' default 200 ms deadline), tests marked
+``slow`` left out unless asked for (``--slow`` or ``KASCADE_SLOW=1``, or any ``-m`` expression, which then decides
+alone), and the chapters executed once per session as on Colab (`colab_runs`), shared by tests/test_notebooks.py and
+tests/test_book.py."""
 
 from __future__ import annotations
 
@@ -20,6 +22,25 @@ from hypothesis import settings  # noqa: E402
 
 settings.register_profile("kascade", deadline=None, max_examples=30, derandomize=True)
 settings.load_profile("kascade")
+
+
+SLOW_ENV = "KASCADE_SLOW"
+"""``KASCADE_SLOW=1`` runs the tests marked slow too (as ``--slow`` does)."""
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slow", action="store_true", default=False,
+                     help=f"also run the tests marked slow (as {SLOW_ENV}=1 does)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the tests marked slow unless ``--slow``, ``KASCADE_SLOW=1`` or a ``-m`` expression asks otherwise."""
+    if config.getoption("--slow") or os.environ.get(SLOW_ENV) == "1" or config.getoption("markexpr"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
 @pytest.fixture

@@ -52,7 +52,7 @@ NOISE = {
     "an empty output box": re.compile(r"<div class=\"output [^\"]*\"><div class=\"highlight\"><pre><span></span></pre>"),
 }
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.book
 
 
 def existing_chapters() -> list[str]:

@@ -61,8 +61,10 @@ def test_debug_shows_traceback(tmp_path: Path) -> None:
 
 
 def test_model_spec() -> None:
-    assert cli.model_spec(None).name == cli.SMOLLM2 and cli.model_spec(None).dtype == "float32"
-    spec = cli.model_spec(str(REPO / "notebooks"))  # any existing folder: name and dtype only
+    from kascade_lite.models import SMOLLM2, model_spec
+
+    assert model_spec(None).name == SMOLLM2 and model_spec(None).dtype == "float32"
+    spec = model_spec(str(REPO / "notebooks"))  # any existing folder: name and dtype only
     assert spec.name == "notebooks" and spec.dtype == "bfloat16" and spec.tokenizer == str(REPO / "notebooks")
 
 

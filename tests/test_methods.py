@@ -117,3 +117,14 @@ def test_model_harness_and_benchmarks_run_the_same_kascade() -> None:
             np.testing.assert_array_equal(got_carry[layer].keep, want_carry[layer].keep)
     answers = answer_case(model, case, {"harness": harness, "direct": RetrievalMethod(direct, direct)}, tokenizer=tok)
     assert answers["harness"]["output"] == answers["direct"]["output"]
+
+
+def test_published_method_lists_are_registered() -> None:
+    """Every method the book's benchmark runs name (`pipeline.BENCHMARKS`' ``--methods``) is in the registry."""
+    from kascade_lite.pipeline import BENCHMARKS
+
+    named = [value for bench in BENCHMARKS.values() for args in (bench.args, bench.smoke_args)
+             for flag, value in zip(args, args[1:]) if flag == "--methods"]
+    assert named
+    for name in ",".join(named).split(","):
+        M.parse(name)

@@ -46,7 +46,7 @@ def test_book_config_names_the_same_repository() -> None:
     assert re.search(rf"^\s*url:\s*{re.escape(REPOSITORY_URL)}\s*$", config, re.M)
 
 
-@pytest.mark.slow
+@pytest.mark.book
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
 def test_chapter_runs_like_on_colab(path: Path, colab_runs) -> None:
     if colab_runs.wikitext is None:

@@ -132,7 +132,8 @@ def test_write_schedules_round_trip(tmp_path) -> None:
 def test_schedule_command_line(tmp_path, capsys) -> None:
     """`kascade-lite schedule` (the one entry point; the module has no main): a smoke calibration makes smoke
     schedules with the smoke key floor."""
-    from kascade_lite.cli import SMOKE_MIN_KEYS, main
+    from kascade_lite.cli import main
+    from kascade_lite.schedule import SMOKE_MIN_KEYS
 
     fake_calibration(5, layers=9).save(tmp_path / "fake", command="pytest", smoke=True)
     assert main(["schedule", "--calibration", str(tmp_path / "fake.safetensors"), "--out", str(tmp_path)]) == 0
