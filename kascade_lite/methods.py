@@ -45,18 +45,6 @@ class Setting:
     granularity: str = "position"
     length: int | None = None
 
-    @property
-    def budget_value(self) -> float | int:
-        return self.schedule.budget if self.budget is None else self.budget
-
-    @property
-    def min_keys_value(self) -> int:
-        return self.schedule.min_keys if self.min_keys is None else self.min_keys
-
-    @property
-    def tile_value(self) -> int:
-        return self.schedule.tile_size if self.tile is None else self.tile
-
     def kascade_options(self) -> dict[str, Any]:
         """`kascade.KascadeAttention`'s options at this setting (None: the schedule's)."""
         return dict(tile_size=self.tile, budget=self.budget, min_keys=self.min_keys, granularity=self.granularity)
@@ -64,6 +52,12 @@ class Setting:
 
 def _kascade(s: Setting) -> KascadeAttention:
     return KascadeAttention(s.schedule, **s.kascade_options())
+
+
+def _in_force(s: Setting) -> tuple[float | int, int, int]:
+    """``(budget, floor, tile)`` in force at ``s``: its own, else its schedule's, as Kascade resolves them."""
+    k = _kascade(s)
+    return k.budget_value, k.min_keys_value, k.q_tile
 
 
 def _kascade_tiles(s: Setting) -> KascadeAttention:
@@ -75,34 +69,40 @@ def _kascade_sw(s: Setting) -> KascadeAttention:
 
 
 def _oracle(s: Setting) -> KascadeAttention:
-    return oracle_topk(s.schedule.num_layers, s.schedule.num_kv_heads, budget=s.budget_value,
-                       min_keys=s.min_keys_value)
+    budget, floor, _ = _in_force(s)
+    return oracle_topk(s.schedule.num_layers, s.schedule.num_kv_heads, budget=budget, min_keys=floor)
+
+
+def _sink_window(s: Setting) -> SinkWindowAttention:
+    budget, floor, _ = _in_force(s)
+    return SinkWindowAttention(budget=budget, min_keys=floor)
 
 
 def _quest(s: Setting) -> QuestAttention:
-    return QuestAttention(budget=s.budget_value, min_keys=s.min_keys_value)
+    budget, floor, _ = _in_force(s)
+    return QuestAttention(budget=budget, min_keys=floor)
 
 
 def _tidal(s: Setting) -> TidalDecode:
-    return TidalDecode(s.schedule.num_layers, s.schedule.num_kv_heads, budget=s.budget_value,
-                       min_keys=s.min_keys_value)
+    budget, floor, _ = _in_force(s)
+    return TidalDecode(s.schedule.num_layers, s.schedule.num_kv_heads, budget=budget, min_keys=floor)
 
 
 def _tiled_window(s: Setting) -> TiledSinkWindow:
     if s.length is None:
         raise ValueError("sink_window on long prompts keeps as many key tiles as Kascade: give Setting.length")
-    return TiledSinkWindow(keep=tiles_kept(s.length, s.tile_value, s.budget_value, s.min_keys_value),
-                           tile=s.tile_value)
+    budget, floor, tile = _in_force(s)
+    return TiledSinkWindow(keep=tiles_kept(s.length, tile, budget, floor), tile=tile)
 
 
 def _every_layer_pooled(granularity: str) -> Callable[[Setting], KascadeAttention]:
     """Every layer after 0 its own anchor, Top-k pooled over the GQA group: oracle + pooling, no reuse."""
     def build(s: Setting) -> KascadeAttention:
+        budget, floor, tile = _in_force(s)
         sched = s.schedule
         every = Schedule.from_anchors(sched.model, sched.num_layers, sched.num_kv_heads,
-                                      list(range(1, sched.num_layers)), tile_size=s.tile_value,
-                                      budget=s.budget_value, min_keys=s.min_keys_value,
-                                      method="every layer an anchor")
+                                      list(range(1, sched.num_layers)), tile_size=tile, budget=budget,
+                                      min_keys=floor, method="every layer an anchor")
         return KascadeAttention(every, granularity=granularity)
     return build
 
@@ -157,8 +157,7 @@ METHODS: dict[str, Method] = {
     "sink_window": Method("4 sink tokens + a sliding window of recent keys, layer 0 dense (StreamingLLM, Xiao et al. "
                           "2023, arXiv 2309.17453); on the retrieval prompts at tile granularity, the first tile plus "
                           "the most recent tiles, as many tiles as Kascade keeps",
-                          lambda s: SinkWindowAttention(budget=s.budget_value, min_keys=s.min_keys_value),
-                          long_prompts=_tiled_window),
+                          _sink_window, long_prompts=_tiled_window),
     "quest": Method("pages of 16 keys ranked by a min/max upper bound on q·k, per query head the query's page plus "
                     "the Top pages, ceil(keys kept / 16) pages in all, layers 0-1 dense (Quest, Tang et al. 2024, "
                     "arXiv 2406.10774); on the retrieval prompts in decode only, as in its paper", _quest,
