@@ -101,10 +101,11 @@ class ResultsLog:
     and a rerun with ``resume`` does only the rest: the one resume mechanism of the package's long runs.
 
     The document is ``{"provenance", "settings", "results": [rows], "skipped": [...]}`` (``fields`` replaces the
-    last two, e.g. ``{"variants": {}}``); every `add` (or `save`) rewrites it atomically with the elapsed seconds. A row is keyed by its settings: `done` finds the earlier row
-    whose fields include the given ones. ``resume`` keeps an earlier file's rows if its ``settings`` equal these (but
-    for the ``free`` keys, mappings that are merged, e.g. more cases or methods) and records this run's provenance in
-    its ``resumed_by`` list. ``time_budget`` seconds (0: none) after the start, `out_of_time` turns True."""
+    last two, e.g. ``{"variants": {}}``); every `add` (or `save`) rewrites it atomically with the elapsed seconds.
+    A row is keyed by its settings: `done` finds the earlier row whose fields include the given ones. ``resume``
+    keeps an earlier file's rows if its ``settings`` equal these (but for the ``free`` keys, mappings that are
+    merged, e.g. more cases or methods) and records this run's provenance in its ``resumed_by`` list.
+    ``time_budget`` seconds (0: none) after the start, `out_of_time` turns True."""
 
     def __init__(self, path: str | os.PathLike, command: str, settings: dict[str, Any], *, smoke: bool,
                  time_budget: float = 0, resume: bool = False, free: tuple[str, ...] = (),

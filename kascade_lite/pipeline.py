@@ -1,8 +1,9 @@
-"""The book's pipeline, what ``kascade-lite reproduce`` runs: convert → calibrate → schedules → eval → the book's
-benchmarks → figures, each a `Step` skipped when its stamp (``ROOT/data/.stamps/<step>.json``, `files.write_stamp`:
-settings, input fingerprints, output checksums) still matches; the registry of the book's benchmarks (`BENCHMARKS`:
-each a script of ``benchmarks/`` run in its own process, with its arguments at full and smoke size and the method
-lists of the published tables); and the figures step, which executes the chapter notebooks.
+"""The book's pipeline, what ``kascade-lite reproduce`` runs: convert → calibrate → schedules → eval → the
+book's benchmarks → figures, each a `Step` skipped when its stamp (``ROOT/data/.stamps/<step>.json``,
+`files.write_stamp`: settings, input fingerprints, output checksums) still matches; the registry of the book's
+benchmarks (`BENCHMARKS`: each a script of ``benchmarks/`` run in its own process, with its arguments at full and
+smoke size and the method lists of the published tables); and the figures step, which executes the chapter
+notebooks.
 
 Nothing heavy is imported at module level (the CLI imports this module for its ``--help``).
 """
@@ -268,7 +269,8 @@ def pipeline(spec: ModelSpec, root: Path, *, smoke: bool, cache: str | None, fig
         return steps
     for name in BENCHMARK_NAMES:
         bench = BENCHMARKS.get(name)
-        code = _sources("cost") if bench is None else _sources(f"benchmarks/{bench.script}", "bench", "kernels", *bench.modules)
+        code = (_sources("cost") if bench is None
+                else _sources(f"benchmarks/{bench.script}", "bench", "kernels", *bench.modules))
         deps = (lambda: sorted(schedule_dir.glob(f"{SMOLLM2}_*.json"))) if bench and bench.reads_schedules else list
         steps.append(Step(f"bench-{name}", lambda name=name: run_benchmark(name, root, smoke),
                           {"smoke": smoke}, lambda code=code, deps=deps: [*code, *deps()]))

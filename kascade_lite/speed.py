@@ -54,6 +54,7 @@ TILE = 32
 
 
 def print_machine(machine: dict[str, float]) -> None:
+    """One line: the copy and read bandwidth and matmul rate `bench.measure_machine` measured."""
     print(f"machine: copy {machine['copy_gb_per_s']:.1f} GB/s, read {machine['read_gb_per_s']:.1f} GB/s, "
           f"matmul {machine['matmul_gflop_per_s']:.0f} GFLOP/s", flush=True)
 
@@ -206,7 +207,8 @@ def op_grid(cfg: LlamaConfig, *, phase: str, contexts: list[int], tile: int, bud
         times = B.compare(cands, reps=reps)
         cost = op_costs(cfg, phase, n, tile, budgets, list(times), jnp.dtype(dtype).itemsize)
         row = {"phase": phase, "context": n, "tile": tile,
-               "keep_keys": {f"{g}@{b:g}": keys_read(n, phase=phase, granularity=g, tile=tile, budget=b, min_keys=0) for g, b in op_settings(budgets)},
+               "keep_keys": {f"{g}@{b:g}": keys_read(n, phase=phase, granularity=g, tile=tile, budget=b, min_keys=0)
+                             for g, b in op_settings(budgets)},
                "times": times, "cost": cost, "skipped": skipped, "speedup": op_summary(phase, times, cost, schedule,
                                                                                       budgets)}
         s = row["speedup"]
