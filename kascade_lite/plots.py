@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.colors import LogNorm
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
 from matplotlib.ticker import FixedLocator, NullLocator
 
 from .files import atomic_path
@@ -370,6 +371,56 @@ def decode_vs_ceiling(e2e: Mapping[str, Any]) -> plt.Figure:
     _context_axis(ax, contexts)
     ax.set(ylabel="decode speed-up vs dense (×)")
     ax.legend(frameon=False, fontsize="small", ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The front page: what Kascade does to a model's layers
+
+LAYER_COLOURS = {"dense": "#3b3b3b", "anchor": "#f28e2b", "reuse": "#dbe9f6"}  # also chapter 06's schedule diagram
+
+
+def kascade_layers(layer_types: Sequence[str], anchor_of: Sequence[int], title: str | None = None) -> plt.Figure:
+    """A schedule as a row of layers: layer 0 dense (it also picks Top-k keys), anchor layers (exact scores, pooled
+    Top-k), reuse layers (attend only to the keys their anchor picked), with an arc from each anchor to every layer
+    that reuses its selection. ``layer_types``: ``"dense" | "anchor" | "reuse"`` per layer; ``anchor_of``: the layer
+    whose selection each layer uses (itself unless it reuses), both as in `kascade_lite.schedule.Schedule`."""
+    if len(layer_types) != len(anchor_of) or not layer_types:
+        raise ValueError(f"need one anchor_of entry per layer, got {len(layer_types)} layer types and "
+                         f"{len(anchor_of)} anchor_of entries")
+    unknown = sorted(set(layer_types) - set(LAYER_COLOURS))
+    if unknown:
+        raise ValueError(f"unknown layer types {unknown}; expected {sorted(LAYER_COLOURS)}")
+    n = len(layer_types)
+    reach = max([layer - src for layer, src in enumerate(anchor_of)] + [1])
+    fig, ax = plt.subplots(figsize=(BOOK_WIDTH_IN, 2.3))
+    for layer, kind in enumerate(layer_types):
+        ax.add_patch(FancyBboxPatch((layer - 0.4, 0), 0.8, 1, boxstyle="round,pad=0.02,rounding_size=0.12",
+                                    facecolor=LAYER_COLOURS[kind], edgecolor="#555555", lw=0.6))
+        if kind != "reuse":
+            ax.text(layer, 0.5, str(layer), ha="center", va="center", fontsize=7,
+                    color="white" if kind == "dense" else "black")
+    for layer, (kind, src) in enumerate(zip(layer_types, anchor_of)):
+        if kind == "reuse":  # arc3 with rad > 0 bends below a left-to-right chord
+            ax.add_patch(FancyArrowPatch((src, -0.05), (layer, -0.05), connectionstyle="arc3,rad=0.45",
+                                         arrowstyle="-|>", mutation_scale=6, lw=0.7,
+                                         color=LAYER_COLOURS["anchor"] if src else "#777777"))
+    handles = [Patch(facecolor=LAYER_COLOURS["dense"], edgecolor="#555555",
+                     label="dense (layer 0): full attention, also picks Top-k keys for the layers after it"),
+               Patch(facecolor=LAYER_COLOURS["anchor"], edgecolor="#555555",
+                     label="anchor: exact scores, then Top-k keys per KV head (and query tile)"),
+               Patch(facecolor=LAYER_COLOURS["reuse"], edgecolor="#555555",
+                     label="reuse: attends only to the keys its anchor picked (arrow from the anchor)")]
+    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False, fontsize=9)
+    ax.set(xlim=(-0.8, n - 0.2), ylim=(-0.12 * reach - 0.25, 1.1), xlabel="layer")
+    ax.set_xticks(range(0, n, 5 if n > 12 else 1))
+    ax.set_yticks([])
+    for side in ("left", "right", "top"):
+        ax.spines[side].set_visible(False)
+    ax.grid(False)
+    if title:
+        ax.set_title(title, fontsize=10, loc="left")
     fig.tight_layout()
     return fig
 

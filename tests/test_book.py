@@ -1,10 +1,10 @@
 """Build the whole book with ``KASCADE_SMOKE=1`` into a temporary folder from the chapter notebooks executed once, as
-on Colab, by ``conftest.ColabRuns`` (``book/build.py <folder> --executed <folder>``, execution off; the book
-``make book`` built in ``book/_build/html`` is left alone), then render each chapter in headless Chromium: one
-screenshot per chapter in ``<folder>/_build/screenshots/NN_name.png`` (the folder is printed;
+on Colab, by ``conftest.ColabRuns`` (``book/build.py <folder> --executed <folder>``, chapters not executed again;
+the book ``make book`` built in ``book/_build/html`` is left alone), then render each chapter in headless Chromium:
+one screenshot per chapter in ``<folder>/_build/screenshots/NN_name.png`` (the folder is printed;
 ``KASCADE_BOOK_TEST_DIR`` picks it and keeps it). Fail on a notebook that did not execute, a cell that wrote to
-stderr, a missing page, a Python traceback on a page, an image that does not load, or console noise on a
-page (progress bars, warnings, raw ``PosixPath`` reprs, stderr boxes)."""
+stderr, a missing page, a Python traceback on a page, an image that does not load, or console noise on a page
+(progress bars, warnings, raw ``PosixPath`` reprs, stderr boxes)."""
 
 from __future__ import annotations
 
@@ -220,8 +220,8 @@ def test_build_script_finds_stderr_warnings() -> None:
 
 
 def test_build_from_executed_notebooks_fails_on_stderr_and_missing_chapters(tmp_path: Path) -> None:
-    """``book/build.py --executed`` (execution off) still fails on a cell's stderr output (myst-nb warns when it
-    renders the saved outputs) and on a chapter with no executed notebook; it executes nothing."""
+    """``book/build.py --executed`` (chapters not executed again) still fails on a cell's stderr output (myst-nb warns
+    when it renders the saved outputs) and on a chapter with no executed notebook; it executes no chapter."""
     import nbformat
 
     executed, first = tmp_path / "executed", REPO / "notebooks" / f"{existing_chapters()[0]}.ipynb"
