@@ -237,3 +237,24 @@ def test_build_from_executed_notebooks_fails_on_stderr_and_missing_chapters(tmp_
     assert f"notebooks/{first.name}: stderr was found in the cell outputs of cell {cell_number}" in proc.stderr
     assert all(name in proc.stderr for name in existing_chapters()[1:]), proc.stderr
     assert not (tmp_path / "_build" / "figures").exists() and (tmp_path / "_build" / "html" / "index.html").is_file()
+
+
+@pytest.mark.parametrize("page", ["book/intro", "book/glossary", "book/reproducing"])
+def test_book_page_renders(built_book: Build, page: str) -> None:
+    """The front page and the appendix pages: built, no traceback, no console noise, every local image loads; the
+    executed pages render what they compute from data/ (the headline results, every results file's provenance)."""
+    path = built_book.html / f"{page}.html"
+    assert path.is_file(), f"{path} was not built:\n{built_book.output}"
+    text = path.read_text()
+    assert not TRACEBACK.search(text), f"{path} shows a Python traceback"
+    noise = page_noise(text)
+    assert not noise, f"{path} shows console noise:\n  " + "\n  ".join(noise)
+    for image in local_image_files(path):
+        assert_valid_image(image)
+    if page == "book/intro":
+        assert "Needle retrieval" in text and "Decode speed" in text and len(local_image_files(path)) >= 2
+    if page == "book/reproducing":
+        from kascade_lite.files import provenance_records
+
+        missing = [r["file"] for r in provenance_records() if f"data/{r['file']}" not in html.unescape(text)]
+        assert not missing, f"{path} does not list {missing}"
