@@ -394,7 +394,7 @@ def kascade_layers(layer_types: Sequence[str], anchor_of: Sequence[int], title: 
         raise ValueError(f"unknown layer types {unknown}; expected {sorted(LAYER_COLOURS)}")
     n = len(layer_types)
     reach = max([layer - src for layer, src in enumerate(anchor_of)] + [1])
-    fig, ax = plt.subplots(figsize=(BOOK_WIDTH_IN, 2.3))
+    fig, ax = plt.subplots(figsize=(BOOK_WIDTH_IN, 2.7))
     for layer, kind in enumerate(layer_types):
         ax.add_patch(FancyBboxPatch((layer - 0.4, 0), 0.8, 1, boxstyle="round,pad=0.02,rounding_size=0.12",
                                     facecolor=LAYER_COLOURS[kind], edgecolor="#555555", lw=0.6))
@@ -412,9 +412,10 @@ def kascade_layers(layer_types: Sequence[str], anchor_of: Sequence[int], title: 
                      label="anchor: exact scores, then Top-k keys per KV head (and query tile)"),
                Patch(facecolor=LAYER_COLOURS["reuse"], edgecolor="#555555",
                      label="reuse: attends only to the keys its anchor picked (arrow from the anchor)")]
-    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False, fontsize=9)
-    ax.set(xlim=(-0.8, n - 0.2), ylim=(-0.12 * reach - 0.25, 1.1), xlabel="layer")
-    ax.set_xticks(range(0, n, 5 if n > 12 else 1))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.0, -0.22), frameon=False, fontsize=9)
+    ax.set(xlim=(-0.8, n - 0.2), ylim=(-0.12 * reach - 0.25, 1.1))
+    ticks = list(range(0, n, 5 if n > 12 else 1))
+    ax.set_xticks(ticks, [f"layer {i}" if i == 0 else str(i) for i in ticks])
     ax.set_yticks([])
     for side in ("left", "right", "top"):
         ax.spines[side].set_visible(False)
