@@ -23,8 +23,9 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.colors import LogNorm
+from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
-from matplotlib.ticker import FixedLocator, NullLocator
+from matplotlib.ticker import FixedLocator, NullLocator, PercentFormatter
 
 from .files import atomic_path
 
@@ -505,4 +506,62 @@ def survival_maps(needle: np.ndarray, survival: Mapping[str, np.ndarray]) -> plt
         fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
     np.atleast_1d(axes)[-1].set_xlabel("layer")
     fig.tight_layout()
+    return fig
+
+
+TRADEOFF_FAMILIES = {
+    "kascade": "Kascade", "kascade_sw": "Kascade + sinks/window", "kascade_decode": "Kascade, dense prefill",
+    "kascade_no_remap": "ablations, OmniKV", "all_heads_pooled": "ablations, OmniKV", "omnikv": "ablations, OmniKV",
+    "oracle": "oracle, pooled oracle", "oracle_decode": "oracle, pooled oracle",
+    "pooled_decode": "oracle, pooled oracle", "quest": "baselines", "tidal": "baselines", "sink_window": "baselines",
+}
+"""Colour groups of `tradeoff_frontier` by method (others: "other")."""
+
+
+def tradeoff_frontier(doc: Mapping[str, Any], haystack: str = "noise", speed_context: int = 8192) -> plt.Figure:
+    """Accuracy against K/V read per decode step, one point per ``data/tradeoff.json`` row (stale rows left out).
+    Top: recall of the needles dense found (``haystack``), one marker per prompt length, with Wilson 95 % intervals;
+    bottom: perplexity change against dense at 2048 tokens (log scale) with the 2 % target. Points whose decode step
+    was timed carry their measured end-to-end decode speed-up at ``speed_context`` tokens ("1.3×")."""
+    rows = [r for r in doc["rows"] if not r["stale"] and r["method"] != "dense"]
+    target = doc["target"]
+    families = list(dict.fromkeys([*TRADEOFF_FAMILIES.values(), "other"]))
+    colour = dict(zip(families, sns.color_palette("colorblind", len(families))))
+    markers = dict(zip(target["lengths"], "os^D"))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(BOOK_WIDTH_IN, 6.4), sharex=True)
+    seen: set[str] = set()
+    for r in rows:
+        fam = TRADEOFF_FAMILIES.get(r["method"], "other")
+        x = r["kv_read_share"]
+        for n, cell in r["retrieval"].get(haystack, {}).items():
+            if cell["recall"] is None or int(n) not in markers:
+                continue
+            lo, hi = cell["recall_ci95"]
+            err = [[max(0.0, cell["recall"] - lo)], [max(0.0, hi - cell["recall"])]]   # rounding may cross
+            top.errorbar(x, cell["recall"], yerr=err, fmt=markers[int(n)],
+                         color=colour[fam], ms=5, capsize=2, lw=0.8, alpha=0.85)
+            seen.add(fam)
+        delta = r["ppl_delta_pct"].get(str(target["ppl_length"]))
+        if delta is not None:
+            bottom.plot(x, max(delta, 1e-2), "o", color=colour[fam], ms=6)
+            seen.add(fam)
+            speed = (r["decode_speedup"] or {}).get(str(speed_context))
+            if speed is not None:
+                bottom.annotate(f"{speed:.2f}×", (x, max(delta, 1e-2)), textcoords="offset points", xytext=(5, 3),
+                                fontsize=8)
+    top.axhline(target["recall"], color="k", ls="--", lw=1)
+    top.set(ylim=(0, 1.05), ylabel="recall of dense's needles")
+    top.set_title(f"needle task, {haystack} haystack", fontsize=10, loc="left")
+    bottom.axhline(target["ppl_within_pct"], color="k", ls="--", lw=1)
+    bottom.set(yscale="log", xlabel="K/V read per decode step, share of dense",
+               ylabel=f"perplexity change at {target['ppl_length']} (%)")
+    bottom.set_title(f"perplexity (labels: measured decode speed-up at {_context_label(speed_context)} tokens)",
+                     fontsize=10, loc="left")
+    bottom.xaxis.set_major_formatter(PercentFormatter(1.0))
+    handles = [Line2D([], [], ls="", marker="o", color=colour[f], label=f) for f in families
+               if f in seen]
+    handles += [Line2D([], [], ls="", marker=m, color="0.4", label=_context_label(n))
+                for n, m in markers.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=9, bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig

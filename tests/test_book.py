@@ -24,7 +24,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHAPTERS = ["01_rope", "02_gqa", "03_weight_conversion", "04_the_model", "05_attention_sparsity",
-            "06_calibration", "07_kascade_attention", "08_speedups", "09_scaling_out"]  # docs/CONTRIBUTING.md
+            "06_calibration", "07_kascade_attention", "08_speedups", "09_scaling_out",
+            "10_verdict"]  # docs/CONTRIBUTING.md
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--hide-scrollbars", "--virtual-time-budget=15000"]

@@ -178,3 +178,18 @@ def test_kascade_layers_draws_the_chosen_schedule() -> None:
         plots.kascade_layers(["dense", "reuse"], [0])
     with pytest.raises(ValueError, match="unknown layer types"):
         plots.kascade_layers(["dense", "sparse"], [0, 0])
+
+
+def test_tradeoff_frontier_from_the_shipped_table() -> None:
+    doc = load_results("tradeoff.json")
+    fig = plots.tradeoff_frontier(doc)
+    top, bottom = fig.axes[:2]
+    fresh = [r for r in doc["rows"] if not r["stale"] and r["method"] != "dense"]
+    ppl_points = [r for r in fresh if r["ppl_delta_pct"]["2048"] is not None]
+    assert len(bottom.get_lines()) == len(ppl_points) + 1   # one point per fresh row (stale ones left out), target
+    assert {round(line.get_xdata()[0], 6) for line in bottom.get_lines()[:-1]} == \
+        {round(r["kv_read_share"], 6) for r in ppl_points}
+    timed = [r for r in ppl_points if (r["decode_speedup"] or {}).get("8192") is not None]
+    assert len(bottom.texts) == len(timed) and all(t.get_text().endswith("×") for t in bottom.texts)
+    assert top.get_ylim() == (0, 1.05)
+    fits_the_book(fig)
