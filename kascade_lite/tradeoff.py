@@ -451,8 +451,9 @@ def build_tradeoff(data_dir: str | os.PathLike, *, command: str) -> dict[str, An
         share = {str(n): kv_read_share(method, n, budget=budget, granularity=granularity,
                                        schedule=schedules[schedule]) for n in CONTEXTS}
         ppl_cells = deltas.get(key, {})
-        cells = [c for hay in ret.get(key, {}).values() for c in hay.values()] + list(ppl_cells.values())
-        reasons = sorted({c["stale"] for c in cells if c["stale"]})
+        cells = ([("needle task", c) for hay in ret.get(key, {}).values() for c in hay.values()]
+                 + [("perplexity", c) for c in ppl_cells.values()])
+        reasons = sorted({f"{part}: {c['stale']}" for part, c in cells if c["stale"]})
         row = dict(method=method, budget=budget, schedule=schedule, granularity=granularity,
                    prefill="dense" if method in DENSE_PREFILL else "sparse",
                    kv_read_share=kv_read_share(method, REFERENCE_CONTEXT, budget=budget, granularity=granularity,
@@ -462,6 +463,7 @@ def build_tradeoff(data_dir: str | os.PathLike, *, command: str) -> dict[str, An
                               for hay, by_len in sorted(ret.get(key, {}).items())},
                    ppl_delta_pct={str(n): ppl_cells[n]["delta_pct"] if n in ppl_cells else None for n in PPL_LENGTHS},
                    ppl_min_keys={str(n): ppl_cells[n]["min_keys"] for n in sorted(ppl_cells)},
+                   ppl_stale={str(n): ppl_cells[n]["stale"] for n in sorted(ppl_cells)},
                    ppl_sources=sorted({c["source"] for c in ppl_cells.values()}),
                    decode_speedup=speed.get(key),
                    stale=bool(reasons), stale_reason="; ".join(reasons) or None)
