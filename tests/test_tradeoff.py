@@ -204,12 +204,12 @@ def test_builder_pairs_each_haystack_and_drops_stale_rows(tmp_path: Path) -> Non
 
 def test_a_resumed_run_that_redoes_a_method_dates_its_rows(tmp_path: Path) -> None:
     old, new = "2026-12-01T00:00:00+00:00", "2026-12-07T00:00:00+00:00"
-    doc = ppl_file(old, {("dense", 2048): 0.0, ("quest", 2048): 1.0, ("kascade", 2048): 16.0})
+    doc = ppl_file(old, {("dense", 2048): 0.0, ("quest", 2048): 1.0})
     doc["resumed_by"] = [dict(date=new, command="python benchmarks/bench_accuracy.py ppl --resume --redo quest")]
     write(tmp_path, "accuracy_ppl.json", doc)
     rows = {r["method"]: r for r in T.build_tradeoff(tmp_path, command="test")["rows"]}
     assert not rows["quest"]["stale"]
-    doc["resumed_by"][0]["command"] = "python benchmarks/bench_accuracy.py ppl --resume --redo kascade"
+    doc["resumed_by"][0]["command"] = "python benchmarks/bench_accuracy.py ppl --resume --redo sink_window"
     write(tmp_path, "accuracy_ppl.json", doc)
     assert {r["method"]: r for r in T.build_tradeoff(tmp_path, command="test")["rows"]}["quest"]["stale"]
 
