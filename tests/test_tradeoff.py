@@ -242,7 +242,9 @@ def test_shipped_tradeoff_is_rebuilt_from_the_shipped_results() -> None:
         assert rebuilt["provenance"][key] == shipped["provenance"][key]
     assert {k: v for k, v in rebuilt.items() if k != "provenance"} == \
         {k: v for k, v in shipped.items() if k != "provenance"}
-    assert any(r["stale"] for r in shipped["rows"] if r["method"] == "quest")
+    assert all(r["stale_reason"] for r in shipped["rows"] if r["stale"])
+    methods = {r["method"] for r in shipped["rows"]}
+    assert {"dense", "kascade", "kascade_decode", "quest", "tidal", "oracle_decode"} <= methods
 
 
 def test_step_bytes_split_weights_and_kv() -> None:
