@@ -1,5 +1,5 @@
 # kascade-lite: one-command setup, book, tests. Everything a fresh machine needs is installed here.
-#   make book   build the book (executes every chapter) into book/_build/html
+#   make book   build the book (executes every chapter) into book/_build/html; needs no Chromium
 #   make test   the test suite at smoke sizes (KASCADE_SMOKE=1) without the tests marked slow: each chapter executed
 #               once (as on Colab), a book built from those notebooks + Chromium screenshots in a temporary folder
 #               (book/_build/html stays as make book left it). Run make book first, then make test; neither
@@ -45,7 +45,8 @@ $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
-book: setup
+# Chromium is only for the tests' screenshots: building the book needs no apt.
+book: $(STAMP)
 	$(PY) book/build.py
 
 test: setup

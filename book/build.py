@@ -9,7 +9,9 @@ the book modifies no tracked file (``kascade-lite figures --out .`` is what repl
 
 ``--executed DIR``: build from chapter notebooks already executed into ``DIR/NN_name.ipynb`` (the tests execute each
 chapter once, as on Colab, and build the book from those): the sources are copied to ``OUTPUT_DIR/_build/source``
-with ``execute_notebooks: off``, and a chapter with no executed notebook has no page, which fails the build.
+with the chapters excluded from execution (`CHAPTER_PATTERN`), and a chapter with no executed notebook has no page,
+which fails the build. The book's own pages that compute what they show from ``data/`` (``book/intro.md``,
+``book/reproducing.md``: MyST Markdown notebooks, a few seconds) still execute, in both modes.
 
 The build fails when
 
@@ -40,8 +42,10 @@ from kascade_lite.plots import FIGURES_ENV
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "book"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes in the execution logs
-STDERR_WARNING = re.compile(r"^(?P<file>\S+?\.ipynb)(?::\d+)?: WARNING: (?P<msg>stderr was found in the cell outputs"
-                            r" of cell \d+)", re.M)
+STDERR_WARNING = re.compile(r"^(?P<file>\S+?\.(?:ipynb|md))(?::\d+)?: WARNING: (?P<msg>stderr was found in the cell "
+                            r"outputs of cell \d+)", re.M)
+CHAPTER_PATTERN = "notebooks/*.ipynb"
+"""Excluded from execution when building from executed chapters (``--executed``): matched against the end of a path."""
 
 
 def html_dir(output: Path = DEFAULT_OUTPUT) -> Path:
@@ -55,13 +59,14 @@ def figures_dir(output: Path = DEFAULT_OUTPUT) -> Path:
 
 
 def source_tree(output: Path, executed: Path) -> Path:
-    """``output/_build/source``: the book's sources with the executed chapters from ``executed`` and execution off."""
+    """``output/_build/source``: the book's sources with the executed chapters from ``executed``, which are excluded
+    from execution."""
     source = Path(output) / "_build" / "source"
     shutil.rmtree(source, ignore_errors=True)
     shutil.copytree(REPO / "book", source / "book", ignore=shutil.ignore_patterns("_build", "figures", "*.py",
                                                                                   "__pycache__"))
     config = yaml.safe_load((REPO / "book" / "_config.yml").read_text())
-    config["execute"]["execute_notebooks"] = "off"
+    config["execute"]["exclude_patterns"] = [CHAPTER_PATTERN]  # executed already; the book's own pages still run
     (source / "book" / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     (source / "notebooks").mkdir()
     for nb in chapter_notebooks():
@@ -95,7 +100,10 @@ def stderr_cells(log: str) -> list[str]:
     found = []
     for m in STDERR_WARNING.finditer(ANSI.sub("", log)):
         name = Path(m["file"]).as_posix()
-        name = name[name.find("notebooks/"):] if "notebooks/" in name else name
+        for folder in ("notebooks/", "book/"):
+            if folder in name:
+                name = name[name.rfind(folder):]
+                break
         found.append(f"{name}: {m['msg']}")
     return found
 
@@ -143,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", nargs="?", type=Path, default=DEFAULT_OUTPUT,
                         help="folder for _build/ (default: book, i.e. book/_build/html)")
     parser.add_argument("--executed", type=Path, metavar="DIR",
-                        help="build from the chapter notebooks already executed in DIR (execution off)")
+                        help="build from the chapter notebooks already executed in DIR (chapters not executed again)")
     args = parser.parse_args(argv)
     return build(args.output, args.executed)
 

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .pipeline import BENCHMARK_NAMES, BENCHMARKS, MEMORY_PLAN
+from .pipeline import BENCHMARK_NAMES, BENCHMARKS, MEMORY_PLAN, TRADEOFF
 from .schedule import SMOKE_MIN_KEYS
 
 
@@ -211,6 +211,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
     lines = "\n".join([*(f"  {n:<19} benchmarks/{b.script} -> {', '.join(b.outputs)}" for n, b in BENCHMARKS.items()),
+                       f"  {TRADEOFF:<19} kascade_lite.tradeoff.write_tradeoff -> tradeoff.json",
                        f"  {MEMORY_PLAN:<19} kascade_lite.cost.write_memory_plan -> memory_plan.json"])
     p = sub.add_parser("bench", help="run the book's benchmarks (scripts in benchmarks/)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -16,7 +16,9 @@ reuse prefill   :math:`4 H d T k`                   :math:`2 H_{kv} d T b \cdot 
 
 Memory (:func:`memory_plan`): weights, the dense KV cache and Kascade's per-step reads on one device of a model
 axis (`kascade_lite.sharding.param_spec` decides what is split), for Llama-3.1-8B / -70B on published accelerator
-memory sizes and bandwidths (`ACCELERATORS`); `write_memory_plan` writes the tables chapter 09 shows.
+memory sizes and bandwidths (`ACCELERATORS`); `write_memory_plan` writes the tables chapter 09 shows, with the
+shipped schedule's anchors carried over to each model's depth (`scaled_anchors`). `selection_bytes` is the size
+of one layer's Top-k indices, what a sharded reuse layer gathers when its head map crosses devices.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from .files import provenance, write_json_atomic
 from .model import expected_shapes
 from .schedule import Schedule
 from .sharding import REPLICATED, param_spec
-from .kascade import keys_kept
+from .kascade import keys_kept, topk_count
 
 
 # ------------------------------------------------------------------------------------------------ attention
@@ -76,18 +78,29 @@ def model_step_cost(cfg: LlamaConfig, context: int, *, phase: str, layer_types: 
         raise ValueError(f"{len(layer_types)} layer types for a {cfg.num_layers}-layer model")
     if keep_keys is None and any(t != "dense" for t in layer_types):
         raise ValueError("keep_keys is needed when some layer is sparse")
-    shapes = expected_shapes(cfg)
-    per_layer = sum(math.prod(shape) for name, shape in shapes.items() if name.startswith("layers.0."))
+    per_layer = layer_params(cfg)
     head = cfg.hidden_size * cfg.vocab_size
-    weights = cfg.num_layers * per_layer + head + (0 if cfg.tie_word_embeddings else cfg.hidden_size)
     tokens = 1 if phase == "decode" else context
     flops = 2.0 * cfg.num_layers * per_layer * tokens + 2.0 * head * (1 if last_only else tokens)
-    nbytes = float(weights * bytes_per_value)
+    nbytes = step_weight_bytes(cfg, bytes_per_value)
     for kind in layer_types:
         c = attention_cost(phase, kind, context, min(context, keep_keys or context), q_heads=cfg.num_heads,
                            kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, bytes_per_value=bytes_per_value)
         flops, nbytes = flops + c["flops"], nbytes + c["bytes"]
     return {"flops": flops, "bytes": nbytes}
+
+
+def layer_params(cfg: LlamaConfig) -> int:
+    """Parameters of one decoder layer (attention, MLP, norms)."""
+    return sum(math.prod(shape) for name, shape in expected_shapes(cfg).items() if name.startswith("layers.0."))
+
+
+def step_weight_bytes(cfg: LlamaConfig, bytes_per_value: float = 4) -> float:
+    """Bytes of weights one forward step reads: every layer's, the output head (the embedding table when tied) and,
+    when untied, one embedding row."""
+    head = cfg.hidden_size * cfg.vocab_size
+    return float((cfg.num_layers * layer_params(cfg) + head + (0 if cfg.tie_word_embeddings else cfg.hidden_size))
+                 * bytes_per_value)
 
 
 def whole_model_time(schedule: Schedule, t_dense: float, t_anchor: float, t_reuse: float) -> float:
@@ -150,9 +163,10 @@ def memory_plan(cfg: LlamaConfig, tokens: int, *, batch: int = 1, model_size: in
 
     * ``weights``: resident weights (`weight_bytes`); ``kv_cache``: the full dense cache, which Kascade keeps too.
     * ``dense_read`` / ``kascade_read``: bytes one decode step reads from memory (weights + K/V). Dense attention
-      reads every key and value in every layer; Kascade's ``num_anchor_layers`` (layer 0 included) read them all
-      as well, the other layers read only ``kascade.keys_kept(tokens, budget, min_keys)`` keys and values per KV
-      head (``max(min_keys, ceil(budget * tokens))``, at most ``tokens``).
+      reads every key and value in every layer; with Kascade (`attention_cost`'s rule) layer 0 does too, the other
+      ``num_anchor_layers - 1`` anchors read every key and the keys and values they select, and the reuse layers
+      only the selected ones: ``kascade.keys_kept(tokens, budget, min_keys)`` per KV head
+      (``max(min_keys, ceil(budget * tokens))``, at most ``tokens``).
     * ``index_bytes``: the int32 Top-k indices one anchor layer hands to its reuse layers (per step, per device).
     """
     if not 1 <= num_anchor_layers <= cfg.num_layers:
@@ -165,7 +179,8 @@ def memory_plan(cfg: LlamaConfig, tokens: int, *, batch: int = 1, model_size: in
     per_layer_sparse = kv_cache_bytes(1, heads, cfg.head_dim, keys, kv_bytes, batch)
     weights = weight_bytes(cfg, model_size, bytes_per_param)
     kv = per_layer_full * cfg.num_layers
-    attn_kascade = num_anchor_layers * per_layer_full + (cfg.num_layers - num_anchor_layers) * per_layer_sparse
+    attn_kascade = (per_layer_full + (num_anchor_layers - 1) * (per_layer_full / 2 + per_layer_sparse)
+                    + (cfg.num_layers - num_anchor_layers) * per_layer_sparse)
     return dict(tokens=tokens, batch=batch, model_size=model_size, weights=weights, kv_cache=kv,
                 total=weights + kv, dense_read=weights + kv, kascade_read=weights + attn_kascade,
                 kv_read_dense=kv, kv_read_kascade=attn_kascade, index_bytes=batch * heads * keys * 4)
@@ -226,21 +241,46 @@ DEFAULT_PLAN_MODELS: dict[str, LlamaConfig] = {name: PRESETS[name] for name in (
 DEFAULT_PLAN_TOKENS = (8192, 32_768, 131_072)
 
 
-def write_memory_plan(path: str | os.PathLike, *, command: str, smoke: bool, anchor_every: int = 8,
-                      budget: float = 0.1, min_keys: int = 128) -> dict[str, Any]:
+def scaled_anchors(schedule: Schedule, num_layers: int) -> list[int]:
+    """The full-attention layers (layer 0 included) of ``schedule`` carried over to a model of ``num_layers``
+    layers at the same relative depths: ``round(a * num_layers / schedule.num_layers)`` for each of its anchors."""
+    return sorted({min(num_layers - 1, round(a * num_layers / schedule.num_layers)) for a in schedule.anchors} | {0})
+
+
+def selection_bytes(cfg: LlamaConfig, tokens: int, *, phase: str, budget: float = 0.1, min_keys: int = 128,
+                    tile: int = 32, granularity: str = "position", batch: int = 1) -> float:
+    """Bytes of one layer's Top-k selection over all KV heads (an int32 index and a bool flag per entry,
+    `kascade.Selection`): one row per KV head in a decode step, one per query tile of ``tile`` queries in a prefill
+    of ``tokens``, each of ``kascade.topk_count`` units (key positions, or key tiles with ``granularity="tile"``).
+    It is what `sharding.ShardedKascade` all-gathers for a reuse layer whose head map crosses devices."""
+    if phase not in ("decode", "prefill"):
+        raise ValueError(f"phase must be 'decode' or 'prefill', got {phase!r}")
+    unit = tile if granularity == "tile" else 1
+    rows = 1 if phase == "decode" else -(-tokens // tile)
+    own = 1 if phase == "decode" else tokens - (rows - 1) * tile
+    units = max(1, topk_count(tokens, own, budget=budget, min_keys=min_keys, unit=unit))
+    return float(batch * cfg.num_kv_heads * rows * units * (4 + 1))
+
+
+def write_memory_plan(path: str | os.PathLike, *, command: str, smoke: bool, schedule: Schedule,
+                      schedule_name: str, budget: float = 0.1, budget_note: str | None = None,
+                      min_keys: int = 128) -> dict[str, Any]:
     """Write chapter 09's plan tables (bf16 weights and cache, batch 1) to ``path`` with provenance and return them
-    (``smoke``: the tables are arithmetic, the same at any size; recorded as the run was asked). ``anchor_every``: an
-    assumed schedule with ``num_layers // anchor_every`` full-attention layers (layer 0 included)."""
+    (``smoke``: the tables are arithmetic, the same at any size; recorded as the run was asked). ``schedule``
+    (named ``schedule_name``): the calibrated schedule whose anchors, at the same relative depths
+    (`scaled_anchors`), are each model's full-attention layers; ``budget``: the key budget, ``budget_note`` why it
+    is not the trade-off table's recommendation (None when it is)."""
     out: dict[str, Any] = dict(
         provenance=provenance(command, smoke=smoke),
-        assumptions=dict(bytes_per_param=2, kv_bytes=2, batch=1, budget=budget, min_keys=min_keys,
-                         anchor_every=anchor_every, headroom=0.9),
+        assumptions=dict(bytes_per_param=2, kv_bytes=2, batch=1, budget=budget, budget_note=budget_note,
+                         min_keys=min_keys, schedule=schedule_name, schedule_model=schedule.model,
+                         schedule_layers=schedule.num_layers, schedule_anchors=list(schedule.anchors), headroom=0.9),
         accelerators={a.name: dict(memory_gb=a.memory_bytes / 1e9, bandwidth_gb_s=a.bandwidth / 1e9,
                                    source=a.source) for a in ACCELERATORS.values()},
         models={})
     for name, cfg in DEFAULT_PLAN_MODELS.items():
-        anchors = max(1, cfg.num_layers // anchor_every)
-        out["models"][name] = dict(num_anchor_layers=anchors, rows=plan_table(
-            cfg, DEFAULT_PLAN_TOKENS, num_anchor_layers=anchors, budget=budget, min_keys=min_keys))
+        anchors = scaled_anchors(schedule, cfg.num_layers)
+        out["models"][name] = dict(num_anchor_layers=len(anchors), anchor_layers=anchors, rows=plan_table(
+            cfg, DEFAULT_PLAN_TOKENS, num_anchor_layers=len(anchors), budget=budget, min_keys=min_keys))
     write_json_atomic(path, out)
     return out

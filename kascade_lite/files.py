@@ -10,6 +10,7 @@ Results files are JSON with a ``"provenance"`` object (`provenance`) that record
 ``kascade_lite.shipped``, so they are there without a checkout, e.g. on Colab) are found with `results_file`:
 ``$KASCADE_RESULTS_DIR`` first (``kascade-lite figures --out ROOT`` sets it to ``ROOT/data``), then the shipped copy.
 Smoke results are refused unless ``KASCADE_SMOKE=1``: the book never shows a smoke run as a measurement.
+`provenance_records` lists what made every results file (the book's "Reproducing the numbers" page).
 """
 
 from __future__ import annotations
@@ -260,3 +261,27 @@ def load_results(name: str, *, allow_smoke: bool | None = None) -> dict[str, Any
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read results JSON ({e})") from e
+
+
+def provenance_records(folder: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """One row per JSON results file under ``folder`` (default: the shipped results, `shipped_dir`), sorted by path:
+    ``{"file", "command", "machine", "date", "smoke", "continued"}``, where ``continued`` lists the runs that
+    continued a run cut short (the file's ``"resumed_by"`` entries, each ``{"command", "machine", "date"}``, in
+    order). Files without a provenance object get ``None`` in its fields. Raises ``ValueError`` naming a file that
+    is not valid JSON."""
+    root = Path(folder) if folder is not None else shipped_dir()
+    rows = []
+    for path in sorted(root.rglob("*.json")):
+        if any(part.startswith(".") for part in path.relative_to(root).parts):  # .stamps/ and the like
+            continue
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read results JSON ({e})") from e
+        prov = record_provenance(doc) or {}
+        rows.append({"file": path.relative_to(root).as_posix(), "command": prov.get("command"),
+                     "machine": prov.get("machine"), "date": prov.get("date"),
+                     "smoke": prov.get("smoke") if prov else None,
+                     "continued": [{k: later.get(k) for k in ("command", "machine", "date")}
+                                   for later in doc.get("resumed_by", [])]})
+    return rows

@@ -98,11 +98,40 @@ BENCHMARKS: dict[str, Benchmark] = {
 ``bench_convert.py --smoke`` shrinks the synthetic 8B checkpoint to 1 %; ``bench_perplexity.py --smoke`` runs 2
 windows of 128 tokens."""
 
+TRADEOFF = "tradeoff"
+"""Derived, not measured: `tradeoff.write_tradeoff` (chapter 10's table, from ROOT/data's accuracy and speed
+results), run in this process after the benchmarks it reads."""
 MEMORY_PLAN = "memory-plan"
-"""The one benchmark that is a package function, not a script: `cost.write_memory_plan` (chapter 09's plan
-tables; arithmetic, not a timing), run in this process."""
+"""Arithmetic, not a timing: `cost.write_memory_plan` (chapter 09's plan tables, with the chosen schedule of
+``schedule_selection.json`` and the budget the trade-off table recommends), run in this process."""
 
-BENCHMARK_NAMES = (*BENCHMARKS, MEMORY_PLAN)
+BENCHMARK_NAMES = (*BENCHMARKS, TRADEOFF, MEMORY_PLAN)
+DERIVED_INPUTS: dict[str, tuple[str, ...]] = {
+    TRADEOFF: ("accuracy_retrieval*.json", "accuracy_ppl*.json", "bench_e2e_cpu.json"),
+    MEMORY_PLAN: ("schedule_selection.json", "tradeoff.json")}
+"""Results files (globs under ROOT/data, besides the schedules) that the in-process steps read."""
+
+
+def write_plan(root: Path, *, smoke: bool) -> Path:
+    """`cost.write_memory_plan` into ``ROOT/data/memory_plan.json``: the schedule that ``schedule_selection.json``
+    names ``chosen`` and the budget of ``tradeoff.json`` (`tradeoff.recommended_budget`; 10 % with the reason when
+    it recommends none), each from ROOT/data or else the shipped copy."""
+    import json
+
+    from .cost import write_memory_plan
+    from .models import SMOLLM2
+    from .schedule import Schedule
+    from .tradeoff import recommended_budget
+
+    chosen = json.loads(results_source(root, "schedule_selection.json", SMOLLM2).read_text())["chosen"]
+    schedule = Schedule.load(results_source(root, f"schedules/{SMOLLM2}_{chosen}.json", SMOLLM2))
+    table = results_source(root, "tradeoff.json", SMOLLM2)
+    budget, note = recommended_budget(json.loads(table.read_text()) if table.is_file() else None)
+    out = root / "data" / "memory_plan.json"
+    write_memory_plan(out, command=f"kascade-lite bench {MEMORY_PLAN} --out {shlex.quote(str(root))}"
+                                   + (" --smoke" if smoke else ""), smoke=smoke, schedule=schedule,
+                      schedule_name=chosen, budget=budget, budget_note=note)
+    return out
 
 
 def benchmark_command(name: str, root: Path, smoke: bool) -> list[str]:
@@ -125,15 +154,15 @@ def benchmark_command(name: str, root: Path, smoke: bool) -> list[str]:
 
 
 def run_benchmark(name: str, root: Path, smoke: bool) -> list[Path]:
-    """Run one benchmark (a script in a child process, its own progress output showing; the memory plan in this
-    process) and return its output files."""
+    """Run one benchmark (a script in a child process, its own progress output showing; the trade-off table and the
+    memory plan in this process) and return its output files."""
     if name == MEMORY_PLAN:
-        from .cost import write_memory_plan
+        return [write_plan(root, smoke=smoke)]
+    if name == TRADEOFF:
+        from .tradeoff import write_tradeoff
 
-        out = root / "data" / "memory_plan.json"
-        write_memory_plan(out, command=f"kascade-lite bench {MEMORY_PLAN} --out {shlex.quote(str(root))}"
-                                       + (" --smoke" if smoke else ""), smoke=smoke)
-        return [out]
+        write_tradeoff(root / "data", command=f"kascade-lite bench {TRADEOFF} --out {shlex.quote(str(root))}")
+        return [root / "data" / "tradeoff.json"]
     cmd = benchmark_command(name, root, smoke)
     (root / "data").mkdir(parents=True, exist_ok=True)
     print(f"$ {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
@@ -269,9 +298,13 @@ def pipeline(spec: ModelSpec, root: Path, *, smoke: bool, cache: str | None, fig
         return steps
     for name in BENCHMARK_NAMES:
         bench = BENCHMARKS.get(name)
-        code = (_sources("cost") if bench is None
+        code = (_sources("cost", "tradeoff") if bench is None
                 else _sources(f"benchmarks/{bench.script}", "bench", "kernels", *bench.modules))
         deps = (lambda: sorted(schedule_dir.glob(f"{SMOLLM2}_*.json"))) if bench and bench.reads_schedules else list
+        if name in DERIVED_INPUTS:  # the in-process steps read results of the steps before them
+            deps = lambda name=name: [*sorted(p for pattern in DERIVED_INPUTS[name]  # noqa: E731
+                                              for p in (root / "data").glob(pattern)),
+                                      *sorted(schedule_dir.glob(f"{SMOLLM2}_*.json"))]
         steps.append(Step(f"bench-{name}", lambda name=name: run_benchmark(name, root, smoke),
                           {"smoke": smoke}, lambda code=code, deps=deps: [*code, *deps()]))
     if figures is None or figures:

@@ -23,7 +23,9 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.colors import LogNorm
-from matplotlib.ticker import FixedLocator, NullLocator
+from matplotlib.lines import Line2D
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
+from matplotlib.ticker import FixedLocator, NullLocator, PercentFormatter
 
 from .files import atomic_path
 
@@ -375,6 +377,57 @@ def decode_vs_ceiling(e2e: Mapping[str, Any]) -> plt.Figure:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# The front page: what Kascade does to a model's layers
+
+LAYER_COLOURS = {"dense": "#3b3b3b", "anchor": "#f28e2b", "reuse": "#dbe9f6"}  # also chapter 06's schedule diagram
+
+
+def kascade_layers(layer_types: Sequence[str], anchor_of: Sequence[int], title: str | None = None) -> plt.Figure:
+    """A schedule as a row of layers: layer 0 dense (it also picks Top-k keys), anchor layers (exact scores, pooled
+    Top-k), reuse layers (attend only to the keys their anchor picked), with an arc from each anchor to every layer
+    that reuses its selection. ``layer_types``: ``"dense" | "anchor" | "reuse"`` per layer; ``anchor_of``: the layer
+    whose selection each layer uses (itself unless it reuses), both as in `kascade_lite.schedule.Schedule`."""
+    if len(layer_types) != len(anchor_of) or not layer_types:
+        raise ValueError(f"need one anchor_of entry per layer, got {len(layer_types)} layer types and "
+                         f"{len(anchor_of)} anchor_of entries")
+    unknown = sorted(set(layer_types) - set(LAYER_COLOURS))
+    if unknown:
+        raise ValueError(f"unknown layer types {unknown}; expected {sorted(LAYER_COLOURS)}")
+    n = len(layer_types)
+    reach = max([layer - src for layer, src in enumerate(anchor_of)] + [1])
+    fig, ax = plt.subplots(figsize=(BOOK_WIDTH_IN, 2.7))
+    for layer, kind in enumerate(layer_types):
+        ax.add_patch(FancyBboxPatch((layer - 0.4, 0), 0.8, 1, boxstyle="round,pad=0.02,rounding_size=0.12",
+                                    facecolor=LAYER_COLOURS[kind], edgecolor="#555555", lw=0.6))
+        if kind != "reuse":
+            ax.text(layer, 0.5, str(layer), ha="center", va="center", fontsize=7,
+                    color="white" if kind == "dense" else "black")
+    for layer, (kind, src) in enumerate(zip(layer_types, anchor_of)):
+        if kind == "reuse":  # arc3 with rad > 0 bends below a left-to-right chord
+            ax.add_patch(FancyArrowPatch((src, -0.05), (layer, -0.05), connectionstyle="arc3,rad=0.45",
+                                         arrowstyle="-|>", mutation_scale=6, lw=0.7,
+                                         color=LAYER_COLOURS["anchor"] if src else "#777777"))
+    handles = [Patch(facecolor=LAYER_COLOURS["dense"], edgecolor="#555555",
+                     label="dense (layer 0): full attention, also picks Top-k keys for the layers after it"),
+               Patch(facecolor=LAYER_COLOURS["anchor"], edgecolor="#555555",
+                     label="anchor: exact scores, then Top-k keys per KV head (and query tile)"),
+               Patch(facecolor=LAYER_COLOURS["reuse"], edgecolor="#555555",
+                     label="reuse: attends only to the keys its anchor picked (arrow from the anchor)")]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.0, -0.22), frameon=False, fontsize=9)
+    ax.set(xlim=(-0.8, n - 0.2), ylim=(-0.12 * reach - 0.25, 1.1))
+    ticks = list(range(0, n, 5 if n > 12 else 1))
+    ax.set_xticks(ticks, [f"layer {i}" if i == 0 else str(i) for i in ticks])
+    ax.set_yticks([])
+    for side in ("left", "right", "top"):
+        ax.spines[side].set_visible(False)
+    ax.grid(False)
+    if title:
+        ax.set_title(title, fontsize=10, loc="left")
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Chapters 06 and 07: schedules and accuracy
 
 
@@ -453,4 +506,62 @@ def survival_maps(needle: np.ndarray, survival: Mapping[str, np.ndarray]) -> plt
         fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
     np.atleast_1d(axes)[-1].set_xlabel("layer")
     fig.tight_layout()
+    return fig
+
+
+TRADEOFF_FAMILIES = {
+    "kascade": "Kascade", "kascade_sw": "Kascade + sinks/window", "kascade_decode": "Kascade, dense prefill",
+    "kascade_no_remap": "ablations, OmniKV", "all_heads_pooled": "ablations, OmniKV", "omnikv": "ablations, OmniKV",
+    "oracle": "oracle, pooled oracle", "oracle_decode": "oracle, pooled oracle",
+    "pooled_decode": "oracle, pooled oracle", "quest": "baselines", "tidal": "baselines", "sink_window": "baselines",
+}
+"""Colour groups of `tradeoff_frontier` by method (others: "other")."""
+
+
+def tradeoff_frontier(doc: Mapping[str, Any], haystack: str = "noise", speed_context: int = 8192) -> plt.Figure:
+    """Accuracy against K/V read per decode step, one point per ``data/tradeoff.json`` row (stale rows left out).
+    Top: recall of the needles dense found (``haystack``), one marker per prompt length, with Wilson 95 % intervals;
+    bottom: perplexity change against dense at 2048 tokens (log scale) with the 2 % target. Points whose decode step
+    was timed carry their measured end-to-end decode speed-up at ``speed_context`` tokens ("1.3×")."""
+    rows = [r for r in doc["rows"] if not r["stale"] and r["method"] != "dense"]
+    target = doc["target"]
+    families = list(dict.fromkeys([*TRADEOFF_FAMILIES.values(), "other"]))
+    colour = dict(zip(families, sns.color_palette("colorblind", len(families))))
+    markers = dict(zip(target["lengths"], "os^D"))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(BOOK_WIDTH_IN, 6.4), sharex=True)
+    seen: set[str] = set()
+    for r in rows:
+        fam = TRADEOFF_FAMILIES.get(r["method"], "other")
+        x = r["kv_read_share"]
+        for n, cell in r["retrieval"].get(haystack, {}).items():
+            if cell["recall"] is None or int(n) not in markers:
+                continue
+            lo, hi = cell["recall_ci95"]
+            err = [[max(0.0, cell["recall"] - lo)], [max(0.0, hi - cell["recall"])]]   # rounding may cross
+            top.errorbar(x, cell["recall"], yerr=err, fmt=markers[int(n)],
+                         color=colour[fam], ms=5, capsize=2, lw=0.8, alpha=0.85)
+            seen.add(fam)
+        delta = r["ppl_delta_pct"].get(str(target["ppl_length"]))
+        if delta is not None:
+            bottom.plot(x, max(delta, 1e-2), "o", color=colour[fam], ms=6)
+            seen.add(fam)
+            speed = (r["decode_speedup"] or {}).get(str(speed_context))
+            if speed is not None:
+                bottom.annotate(f"{speed:.2f}×", (x, max(delta, 1e-2)), textcoords="offset points", xytext=(5, 3),
+                                fontsize=8)
+    top.axhline(target["recall"], color="k", ls="--", lw=1)
+    top.set(ylim=(0, 1.05), ylabel="recall of dense's needles")
+    top.set_title(f"needle task, {haystack} haystack", fontsize=10, loc="left")
+    bottom.axhline(target["ppl_within_pct"], color="k", ls="--", lw=1)
+    bottom.set(yscale="log", xlabel="K/V read per decode step, share of dense",
+               ylabel=f"perplexity change at {target['ppl_length']} (%)")
+    bottom.set_title(f"perplexity (labels: measured decode speed-up at {_context_label(speed_context)} tokens)",
+                     fontsize=10, loc="left")
+    bottom.xaxis.set_major_formatter(PercentFormatter(1.0))
+    handles = [Line2D([], [], ls="", marker="o", color=colour[f], label=f) for f in families
+               if f in seen]
+    handles += [Line2D([], [], ls="", marker=m, color="0.4", label=_context_label(n))
+                for n, m in markers.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=9, bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig

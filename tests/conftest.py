@@ -51,7 +51,8 @@ def rng() -> np.random.Generator:
 
 # ------------------------------------------------------------------------------------------------------------------
 # The chapters, executed once per session as a Colab user runs them. tests/test_notebooks.py checks each run,
-# tests/test_book.py builds the book from the executed notebooks (``book/build.py --executed``, execution off).
+# tests/test_book.py builds the book from the executed notebooks (``book/build.py --executed``, chapters not executed
+# again).
 
 
 @dataclass

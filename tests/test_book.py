@@ -1,10 +1,10 @@
 """Build the whole book with ``KASCADE_SMOKE=1`` into a temporary folder from the chapter notebooks executed once, as
-on Colab, by ``conftest.ColabRuns`` (``book/build.py <folder> --executed <folder>``, execution off; the book
-``make book`` built in ``book/_build/html`` is left alone), then render each chapter in headless Chromium: one
-screenshot per chapter in ``<folder>/_build/screenshots/NN_name.png`` (the folder is printed;
+on Colab, by ``conftest.ColabRuns`` (``book/build.py <folder> --executed <folder>``, chapters not executed again;
+the book ``make book`` built in ``book/_build/html`` is left alone), then render each chapter in headless Chromium:
+one screenshot per chapter in ``<folder>/_build/screenshots/NN_name.png`` (the folder is printed;
 ``KASCADE_BOOK_TEST_DIR`` picks it and keeps it). Fail on a notebook that did not execute, a cell that wrote to
-stderr, a missing page, a Python traceback on a page, an image that does not load, or console noise on a
-page (progress bars, warnings, raw ``PosixPath`` reprs, stderr boxes)."""
+stderr, a missing page, a Python traceback on a page, an image that does not load, or console noise on a page
+(progress bars, warnings, raw ``PosixPath`` reprs, stderr boxes)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHAPTERS = ["01_rope", "02_gqa", "03_weight_conversion", "04_the_model", "05_attention_sparsity",
-            "06_calibration", "07_kascade_attention", "08_speedups", "09_scaling_out"]  # docs/CONTRIBUTING.md
+            "06_calibration", "07_kascade_attention", "08_speedups", "09_scaling_out",
+            "10_verdict"]  # docs/CONTRIBUTING.md
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--hide-scrollbars", "--virtual-time-budget=15000"]
@@ -220,8 +221,8 @@ def test_build_script_finds_stderr_warnings() -> None:
 
 
 def test_build_from_executed_notebooks_fails_on_stderr_and_missing_chapters(tmp_path: Path) -> None:
-    """``book/build.py --executed`` (execution off) still fails on a cell's stderr output (myst-nb warns when it
-    renders the saved outputs) and on a chapter with no executed notebook; it executes nothing."""
+    """``book/build.py --executed`` (chapters not executed again) still fails on a cell's stderr output (myst-nb warns
+    when it renders the saved outputs) and on a chapter with no executed notebook; it executes no chapter."""
     import nbformat
 
     executed, first = tmp_path / "executed", REPO / "notebooks" / f"{existing_chapters()[0]}.ipynb"
@@ -237,3 +238,24 @@ def test_build_from_executed_notebooks_fails_on_stderr_and_missing_chapters(tmp_
     assert f"notebooks/{first.name}: stderr was found in the cell outputs of cell {cell_number}" in proc.stderr
     assert all(name in proc.stderr for name in existing_chapters()[1:]), proc.stderr
     assert not (tmp_path / "_build" / "figures").exists() and (tmp_path / "_build" / "html" / "index.html").is_file()
+
+
+@pytest.mark.parametrize("page", ["book/intro", "book/glossary", "book/reproducing"])
+def test_book_page_renders(built_book: Build, page: str) -> None:
+    """The front page and the appendix pages: built, no traceback, no console noise, every local image loads; the
+    executed pages render what they compute from data/ (the headline results, every results file's provenance)."""
+    path = built_book.html / f"{page}.html"
+    assert path.is_file(), f"{path} was not built:\n{built_book.output}"
+    text = path.read_text()
+    assert not TRACEBACK.search(text), f"{path} shows a Python traceback"
+    noise = page_noise(text)
+    assert not noise, f"{path} shows console noise:\n  " + "\n  ".join(noise)
+    for image in local_image_files(path):
+        assert_valid_image(image)
+    if page == "book/intro":
+        assert "Needle retrieval" in text and "Decode speed" in text and len(local_image_files(path)) >= 2
+    if page == "book/reproducing":
+        from kascade_lite.files import provenance_records
+
+        missing = [r["file"] for r in provenance_records() if f"data/{r['file']}" not in html.unescape(text)]
+        assert not missing, f"{path} does not list {missing}"

@@ -36,7 +36,9 @@ def test_memory_plan_matches_hand_arithmetic() -> None:
     per_layer = 2 * 131_072 * 8 * 128 * 2                                     # K and V, bf16
     assert plan["kv_cache"] == 32 * per_layer                                   # 17.2 GB
     keys = int(np.ceil(0.1 * 131_072))
-    assert plan["kv_read_kascade"] == 4 * per_layer + 28 * 2 * keys * 8 * 128 * 2
+    sparse = 2 * keys * 8 * 128 * 2
+    # layer 0 reads everything; 3 more anchors read every key plus their selection; 28 reuse layers the selection
+    assert plan["kv_read_kascade"] == per_layer + 3 * (per_layer / 2 + sparse) + 28 * sparse
     split = C.memory_plan(LLAMA_3_1_8B, 131_072, model_size=8, num_anchor_layers=4)
     assert split["kv_cache"] == plan["kv_cache"] / 8
     replicated = 128_256 * 4096 + (2 * 32 + 1) * 4096                            # embed + norms
@@ -52,13 +54,38 @@ def test_smallest_model_axis_grows_with_context() -> None:
     assert C.smallest_model_axis(LLAMA_3_1_70B, 131_072, v5e, num_anchor_layers=10) is None
 
 
+def test_scaled_anchors_keep_relative_depth() -> None:
+    sched = default_schedule("smollm2-135m", 30, 3, 6, 32, 0.1)
+    assert sched.anchors == (0, 5, 10, 15, 20, 25)
+    assert C.scaled_anchors(sched, 30) == [0, 5, 10, 15, 20, 25]
+    assert C.scaled_anchors(sched, 32) == [0, 5, 11, 16, 21, 27]
+    assert C.scaled_anchors(sched, 80) == [0, 13, 27, 40, 53, 67]
+
+
+def test_selection_bytes() -> None:
+    # decode: one row of Top-k positions per KV head (own key not stored); prefill: one row per query tile of 32
+    decode = C.selection_bytes(LLAMA_3_1_8B, 131_072, phase="decode", budget=0.1, min_keys=128)
+    assert decode == 8 * (13_108 - 1) * 5
+    prefill = C.selection_bytes(LLAMA_3_1_8B, 131_072, phase="prefill", budget=0.1, min_keys=128)
+    assert prefill == 8 * (131_072 // 32) * (13_108 - 32) * 5
+    tiles = C.selection_bytes(LLAMA_3_1_8B, 131_072, phase="prefill", granularity="tile")
+    assert tiles == 8 * 4096 * -(-(13_108 - 32) // 32) * 5
+    with pytest.raises(ValueError, match="phase"):
+        C.selection_bytes(LLAMA_3_1_8B, 8, phase="bogus")
+
+
 def test_write_memory_plan(tmp_path: Path) -> None:
     path = tmp_path / "memory_plan.json"
-    doc = C.write_memory_plan(path, command="pytest", smoke=False, anchor_every=8)
+    sched = default_schedule("smollm2-135m", 30, 3, 6, 32, 0.1)
+    doc = C.write_memory_plan(path, command="pytest", smoke=False, schedule=sched, schedule_name="evenly",
+                              budget=0.3, budget_note="a note")
     assert json.loads(path.read_text()) == json.loads(json.dumps(doc))
     assert doc["provenance"]["command"] == "pytest" and doc["provenance"]["smoke"] is False
+    assert doc["assumptions"]["budget"] == 0.3 and doc["assumptions"]["schedule"] == "evenly"
+    assert doc["assumptions"]["budget_note"] == "a note"
     assert set(doc["models"]) == {"llama-3.1-8b", "llama-3.1-70b"}
-    assert doc["models"]["llama-3.1-70b"]["num_anchor_layers"] == 10
+    assert doc["models"]["llama-3.1-70b"]["anchor_layers"] == C.scaled_anchors(sched, 80)
+    assert doc["models"]["llama-3.1-8b"]["num_anchor_layers"] == 6
     rows = doc["models"]["llama-3.1-8b"]["rows"]
     assert [r["tokens"] for r in rows] == list(C.DEFAULT_PLAN_TOKENS)
     assert rows[0]["H100 80GB"]["model_axis"] == 1 and rows[0]["TPU v5e 16GB"]["model_axis"] == 2

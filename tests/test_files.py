@@ -73,3 +73,27 @@ def test_package_has_one_entry_point_and_no_repository_paths() -> None:
         assert "REPO_ROOT" not in text, module
         if module.name != "cli.py":
             assert not re.search(r"^if __name__ == .__main__.:|^def main\(", text, re.M), module
+
+
+def test_provenance_records_list_every_shipped_result_with_its_continuations(tmp_path: Path) -> None:
+    rows = files.provenance_records()
+    shipped = sorted(p.relative_to(files.shipped_dir()).as_posix() for p in files.shipped_dir().rglob("*.json")
+                     if not any(part.startswith(".") for part in p.relative_to(files.shipped_dir()).parts))
+    assert [r["file"] for r in rows] == shipped
+    assert all(r["command"] and r["machine"] and r["date"] and r["smoke"] is False for r in rows), rows
+    ppl = next(r for r in rows if r["file"] == "accuracy_ppl.json")
+    assert [c["date"] for c in ppl["continued"]] == [c["date"] for c in files.load_results("accuracy_ppl.json")
+                                                     ["resumed_by"]]
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "s.json").write_text(json.dumps({"meta": {"provenance": {"command": "c", "machine": "m",
+                                                                                  "date": "d", "smoke": True}}}))
+    (tmp_path / "plain.json").write_text("{}")
+    (tmp_path / ".stamps").mkdir()
+    (tmp_path / ".stamps" / "x.json").write_text("{}")
+    assert files.provenance_records(tmp_path) == [
+        {"file": "plain.json", "command": None, "machine": None, "date": None, "smoke": None, "continued": []},
+        {"file": "sub/s.json", "command": "c", "machine": "m", "date": "d", "smoke": True, "continued": []}]
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="bad.json"):
+        files.provenance_records(tmp_path)

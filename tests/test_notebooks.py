@@ -6,7 +6,7 @@ smoke size with only that copy of the package importable ahead of the test envir
 offline and WikiText-2 provided through ``KASCADE_DATA_DIR``. A chapter that read a path of the repository
 (``data/``, ``../shared``, ``book/``) fails there; an appended cell checks that the kernel imported the installed
 copy. These are the only executions of the chapters in the test run: tests/test_book.py builds the book from the
-executed notebooks. The nine chapters take a few minutes at smoke size.
+executed notebooks. The ten chapters take a few minutes at smoke size.
 """
 
 from __future__ import annotations

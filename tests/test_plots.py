@@ -158,3 +158,38 @@ def test_survival_maps() -> None:
     fig = plots.survival_maps(needle, {"a": needle / 2, "b": needle / 3})
     assert [ax.get_title(loc="left") for ax in fig.axes[:3]] == ["needle mass (dense)", "mass kept: a", "mass kept: b"]
     fits_the_book(fig)
+
+
+def test_kascade_layers_draws_the_chosen_schedule() -> None:
+    from kascade_lite.files import results_file
+    from kascade_lite.schedule import Schedule
+
+    chosen = load_results("schedule_selection.json")["chosen"]
+    s = Schedule.load(results_file(f"schedules/smollm2-135m_{chosen}.json"))
+    fig = plots.kascade_layers(s.layer_types, s.anchor_of)
+    fits_the_book(fig)
+    ax = fig.axes[0]
+    boxes = [p for p in ax.patches if isinstance(p, matplotlib.patches.FancyBboxPatch)]
+    arrows = [p for p in ax.patches if isinstance(p, matplotlib.patches.FancyArrowPatch)]
+    assert len(boxes) == s.num_layers and len(arrows) == s.layer_types.count("reuse")
+    assert [t.get_text() for t in ax.texts] == [str(a) for a in s.anchors]  # layer 0 and the anchors are numbered
+    assert len(ax.get_legend().get_texts()) == 3
+    with pytest.raises(ValueError, match="anchor_of"):
+        plots.kascade_layers(["dense", "reuse"], [0])
+    with pytest.raises(ValueError, match="unknown layer types"):
+        plots.kascade_layers(["dense", "sparse"], [0, 0])
+
+
+def test_tradeoff_frontier_from_the_shipped_table() -> None:
+    doc = load_results("tradeoff.json")
+    fig = plots.tradeoff_frontier(doc)
+    top, bottom = fig.axes[:2]
+    fresh = [r for r in doc["rows"] if not r["stale"] and r["method"] != "dense"]
+    ppl_points = [r for r in fresh if r["ppl_delta_pct"]["2048"] is not None]
+    assert len(bottom.get_lines()) == len(ppl_points) + 1   # one point per fresh row (stale ones left out), target
+    assert {round(line.get_xdata()[0], 6) for line in bottom.get_lines()[:-1]} == \
+        {round(r["kv_read_share"], 6) for r in ppl_points}
+    timed = [r for r in ppl_points if (r["decode_speedup"] or {}).get("8192") is not None]
+    assert len(bottom.texts) == len(timed) and all(t.get_text().endswith("×") for t in bottom.texts)
+    assert top.get_ylim() == (0, 1.05)
+    fits_the_book(fig)
