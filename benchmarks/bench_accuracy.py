@@ -14,6 +14,11 @@ Every configuration is written to the JSON as soon as it finishes (atomically, w
         --methods dense,kascade,kascade_decode,kascade_sw,tidal,oracle_decode,quest --every kascade_sw:2
         # many hours on 2 CPU cores, most of it in the 8k prefills; every case's seconds are in the JSON
     python benchmarks/bench_accuracy.py retrieval --resume ...   # same settings; more cases, fewer methods allowed
+    python benchmarks/bench_accuracy.py retrieval --resume --redo quest --methods quest --note "why" ...
+        # a method fixed since: its rows are dropped and measured again on the same cases
+    python benchmarks/bench_accuracy.py retrieval --haystack wikitext-test --wording varied \
+        --cases 2048:24,4096:6 --methods dense,kascade,kascade_decode,kascade_sw,oracle_decode,quest,tidal \
+        --out data/accuracy_retrieval_natural.json   # natural-text needles
 
 ``--smoke`` runs a tiny random model with the SmolLM2 tokenizer (seconds; for tests and CI). The harness is
 `kascade_lite.accuracy`; the methods and their names are `kascade_lite.methods`.
@@ -28,6 +33,7 @@ from pathlib import Path
 
 from kascade_lite.accuracy import parse_cases, parse_every, run_perplexity, run_retrieval
 from kascade_lite.methods import METHODS
+from kascade_lite.tasks import HAYSTACKS
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,12 +49,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", default="dense,kascade,kascade_decode,quest,sink_window",
                    help="retrieval methods (method[+schedule][@budget]), from: " + ", ".join(METHODS))
     p.add_argument("--every", default="", help="retrieval: method:k pairs, run that method on every k-th case only")
+    p.add_argument("--haystack", choices=HAYSTACKS, default="noise", help="retrieval: RULER filler or WikiText "
+                   "paragraphs (wikitext-test for published tables, wikitext-valid for held-out choices)")
+    p.add_argument("--wording", choices=("fixed", "varied"), default="fixed",
+                   help="retrieval: one needle template, or one of tasks.WORDINGS drawn per case")
+    p.add_argument("--redo", default="", type=lambda t: tuple(m for m in t.split(",") if m),
+                   help="with --resume: methods whose earlier rows are dropped and measured again (say why in --note)")
     p.add_argument("--batch-size", type=int, default=2, help="ppl: windows per forward pass")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-budget", type=float, default=1200, help="seconds; 0 = no limit")
     p.add_argument("--resume", action="store_true", help="keep the results already in --out, run the rest")
     p.add_argument("--note", help="a remark to store in the JSON's notes")
     args = p.parse_args(argv)
+    if args.redo and not args.resume:
+        p.error("--redo needs --resume (it replaces rows of an earlier run)")
     if args.out is None and not args.smoke:
         p.error(f"--out is required at full size (e.g. --out data/accuracy_{args.task}.json)")
     if args.out is None:
@@ -56,14 +70,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"smoke run: writing {args.out}")
     command = "python benchmarks/bench_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     common = dict(smoke=args.smoke, schedule_dir=args.schedule_dir, time_budget=args.time_budget,
-                  resume=args.resume, note=args.note)
+                  resume=args.resume, note=args.note, redo=args.redo)
     if args.task == "ppl":
         run_perplexity(Path(args.out), command, windows_512=args.windows_512, windows_2048=args.windows_2048,
                        batch_size=args.batch_size, **common)
     else:
         names = args.methods.split(",")
         run_retrieval(Path(args.out), command, names, cases=parse_cases(args.cases),
-                      every=parse_every(args.every, names), seed=args.seed, **common)
+                      every=parse_every(args.every, names), seed=args.seed, haystack=args.haystack,
+                      wording=args.wording, **common)
 
 
 if __name__ == "__main__":

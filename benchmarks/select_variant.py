@@ -13,6 +13,8 @@ provenance). Full size on a 2-core CPU (about 15 minutes)::
 
     python benchmarks/select_variant.py --out /tmp/variant   # then copy into data/ when satisfied
     python benchmarks/select_variant.py --out data           # writes data/variant_selection.json
+    python benchmarks/select_variant.py --haystack wikitext-valid --wording varied --out data
+        # the same choice on natural-text held-out cases -> data/variant_selection_wikitext-valid.json
 
 ``--smoke`` runs a tiny random model with as many layers as the chosen schedule, at 256 tokens (seconds; for the
 tests), and records ``"smoke": true``; smoke and full runs alike need ``--out`` or write a new temporary folder.
@@ -39,6 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--schedule-dir", default=None, help="folder of the chosen schedule (default: next to --selection)")
     p.add_argument("--cases", type=int, default=60, help="held-out retrieval cases (the selection seed)")
     p.add_argument("--ppl-windows", type=int, default=6, help="held-out WikiText-2 validation windows")
+    p.add_argument("--haystack", choices=("noise", "wikitext-valid"), default="noise",
+                   help="held-out needle cases: RULER filler (default) or WikiText validation paragraphs")
+    p.add_argument("--wording", choices=("fixed", "varied"), default="fixed", help="needle wording (tasks.WORDINGS)")
     p.add_argument("--smoke", action="store_true", help="tiny random model, tiny sizes")
     args = p.parse_args(argv)
     if args.smoke:
@@ -48,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     command = " ".join(["python benchmarks/select_variant.py", *(sys.argv[1:] if argv is None else argv)])
     doc = choose_variant(Path(args.out), command, Path(args.selection), smoke=args.smoke,
                          schedule_dir=Path(args.schedule_dir) if args.schedule_dir else None, cases=args.cases,
-                         ppl_windows=args.ppl_windows)
+                         ppl_windows=args.ppl_windows, haystack=args.haystack, wording=args.wording)
     print(json.dumps({"out": args.out, "recommended": doc.get("recommended"), "paired": doc.get("paired")}))
 
 

@@ -99,7 +99,7 @@ def perplexity_configs(schedules: dict[str, Schedule], main: str, lengths: list[
 
 def run_perplexity(out: Path, command: str, *, smoke: bool, windows_512: int = 8, windows_2048: int = 2,
                    batch_size: int = 2, schedule_dir: Path | None = None, time_budget: float = 1200,
-                   resume: bool = False, note: str | None = None) -> dict[str, Any]:
+                   resume: bool = False, note: str | None = None, redo: tuple[str, ...] = ()) -> dict[str, Any]:
     """Measure `perplexity_configs` into ``out`` (``accuracy_ppl.json``); smoke: a tiny random model, 128-token
     windows, the first four dense / Kascade / Quest rows. Returns the document."""
     model = smollm2_or_tiny(smoke)
@@ -118,7 +118,8 @@ def run_perplexity(out: Path, command: str, *, smoke: bool, windows_512: int = 8
                     main_schedule=main, schedules={k: v.to_dict() for k, v in schedules.items()},
                     methods=descriptions(dict.fromkeys(c["method"] for c in perplexity_configs(schedules, main,
                                                                                                 list(lengths)))))
-    log = ResultsLog(out, command, settings, smoke=smoke, time_budget=time_budget, resume=resume)
+    log = ResultsLog(out, command, settings, smoke=smoke, time_budget=time_budget, resume=resume, redo=redo,
+                     why=note)
     log.note(note)
     dense_ppl: dict[int, float] = {}
     for cfg in configs:
@@ -174,11 +175,14 @@ def parse_every(spec: str, names: list[str]) -> dict[str, int]:
 def run_retrieval(out: Path, command: str, names: list[str], *, smoke: bool, cases: dict[int, int] | None = None,
                   every: dict[str, int] | None = None, seed: int = 0, schedule_dir: Path | None = None,
                   time_budget: float = 1200, resume: bool = False, note: str | None = None,
+                  redo: tuple[str, ...] = (), haystack: str = "noise", wording: str = "fixed",
                   **case_options: Any) -> dict[str, Any]:
     """Every method of ``names`` answers the same needle cases (``{length: count}``; smoke: two of 256 tokens), case
     by case, round-robin over the lengths (a time budget leaves every length with about as many cases); the file is
     rewritten after each case. ``every``: method -> stride (that method answers every stride-th case only);
-    ``case_options`` go to `tasks.make_cases`. Returns the document."""
+    ``haystack``, ``wording`` and ``case_options`` go to `tasks.make_cases` (a file of the default filler task
+    keeps the settings it always had; other haystacks or wordings are recorded in ``settings``); ``redo``: see
+    `files.ResultsLog`. Returns the document."""
     model = smollm2_or_tiny(smoke)
     schedules = kascade_schedules(model, schedule_dir)
     main = main_schedule(schedules)
@@ -187,13 +191,17 @@ def run_retrieval(out: Path, command: str, names: list[str], *, smoke: bool, cas
     methods = {n: {m: build(m, schedules, main, length=n, **RETRIEVAL_SETTING) for m in names} for n in cases}
     every = every or {}
     tok = load_tokenizer()
-    settings = dict(model=SMOKE_MODEL if smoke else MODEL, task="single needle, RULER noise haystack, 7-digit "
-                    "value, exact match of the greedy continuation", cases=cases,
+    hay = "RULER noise haystack" if haystack == "noise" else f"{haystack} haystack (paragraphs)"
+    hay += "" if wording == "fixed" else f", {wording} wording"
+    settings = dict(model=SMOKE_MODEL if smoke else MODEL, task=f"single needle, {hay}, 7-digit value, exact "
+                    "match of the greedy continuation", cases=cases,
                     budget=RETRIEVAL_SETTING["budget"], min_keys=RETRIEVAL_SETTING["min_keys"],
                     tile_size=RETRIEVAL_SETTING["tile"], main_schedule=main, schedule=schedules[main].to_dict(),
                     methods=descriptions(names), every=every, seed=seed)
+    if (haystack, wording) != ("noise", "fixed"):
+        settings.update(haystack=haystack, wording=wording)
     log = ResultsLog(out, command, settings, smoke=smoke, time_budget=time_budget, resume=resume,
-                     free=("cases", "methods", "every"))
+                     free=("cases", "methods", "every"), redo=redo, why=note)
     log.note(note)
     rows = {(r["length"], r["method"]): r for r in log.doc["results"]}
     for length in cases:
@@ -202,7 +210,8 @@ def run_retrieval(out: Path, command: str, names: list[str], *, smoke: bool, cas
                 rows[length, name] = dict(length=length, method=name, n_cases=0, n_correct=0, accuracy=None,
                                           seconds=0.0, cases=[])
                 log.doc["results"].append(rows[length, name])
-    generated = {n: make_cases(n, count, seed=seed, tokenizer=tok, **case_options) for n, count in cases.items()}
+    generated = {n: make_cases(n, count, seed=seed, tokenizer=tok, haystack=haystack, wording=wording,
+                               **case_options) for n, count in cases.items()}
     for i in range(max(cases.values())):
         for length, batch in generated.items():
             todo = {n: m for n, m in methods[length].items()

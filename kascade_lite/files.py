@@ -105,26 +105,41 @@ class ResultsLog:
     last two, e.g. ``{"variants": {}}``); every `add` (or `save`) rewrites it atomically with the elapsed seconds.
     A row is keyed by its settings: `done` finds the earlier row whose fields include the given ones. ``resume``
     keeps an earlier file's rows if its ``settings`` equal these (but for the ``free`` keys, mappings that are
-    merged, e.g. more cases or methods) and records this run's provenance in its ``resumed_by`` list.
+    merged, e.g. more cases or methods) and records this run's provenance in its ``resumed_by`` list. ``redo``
+    (with ``resume``): methods whose earlier rows are dropped and measured again, e.g. after a fix of that method
+    (their descriptions in ``settings["methods"]`` may change), with ``why`` in the notes.
     ``time_budget`` seconds (0: none) after the start, `out_of_time` turns True."""
 
     def __init__(self, path: str | os.PathLike, command: str, settings: dict[str, Any], *, smoke: bool,
                  time_budget: float = 0, resume: bool = False, free: tuple[str, ...] = (),
-                 fields: dict[str, Any] | None = None):
+                 fields: dict[str, Any] | None = None, redo: tuple[str, ...] = (), why: str | None = None):
         self.path, self.start, self.time_budget = Path(path), time.monotonic(), time_budget
         self.doc: dict[str, Any] = {"provenance": provenance(command, smoke=smoke), "settings": settings,
                                     **({"results": [], "skipped": []} if fields is None else fields)}
+        if redo and not (resume and self.path.is_file()):
+            raise ValueError(f"{self.path}: redo replaces rows of an earlier run; there is none to resume")
         if resume and self.path.is_file():
             old = json.loads(self.path.read_text())
             new = json.loads(json.dumps(settings))
-            fixed = lambda d: {k: v for k, v in d.items() if k not in free}  # noqa: E731
+
+            def fixed(d: dict[str, Any]) -> dict[str, Any]:
+                kept = {k: v for k, v in d.items() if k not in free}
+                if isinstance(kept.get("methods"), dict):
+                    kept["methods"] = {m: t for m, t in kept["methods"].items() if m not in redo}
+                return kept
+
             if fixed(old.get("settings", {})) != fixed(new):
                 raise ValueError(f"{self.path}: --resume needs the same settings as the run that wrote it")
             for key in free:
                 old["settings"][key] = {**old["settings"][key], **new[key]}
+            if isinstance(new.get("methods"), dict):
+                old["settings"]["methods"].update({m: new["methods"][m] for m in redo if m in new["methods"]})
             old["resumed_by"] = old.get("resumed_by", []) + [self.doc["provenance"]]
             old["skipped"] = []
             self.doc = old
+            for name in redo:
+                self.doc["results"] = [r for r in self.doc["results"] if r.get("method") != name]
+                self.note(f"{name}: earlier rows dropped and measured again ({why or 'no reason given'})")
 
     def done(self, key: dict[str, Any]) -> dict[str, Any] | None:
         """The earlier row whose fields include ``key``, if any."""

@@ -85,6 +85,13 @@ BENCHMARKS: dict[str, Benchmark] = {
                               "--out", "{data}/accuracy_retrieval_frontier.json"),
         ("retrieval", "--smoke", "--methods", LONG_FRONTIER, "--out", "{data}/accuracy_retrieval_frontier.json"),
         ("accuracy_retrieval_frontier.json",), reads_schedules=True, modules=ACCURACY),
+    "accuracy-retrieval-natural": Benchmark(
+        "bench_accuracy.py", ("retrieval", "--haystack", "wikitext-test", "--wording", "varied", "--cases",
+                              "2048:24,4096:6", "--methods", RETRIEVAL, "--time-budget", "0",
+                              "--out", "{data}/accuracy_retrieval_natural.json"),
+        ("retrieval", "--smoke", "--haystack", "wikitext-test", "--wording", "varied", "--methods", RETRIEVAL,
+         "--out", "{data}/accuracy_retrieval_natural.json"),
+        ("accuracy_retrieval_natural.json",), reads_schedules=True, modules=ACCURACY),
     "perplexity": Benchmark("bench_perplexity.py", ("--windows", "64", "--out", "{data}/perplexity.json"),
                             ("--smoke", "--out", "{data}/perplexity.json"), ("perplexity.json",)),
     "attention": Benchmark("bench_attention.py", ("--out", "{data}"), ("--smoke", "--out", "{data}"),

@@ -183,9 +183,12 @@ def load_selection(path: Path, schedule_dir: Path | None) -> tuple[dict[str, Any
 
 
 def choose_variant(out: Path, command: str, selection_path: Path, *, smoke: bool, schedule_dir: Path | None = None,
-                   cases: int = 60, ppl_windows: int = 6) -> dict[str, Any]:
+                   cases: int = 60, ppl_windows: int = 6, haystack: str = "noise",
+                   wording: str = "fixed") -> dict[str, Any]:
     """The variant choice into ``out/variant_selection.json`` on the held-out data of ``selection_path`` (smoke:
-    a tiny random model with as many layers as the chosen schedule, 256 tokens). Returns the document."""
+    a tiny random model with as many layers as the chosen schedule, 256 tokens). With another ``haystack`` (the
+    held-out natural text is ``"wikitext-valid"``) or ``wording``, the needle cases use it and the file is
+    ``variant_selection_<haystack>.json``. Returns the document."""
     selection, sched = load_selection(selection_path, schedule_dir)
     s, held = selection["settings"], selection["settings"]["held_out"]
     seq_len = 256 if smoke else s["seq_len"]
@@ -198,7 +201,10 @@ def choose_variant(out: Path, command: str, selection_path: Path, *, smoke: bool
                                   ppl_source="last WikiText-2 validation windows"),
                     rule=("kascade_sw if it finds more held-out needles with exact McNemar p < 0.05 and its "
                           "held-out perplexity is not higher; else the paper's kascade"))
-    rec = ResultsLog(out / "variant_selection.json", command, settings, smoke=smoke, fields={"variants": {}})
+    if (haystack, wording) != ("noise", "fixed"):
+        settings["held_out"].update(haystack=haystack, wording=wording)
+    filename = "variant_selection.json" if haystack == "noise" else f"variant_selection_{haystack}.json"
+    rec = ResultsLog(out / filename, command, settings, smoke=smoke, fields={"variants": {}})
     doc = rec.doc
     windows = held_out_windows(seq_len, ppl_windows, s["calibration"]["wikitext_windows"], tok)
     rows = doc["variants"]
@@ -208,7 +214,8 @@ def choose_variant(out: Path, command: str, selection_path: Path, *, smoke: bool
         rec.save()
         print(name, f"held-out ppl {rows[name]['ppl']:.3f}", flush=True)
     methods = {n: RetrievalMethod(fn, fn) for n, fn in attn.items()}
-    for i, case in enumerate(make_cases(seq_len, cases, seed=held["seed"], tokenizer=tok)):
+    held_cases = make_cases(seq_len, cases, seed=held["seed"], tokenizer=tok, haystack=haystack, wording=wording)
+    for i, case in enumerate(held_cases):
         for name, res in answer_case(model, case, methods, tokenizer=tok).items():
             rows[name]["cases"].append(dict(index=i, answer=case.answer, output=res["output"],
                                             correct=bool(res["correct"])))

@@ -1,13 +1,23 @@
 """A RULER-style synthetic retrieval task ("needle in a haystack"), generated offline from a seed.
 
-Each case is a chat prompt of exactly ``length`` tokens (SmolLM2 chat template): a haystack of plain filler
-sentences (RULER's "noise" haystack) holding one needle ``The special magic number for <key> is <7 digits>.`` —
-optionally with distractor needles for other keys — then the question, and the assistant's answer already started
-with ``The special magic number for <key> is``. The model's greedy continuation is scored by exact match of the
-first 7-digit number it writes.
+Each case is a chat prompt of exactly ``length`` tokens (SmolLM2 chat template): a haystack holding one needle
+such as ``The special magic number for <key> is <7 digits>.`` — optionally with distractor needles for other keys —
+then the question, and the assistant's answer already started (``The special magic number for <key> is``). The
+model's greedy continuation is scored by exact match of the first 7-digit number it writes.
 
-Prompts are assembled from token ids (template pieces, filler and needles tokenised separately), so every case of a
-given length has the same shape: one compilation per (length, attention). `answer_case` runs one case under
+Two haystacks (``haystack=``):
+
+* ``"noise"``: RULER's repeated filler sentences. The needle is the only novel text in the prompt, which flatters
+  any method that selects keys by how much attention they draw.
+* ``"wikitext-test"`` / ``"wikitext-valid"``: consecutive WikiText-2 paragraphs from a random start (the raw test
+  split for published tables, the validation split — detokenised, lines with ``<unk>`` dropped — for held-out
+  method choices). The needle now competes with natural text.
+
+``wording="varied"`` draws the needle, question and answer prefix from `WORDINGS` per case (one template each);
+``"fixed"`` always uses the first. Distractor needles share the case's wording.
+
+Prompts are assembled from token ids (template pieces, haystack and needles tokenised separately), so every case of
+a given length has the same shape: one compilation per (length, attention). `answer_case` runs one case under
 several methods, sharing the prompt pass between methods that prefill alike.
 """
 
@@ -30,9 +40,33 @@ from .model import AttentionFn, KVCache, Llama, decode, forward
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 KEYS = ("apple", "river", "candle", "garden", "mirror", "pencil", "window", "forest", "button", "rocket", "basket",
         "violin", "anchor", "saddle", "harbor", "lantern", "meadow", "pepper", "castle", "ribbon")
-QUESTION = "What is the special magic number for {key} mentioned in the text above?"
-ANSWER_PREFIX = "The special magic number for {key} is"
-NEEDLE = " The special magic number for {key} is {value}. "
+HAYSTACKS = ("noise", "wikitext-test", "wikitext-valid")
+
+
+@dataclass(frozen=True)
+class Wording:
+    """One needle template: the ``needle`` sentence, the ``question`` asked after the haystack and the assistant's
+    ``answer`` prefix, each formatted with ``key`` (and the needle with ``value``)."""
+
+    needle: str
+    question: str
+    answer: str
+
+
+WORDINGS = (
+    Wording(" The special magic number for {key} is {value}. ",
+            "What is the special magic number for {key} mentioned in the text above?",
+            "The special magic number for {key} is"),
+    Wording(" The access code of the {key} locker is {value}. ",
+            "What is the access code of the {key} locker given in the text above?",
+            "The access code of the {key} locker is"),
+    Wording(" For the record, the {key} account has the ID {value}. ",
+            "Which ID does the {key} account have, according to the text above?",
+            "The {key} account has the ID"),
+    Wording(" Note that the serial of the {key} crate reads {value}. ",
+            "What does the serial of the {key} crate read in the text above?",
+            "The serial of the {key} crate reads"),
+)
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 MAX_NEW_TOKENS = 9  # " " + 7 digits + "."
 
@@ -47,39 +81,80 @@ class RetrievalCase:
     answer: str
     depth: float
     needle: tuple[int, int] = (0, 0)
+    wording: int = 0
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _template(tokenizer: Any, key: str) -> tuple[list[int], list[int]]:
+def _template(tokenizer: Any, key: str, wording: Wording = WORDINGS[0]) -> tuple[list[int], list[int]]:
     """Token ids before and after the haystack: system + user turn opening; question + assistant answer prefix."""
     marker = "\x00HAYSTACK\x00"
     text = tokenizer.apply_chat_template(
         [{"role": "system", "content": SYSTEM},
-         {"role": "user", "content": marker + "\n\n" + QUESTION.format(key=key)}],
-        tokenize=False, add_generation_prompt=True) + ANSWER_PREFIX.format(key=key)
+         {"role": "user", "content": marker + "\n\n" + wording.question.format(key=key)}],
+        tokenize=False, add_generation_prompt=True) + wording.answer.format(key=key)
     before, after = text.split(marker)
     return _ids(tokenizer, before), _ids(tokenizer, after)
 
 
+_PARAGRAPHS: dict[tuple[int, str], list[list[int]]] = {}
+
+
+def wikitext_paragraphs(split: str, tokenizer: Any) -> list[list[int]]:
+    """Token ids of every WikiText-2 paragraph of ``split`` (``"test"``: raw release; ``"validation"``: the
+    tokenised release detokenised — `` @-@ `` → ``-``, `` @,@ `` → ``,``, `` @.@ `` → ``.`` — with ``<unk>``
+    lines dropped), headings and blank lines skipped, each ending in a newline. Cached per tokenizer."""
+    from .data import load_wikitext
+
+    if (id(tokenizer), split) not in _PARAGRAPHS:
+        text = load_wikitext(split)
+        for mark, plain in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", ".")):
+            text = text.replace(mark, plain)
+        lines = [ln.strip() for ln in text.split("\n")]
+        paragraphs = [ln for ln in lines if ln and not ln.startswith("=") and "<unk>" not in ln]
+        _PARAGRAPHS[id(tokenizer), split] = [_ids(tokenizer, p + "\n") for p in paragraphs]
+    return _PARAGRAPHS[id(tokenizer), split]
+
+
+def _haystack(haystack: str, n_fill: int, rng: np.random.Generator, tokenizer: Any, filler: str) -> list[int]:
+    """``n_fill`` haystack token ids: the filler repeated, or consecutive WikiText paragraphs from a random one."""
+    if haystack == "noise":
+        sentence = _ids(tokenizer, filler)
+        return (sentence * (n_fill // len(sentence) + 1))[:n_fill]
+    if haystack not in HAYSTACKS:
+        raise ValueError(f"unknown haystack {haystack!r}; choose from {HAYSTACKS}")
+    paragraphs = wikitext_paragraphs("test" if haystack == "wikitext-test" else "validation", tokenizer)
+    fill, i = [], int(rng.integers(len(paragraphs)))
+    while len(fill) < n_fill:
+        fill += paragraphs[i % len(paragraphs)]
+        i += 1
+    return fill[:n_fill]
+
+
 def make_case(length: int, rng: np.random.Generator, *, num_distractors: int = 0, tokenizer: Any = None,
-              filler: str = FILLER) -> RetrievalCase:
+              filler: str = FILLER, haystack: str = "noise", wording: str = "fixed") -> RetrievalCase:
     """One case of exactly ``length`` tokens: a random key and 7-digit value, the needle at a random sentence
-    boundary, ``num_distractors`` needles for other keys at other boundaries."""
+    boundary of the ``haystack`` (see the module docstring), ``num_distractors`` needles for other keys at other
+    boundaries; ``wording`` ``"fixed"`` or ``"varied"`` (one of `WORDINGS` drawn per case)."""
+    if wording not in ("fixed", "varied"):
+        raise ValueError(f"wording must be 'fixed' or 'varied', got {wording!r}")
     tok = tokenizer or load_tokenizer()
     keys = rng.choice(len(KEYS), size=1 + num_distractors, replace=False)
     key = KEYS[keys[0]]
     values = [str(v) for v in rng.integers(1_000_000, 10_000_000, size=len(keys))]
-    before, after = _template(tok, key)
-    needles = [_ids(tok, NEEDLE.format(key=KEYS[k], value=v)) for k, v in zip(keys, values)]
+    w = int(rng.integers(len(WORDINGS))) if wording == "varied" else 0
+    before, after = _template(tok, key, WORDINGS[w])
+    needles = [_ids(tok, WORDINGS[w].needle.format(key=KEYS[k], value=v)) for k, v in zip(keys, values)]
     n_fill = length - len(before) - len(after) - sum(map(len, needles))
     if n_fill < 16:
         raise ValueError(f"length={length} tokens is too short for the template and {len(needles)} needle(s)")
-    sentence = _ids(tok, filler)
-    fill = (sentence * (n_fill // len(sentence) + 1))[:n_fill]
+    fill = _haystack(haystack, n_fill, rng, tok, filler)
     boundaries = [i + 1 for i, t in enumerate(fill) if tok.decode([t]).strip().endswith(".")]
+    if len(boundaries) < len(needles):
+        raise ValueError(f"the {haystack} haystack of {n_fill} tokens has {len(boundaries)} sentence ends; "
+                         f"{len(needles)} needle(s) need as many")
     spots = sorted(rng.choice(boundaries, size=len(needles), replace=False).tolist())
     order = rng.permutation(len(needles))  # which needle goes to which spot
     hay, last, span = [], 0, (0, 0)
@@ -93,7 +168,7 @@ def make_case(length: int, rng: np.random.Generator, *, num_distractors: int = 0
     ids = np.asarray(before + hay + after, np.int32)
     assert ids.shape == (length,), ids.shape
     depth = spots[list(order).index(0)] / n_fill
-    return RetrievalCase(ids=ids, key=key, answer=values[0], depth=float(depth), needle=span)
+    return RetrievalCase(ids=ids, key=key, answer=values[0], depth=float(depth), needle=span, wording=w)
 
 
 def make_cases(length: int, num: int, seed: int = 0, **kw: Any) -> list[RetrievalCase]:

@@ -35,6 +35,20 @@ def test_retrieval_smoke_run_is_complete_and_resumes(tmp_path: Path) -> None:
     A.run_retrieval(out, "test --resume", names, smoke=True, resume=True)
     again = json.loads(out.read_text())
     assert again["results"] == doc["results"] and again["resumed_by"][0]["command"] == "test --resume"
+    # redo drops one method's rows, measures them again on the same cases and says why; the others stay as they were
+    A.run_retrieval(out, "test --redo", ["tidal"], smoke=True, resume=True, redo=("tidal",), note="rule fixed")
+    redone = json.loads(out.read_text())
+    assert [r["method"] for r in redone["results"]] == [m for m in names if m != "tidal"] + ["tidal"]
+    assert [c["index"] for c in redone["results"][-1]["cases"]] == [0, 1]
+    assert [r for r in redone["results"] if r["method"] != "tidal"] == [r for r in doc["results"] if r["method"] != "tidal"]
+    assert any(n.startswith("tidal: earlier rows dropped") and "rule fixed" in n for n in redone["notes"])
+    with pytest.raises(ValueError, match="none to resume"):
+        A.run_retrieval(tmp_path / "new.json", "test", ["tidal"], smoke=True, resume=True, redo=("tidal",))
+    # another haystack is a setting of its own file; the default task's settings are as they always were
+    nat = A.run_retrieval(tmp_path / "natural.json", "test", ["dense", "kascade"], smoke=True,
+                          haystack="wikitext-test", wording="varied")
+    assert (nat["settings"]["haystack"], nat["settings"]["wording"]) == ("wikitext-test", "varied")
+    assert "haystack" not in doc["settings"] and doc["settings"]["task"].startswith("single needle, RULER noise")
 
 
 def test_perplexity_smoke_run_and_resume(tmp_path: Path) -> None:

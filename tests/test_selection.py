@@ -65,6 +65,12 @@ def test_choose_variant_smoke(tmp_path: Path) -> None:
     assert tuple(doc["paired"][k] for k in ("both", "only_kascade_sw", "only_kascade", "neither")) == split
     assert doc["paired"]["p"] == mcnemar_p(split[1], split[2])
     assert doc["recommended"] == S.recommend(rows, split[1], split[2], doc["paired"]["p"])
+    # the same choice on natural-text held-out cases goes to a file of its own
+    S.choose_variant(tmp_path, "test", tmp_path / "sel" / "schedule_selection.json", smoke=True, cases=1,
+                     ppl_windows=1, haystack="wikitext-valid", wording="varied")
+    natural = json.loads((tmp_path / "variant_selection_wikitext-valid.json").read_text())
+    assert natural["settings"]["held_out"]["haystack"] == "wikitext-valid"
+    assert "haystack" not in doc["settings"]["held_out"]
 
 
 def test_recommend_rule() -> None:

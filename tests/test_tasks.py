@@ -10,7 +10,9 @@ import pytest
 from kascade_lite.data import load_tokenizer
 from kascade_lite.model import dense_attention
 from kascade_lite.models import smollm2_or_tiny
-from kascade_lite.tasks import KEYS, RetrievalMethod, answer_case, extract_answer, make_case, make_cases
+from kascade_lite.files import load_results
+from kascade_lite.tasks import (KEYS, WORDINGS, RetrievalMethod, answer_case, extract_answer, make_case, make_cases,
+                                wikitext_paragraphs)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,62 @@ def test_distractors_use_other_keys(tok) -> None:
     text = tok.decode(case.ids.tolist())
     assert text.count("The special magic number for") == 4 + 1            # 4 needles + the answer prefix
     assert sum(text.count(f"number for {k} is") for k in KEYS if k != case.key) == 3
+
+
+def test_the_published_filler_cases_are_regenerated_exactly(tok) -> None:
+    """The default task (filler haystack, fixed wording) draws the same cases as the ones the shipped table
+    answered: same answers and needle depths for the first cases at 2k."""
+    shipped = next(r for r in load_results("accuracy_retrieval.json")["results"]
+                   if r["length"] == 2048 and r["method"] == "dense")
+    first = sorted(shipped["cases"], key=lambda c: c["index"])[:3]
+    cases = make_cases(2048, 3, seed=0, tokenizer=tok)
+    assert [(c["answer"], c["depth"]) for c in first] == [(c.answer, round(c.depth, 4)) for c in cases]
+
+
+@pytest.mark.parametrize("haystack", ["wikitext-test", "wikitext-valid"])
+def test_natural_text_cases_hold_one_needle_in_wikitext(haystack, tok) -> None:
+    cases = make_cases(1024, 4, seed=1, tokenizer=tok, haystack=haystack, wording="varied")
+    paragraphs = wikitext_paragraphs("test" if haystack == "wikitext-test" else "validation", tok)
+    for case in cases:
+        w = WORDINGS[case.wording]
+        assert case.ids.shape == (1024,)
+        text = tok.decode(case.ids.tolist())
+        needle = w.needle.format(key=case.key, value=case.answer).strip()
+        assert tok.decode(case.ids[case.needle[0]:case.needle[1]].tolist()).strip() == needle
+        assert text.count(case.answer) == 1 and text.rstrip().endswith(w.answer.format(key=case.key))
+        assert w.question.format(key=case.key) in text
+        start, end = case.needle  # 20 haystack tokens on the longer side of the needle come from WikiText
+        run = case.ids[end:end + 20] if case.depth < 0.5 else case.ids[start - 20:start]
+        assert any(_contains(chunk, run.tolist()) for chunk in _windows(paragraphs)), "haystack is not WikiText"
+    assert len({c.wording for c in cases}) > 1  # varied wording draws more than one template
+    assert not any("<unk>" in tok.decode(c.ids.tolist()) for c in cases)
+
+
+def _windows(paragraphs: list[list[int]]) -> list[list[int]]:
+    """The paragraph stream in overlapping chunks (so a 20-token run that crosses a paragraph end is found)."""
+    flat = [t for p in paragraphs for t in p]
+    return [flat[i:i + 4096] for i in range(0, len(flat), 4000)]
+
+
+def _contains(seq: list[int], run: list[int]) -> bool:
+    n = len(run)
+    return any(seq[i:i + n] == run for i in range(len(seq) - n + 1) if seq[i] == run[0])
+
+
+def test_natural_text_cases_are_reproducible_and_differ_between_splits(tok) -> None:
+    a = make_cases(512, 2, seed=3, tokenizer=tok, haystack="wikitext-test")
+    b = make_cases(512, 2, seed=3, tokenizer=tok, haystack="wikitext-test")
+    c = make_cases(512, 2, seed=3, tokenizer=tok, haystack="wikitext-valid")
+    assert all(np.array_equal(x.ids, y.ids) for x, y in zip(a, b))
+    assert not np.array_equal(a[0].ids, c[0].ids)
+    assert all(case.wording == 0 for case in a)  # fixed wording: the first template
+
+
+def test_unknown_haystack_or_wording_raises(tok) -> None:
+    with pytest.raises(ValueError, match="unknown haystack"):
+        make_case(512, np.random.default_rng(0), tokenizer=tok, haystack="books")
+    with pytest.raises(ValueError, match="wording"):
+        make_case(512, np.random.default_rng(0), tokenizer=tok, wording="random")
 
 
 def test_too_short_raises(tok) -> None:
