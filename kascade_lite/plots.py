@@ -518,29 +518,39 @@ TRADEOFF_FAMILIES = {
 """Colour groups of `tradeoff_frontier` by method (others: "other")."""
 
 
-def tradeoff_frontier(doc: Mapping[str, Any], haystack: str = "noise", speed_context: int = 8192) -> plt.Figure:
+HAYSTACK_LABELS = {"noise": "filler (RULER)", "wikitext-test": "natural-text (WikiText-2)"}
+"""How the figures name the needle task's haystacks (`tasks.HAYSTACKS`)."""
+
+
+def tradeoff_frontier(doc: Mapping[str, Any], haystacks: Sequence[str] | None = None,
+                      speed_context: int = 8192) -> plt.Figure:
     """Accuracy against K/V read per decode step, one point per ``data/tradeoff.json`` row (stale rows left out).
-    Top: recall of the needles dense found (``haystack``), one marker per prompt length, with Wilson 95 % intervals;
-    bottom: perplexity change against dense at 2048 tokens (log scale) with the 2 % target. Points whose decode step
-    was timed carry their measured end-to-end decode speed-up at ``speed_context`` tokens ("1.3×")."""
+    Top, one panel per haystack (default: every haystack in ``doc``): recall of the needles dense found, one marker
+    per prompt length, with Wilson 95 % intervals; bottom: perplexity change against dense at 2048 tokens (log scale)
+    with the 2 % line. Points whose decode step was timed carry their measured end-to-end decode speed-up at
+    ``speed_context`` tokens ("1.3×")."""
+    haystacks = list(doc["haystacks"] if haystacks is None else haystacks)
     rows = [r for r in doc["rows"] if not r["stale"] and r["method"] != "dense"]
     target = doc["target"]
     families = list(dict.fromkeys([*TRADEOFF_FAMILIES.values(), "other"]))
     colour = dict(zip(families, sns.color_palette("colorblind", len(families))))
     markers = dict(zip(target["lengths"], "os^D"))
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(BOOK_WIDTH_IN, 6.4), sharex=True)
+    fig, axes = plt.subplots(len(haystacks) + 1, 1, figsize=(BOOK_WIDTH_IN, 3.2 * (len(haystacks) + 1)),
+                             sharex=True)
+    tops, bottom = list(axes[:-1]), axes[-1]
     seen: set[str] = set()
     for r in rows:
         fam = TRADEOFF_FAMILIES.get(r["method"], "other")
         x = r["kv_read_share"]
-        for n, cell in r["retrieval"].get(haystack, {}).items():
-            if cell["recall"] is None or int(n) not in markers:
-                continue
-            lo, hi = cell["recall_ci95"]
-            err = [[max(0.0, cell["recall"] - lo)], [max(0.0, hi - cell["recall"])]]   # rounding may cross
-            top.errorbar(x, cell["recall"], yerr=err, fmt=markers[int(n)],
-                         color=colour[fam], ms=5, capsize=2, lw=0.8, alpha=0.85)
-            seen.add(fam)
+        for top, haystack in zip(tops, haystacks):
+            for n, cell in r["retrieval"].get(haystack, {}).items():
+                if cell["recall"] is None or int(n) not in markers:
+                    continue
+                lo, hi = cell["recall_ci95"]
+                err = [[max(0.0, cell["recall"] - lo)], [max(0.0, hi - cell["recall"])]]   # rounding may cross
+                top.errorbar(x, cell["recall"], yerr=err, fmt=markers[int(n)],
+                             color=colour[fam], ms=5, capsize=2, lw=0.8, alpha=0.85)
+                seen.add(fam)
         delta = r["ppl_delta_pct"].get(str(target["ppl_length"]))
         if delta is not None:
             bottom.plot(x, max(delta, 1e-2), "o", color=colour[fam], ms=6)
@@ -549,9 +559,10 @@ def tradeoff_frontier(doc: Mapping[str, Any], haystack: str = "noise", speed_con
             if speed is not None:
                 bottom.annotate(f"{speed:.2f}×", (x, max(delta, 1e-2)), textcoords="offset points", xytext=(5, 3),
                                 fontsize=8)
-    top.axhline(target["recall"], color="k", ls="--", lw=1)
-    top.set(ylim=(0, 1.05), ylabel="recall of dense's needles")
-    top.set_title(f"needle task, {haystack} haystack", fontsize=10, loc="left")
+    for top, haystack in zip(tops, haystacks):
+        top.axhline(target["recall"], color="k", ls="--", lw=1)
+        top.set(ylim=(0, 1.05), ylabel="recall of dense's needles")
+        top.set_title(f"needle task, {HAYSTACK_LABELS.get(haystack, haystack)} haystack", fontsize=10, loc="left")
     bottom.axhline(target["ppl_within_pct"], color="k", ls="--", lw=1)
     bottom.set(yscale="log", xlabel="K/V read per decode step, share of dense",
                ylabel=f"perplexity change at {target['ppl_length']} (%)")
@@ -563,5 +574,5 @@ def tradeoff_frontier(doc: Mapping[str, Any], haystack: str = "noise", speed_con
     handles += [Line2D([], [], ls="", marker=m, color="0.4", label=_context_label(n))
                 for n, m in markers.items()]
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=9, bbox_to_anchor=(0.5, -0.02))
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.tight_layout(rect=(0, 0.64 / fig.get_figheight(), 1, 1))   # room for the legend (0.64 in)
     return fig

@@ -183,7 +183,14 @@ def test_kascade_layers_draws_the_chosen_schedule() -> None:
 def test_tradeoff_frontier_from_the_shipped_table() -> None:
     doc = load_results("tradeoff.json")
     fig = plots.tradeoff_frontier(doc)
-    top, bottom = fig.axes[:2]
+    *tops, bottom = fig.axes[:len(doc["haystacks"]) + 1]   # one recall panel per haystack, then perplexity
+    assert [t.get_title(loc="left") for t in tops] == [f"needle task, {plots.HAYSTACK_LABELS.get(h, h)} haystack"
+                                                       for h in doc["haystacks"]]
+    for top, haystack in zip(tops, doc["haystacks"]):   # one error bar per measured (row, length)
+        cells = [c for r in doc["rows"] if not r["stale"] and r["method"] != "dense"
+                 for n, c in r["retrieval"].get(haystack, {}).items()
+                 if c["recall"] is not None and int(n) in doc["target"]["lengths"]]
+        assert len(top.containers) == len(cells) > 0
     fresh = [r for r in doc["rows"] if not r["stale"] and r["method"] != "dense"]
     ppl_points = [r for r in fresh if r["ppl_delta_pct"]["2048"] is not None]
     assert len(bottom.get_lines()) == len(ppl_points) + 1   # one point per fresh row (stale ones left out), target
@@ -191,5 +198,5 @@ def test_tradeoff_frontier_from_the_shipped_table() -> None:
         {round(r["kv_read_share"], 6) for r in ppl_points}
     timed = [r for r in ppl_points if (r["decode_speedup"] or {}).get("8192") is not None]
     assert len(bottom.texts) == len(timed) and all(t.get_text().endswith("×") for t in bottom.texts)
-    assert top.get_ylim() == (0, 1.05)
+    assert all(top.get_ylim() == (0, 1.05) for top in tops)
     fits_the_book(fig)
