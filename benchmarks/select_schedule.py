@@ -6,8 +6,8 @@ The experiment behind chapter 06's "which schedule?" section:
    keys counted in the budget) at the evaluation length (2048 tokens), on text that looks like the task: WikiText-2
    *validation* windows plus retrieval prompts generated with the calibration seed.
 2. **Candidate schedules** from that calibration: DP with the plain similarity objective and with the paper's
-   importance-weighted objective, K = 2..8 anchors (layer 0 counted), and the seed guide's greedy rule; plus the
-   schedule shipped before this experiment (DP K=5 with importance, calibrated at 512 tokens, no floor).
+   importance-weighted objective, K = 2..8 anchors (layer 0 counted), and the greedy distance-and-threshold
+   rule; plus the schedule shipped before this experiment (DP K=5 with importance, calibrated at 512 tokens, no floor).
 3. **Held-out accuracy** of every candidate, on needle-retrieval cases from a *selection* seed (never used for the
    published tables, which use seed 0) and on WikiText-2 validation windows taken from the end of the split
    (disjoint from the calibration windows). Kascade is paper-faithful (Top-k over key positions, decode Top-k per

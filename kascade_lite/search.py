@@ -6,7 +6,7 @@
   ``sum_k sum_{b = s_k}^{s_{k+1} - 1} W[s_k, b]``: every layer scores its similarity with the latest anchor at or
   before it (an anchor scores its own importance). ``K`` **counts layer 0**, as in the reference implementation
   (its schedules are named e.g. ``layers_0_2_8_13_14``: five anchors, layer 0 included).
-* `greedy_schedule` — the simple rule of the original guide: walk the layers, reuse the latest anchor while it is at
+* `greedy_schedule` — a simple distance-and-threshold rule: walk the layers, reuse the latest anchor while it is at
   most ``max_reuse_dist`` layers back and its similarity is at least ``threshold``, otherwise start a new anchor.
 
 Without a calibration, `schedule.default_schedule` spaces the anchors evenly. `write_schedules` writes every
@@ -136,7 +136,7 @@ def dp_schedule(calib: Calibration, num_anchors: int, *, objective: str = "simil
 def greedy_schedule(calib: Calibration, *, max_reuse_dist: int = MAX_REUSE_DIST,
                     threshold: float = CALIB_THRESHOLD, model: str | None = None, tile_size: int | None = None,
                     budget: float | None = None, min_keys: int = 128) -> Schedule:
-    """The original guide's greedy schedule on the head-remapped layer similarity (importance is not used)."""
+    """The greedy schedule (`greedy_anchors`) on the head-remapped layer similarity (importance is not used)."""
     anchors = greedy_anchors(calib.layer_similarity(), max_reuse_dist, threshold)
     meta = dict(num_anchors=len(anchors), max_reuse_dist=max_reuse_dist, threshold=threshold)
     return _schedule_from_calibration(calib, anchors, "greedy", model, tile_size, budget, min_keys, meta)
