@@ -63,6 +63,11 @@ BENCHMARKS: dict[str, Benchmark] = {
                                    ("--smoke", "--out", "{data}"),
                                    ("variant_selection.json",), reads_schedules=True,
                                    modules=("selection", "methods")),
+    "variant-selection-natural": Benchmark(
+        "select_variant.py", ("--selection", "{data}/schedule_selection.json", "--haystack", "wikitext-valid",
+                              "--wording", "varied", "--cases", "30", "--out", "{data}"),
+        ("--smoke", "--haystack", "wikitext-valid", "--wording", "varied", "--out", "{data}"),
+        ("variant_selection_wikitext-valid.json",), reads_schedules=True, modules=("selection", "methods", "tasks")),
     "accuracy-ppl": Benchmark("bench_accuracy.py",
                               ("ppl", "--windows-512", "24", "--windows-2048", "6", "--time-budget", "0",
                                "--out", "{data}/accuracy_ppl.json"),
