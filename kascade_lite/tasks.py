@@ -99,7 +99,8 @@ def _template(tokenizer: Any, key: str, wording: Wording = WORDINGS[0]) -> tuple
     return _ids(tokenizer, before), _ids(tokenizer, after)
 
 
-_PARAGRAPHS: dict[tuple[int, str], list[list[int]]] = {}
+_PARAGRAPHS: dict[str, tuple[Any, list[list[int]]]] = {}
+"""split -> (the tokenizer, its paragraph ids): the last tokenisation of each split, kept with its tokenizer."""
 
 
 def wikitext_paragraphs(split: str, tokenizer: Any) -> list[list[int]]:
@@ -108,14 +109,15 @@ def wikitext_paragraphs(split: str, tokenizer: Any) -> list[list[int]]:
     lines dropped), headings and blank lines skipped, each ending in a newline. Cached per tokenizer."""
     from .data import load_wikitext
 
-    if (id(tokenizer), split) not in _PARAGRAPHS:
+    cached = _PARAGRAPHS.get(split)
+    if cached is None or cached[0] is not tokenizer:
         text = load_wikitext(split)
         for mark, plain in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", ".")):
             text = text.replace(mark, plain)
         lines = [ln.strip() for ln in text.split("\n")]
         paragraphs = [ln for ln in lines if ln and not ln.startswith("=") and "<unk>" not in ln]
-        _PARAGRAPHS[id(tokenizer), split] = [_ids(tokenizer, p + "\n") for p in paragraphs]
-    return _PARAGRAPHS[id(tokenizer), split]
+        _PARAGRAPHS[split] = (tokenizer, [_ids(tokenizer, p + "\n") for p in paragraphs])
+    return _PARAGRAPHS[split][1]
 
 
 def _haystack(haystack: str, n_fill: int, rng: np.random.Generator, tokenizer: Any, filler: str) -> list[int]:
