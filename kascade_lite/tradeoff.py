@@ -19,8 +19,8 @@ the other files in ``data/``, so it can be rebuilt and compared):
 * ``decode_speedup[context]``: the measured end-to-end decode speed-up where ``bench_e2e_cpu.json`` timed that
   granularity and budget with that schedule (Kascade's decode step: rows ``kascade`` and ``kascade_decode``).
 
-**The K/V read rule** (`decode_reads`; a decode step at context :math:`L`, the new key included; per KV head, in
-key vectors: reading one key is 1, its value another 1; dense reads :math:`2L` per layer). ``k`` is
+**The K/V read rule** (`decode_reads`; a decode step at context :math:`T`, the new key included; per KV head, in
+key vectors: reading one key is 1, its value another 1; dense reads :math:`2T` per layer). ``k`` is
 `kascade.keys_read` (own key plus the Top-k, in whole key tiles with ``granularity="tile"``); ``s`` the key sets per
 KV head: 1 when a selection is pooled over the GQA group (or all heads), ``G`` (query heads per KV head) when every
 query head keeps its own, counted as gathered (``s (k - 1) + 1`` keys: the sets' Top-k plus the own key once):
@@ -28,17 +28,17 @@ query head keeps its own, counted as gathered (``s (k - 1) + 1`` keys: the sets'
 =================  ===========================================  =====================================================
 layer              reads                                         who
 =================  ===========================================  =====================================================
-dense              :math:`2L`                                    layer 0; TidalDecode's layers 0-1 and selection
+dense              :math:`2T`                                    layer 0; TidalDecode's layers 0-1 and selection
                                                                  layers; Quest's layers 0-1; OmniKV's filter layers
-anchor             :math:`L + 2(s(k-1)+1)`: all keys to score,   Kascade anchors (``s = 1``, `cost.attention_cost`);
+anchor             :math:`T + 2(s(k-1)+1)`: all keys to score,   Kascade anchors (``s = 1``, `cost.attention_cost`);
                    then the selected keys and values             the oracle's layers (``s = G``), pooled_decode's
 reuse              :math:`2(s(k-1)+1)`                           Kascade reuse layers (``s = 1``); TidalDecode's other
                                                                  layers (``s = G``); sink_window (its window)
 quest              :math:`2c + 2(G(16\min(P-1, c) + r) + 1)`     Quest's other layers: the min and max of the
-                                                                 :math:`c = \lfloor (L-1)/16 \rfloor` pages before the
+                                                                 :math:`c = \lfloor (T-1)/16 \rfloor` pages before the
                                                                  query's, then per query head the Top
                                                                  :math:`P - 1` of them (``baselines.quest_pages``)
-                                                                 and the :math:`r = (L-1) \bmod 16` keys of its own page
+                                                                 and the :math:`r = (T-1) \bmod 16` keys of its own page
 =================  ===========================================  =====================================================
 
 **Stale results.** `STALE` lists methods whose implementation changed after results were measured: a result file
