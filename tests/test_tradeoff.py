@@ -270,7 +270,7 @@ def test_same_cases_restricts_to_the_common_cases() -> None:
         T.same_cases(doc, 4096, ["a"])
 
 
-@pytest.mark.parametrize("granularity", ["position", "tile"])
+@pytest.mark.parametrize("granularity", ["position", pytest.param("tile", marks=pytest.mark.slow)])
 def test_measured_read_share_of_a_fixed_budget_is_the_rule(granularity: str) -> None:
     """One real decode step of Kascade on a tiny model: the keys its selections kept give `kv_read_share`'s number;
     the adaptive variant (``mass``) reads no more than its cap and no less than its floor."""
