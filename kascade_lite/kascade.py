@@ -363,8 +363,8 @@ def select(q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any, *, q_tile: in
     budget basis is ``kv_len`` or, with ``rolling``, the keys visible to the tile; ``sinks`` / ``recent``: the units
     holding the first ``sinks`` positions and the ``recent`` positions just before the tile are chosen first (inside
     the same budget; StreamingLLM's sinks and window, Xiao et al. 2023); ``mass``: each row keeps only the fewest
-    Top units that hold that share of its pooled attention with the own tile, the budget its maximum. Returns a `Selection` with ``n_qtiles =
-    ceil(T / q_tile)`` and a static ``k = ceil((keys_kept(L) - own) / unit)`` (at least 1), where ``own`` is the
+    Top units that hold that share of its pooled attention with the own tile, the budget its maximum. Returns a
+    `Selection` with ``n_qtiles = ceil(T / q_tile)`` and a static ``k = ceil((keys_kept(L) - own) / unit)`` (at least 1), where ``own`` is the
     smallest own tile (the last one may be partial). A tile's own keys are its causal keys below ``kv_len``:
     ``q_tile`` of them, or fewer in a partial last tile. ``own_key`` (decode only, ``[batch, kv_heads, 1, d]``): the
     query's own key, not yet written at position ``kv_len - 1`` of ``k``."""
