@@ -184,9 +184,11 @@ for _mass in MASSES:
     METHODS[f"kascade_mass{_pct}"] = Method(
         f"our adaptive variant: anchors keep the fewest key positions that, with the query tile's own keys, hold "
         f"{_pct} % of the pooled attention, at least the floor and at most the budget; reuse layers inherit those "
-        f"sets through the head map", _kascade_mass(_mass), adaptive=True)
+        f"sets through the head map (top-p selection as in Twilight, arXiv 2502.02770, 2025)", _kascade_mass(_mass),
+        adaptive=True)
     METHODS[f"kascade_mass{_pct}_decode"] = Method(
-        f"dense prefill, then kascade_mass{_pct} in every decode step (ours)", _kascade_mass(_mass),
+        f"dense prefill, then kascade_mass{_pct} in every decode step (ours; top-p as in Twilight, 2025)",
+        _kascade_mass(_mass),
         decode_only=True, adaptive=True)
 
 
