@@ -140,7 +140,8 @@ def test_schedule_command_line(tmp_path, capsys) -> None:
     assert main(["schedule", "--calibration", str(tmp_path / "fake.safetensors"), "--out", str(tmp_path)]) == 0
     written = sorted((tmp_path / "data" / "schedules").iterdir())
     assert [p.name for p in written] == ([f"fake_dp_k{k}.json" for k in range(2, 9)]
-                                         + [f"fake_dpimp_k{k}.json" for k in range(2, 9)] + ["fake_greedy.json", "fake_greedy_t90.json"])
+                                         + [f"fake_dpimp_k{k}.json" for k in range(2, 9)]
+                                         + ["fake_greedy.json", "fake_greedy_t90.json"])
     assert "anchors [0" in capsys.readouterr().out
     doc = json.loads(written[0].read_text())
     assert doc["meta"]["provenance"]["smoke"] is True and doc["min_keys"] == SMOKE_MIN_KEYS
