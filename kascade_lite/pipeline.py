@@ -158,19 +158,20 @@ DERIVED_INPUTS: dict[str, tuple[str, ...]] = {
 
 def write_plan(root: Path, *, smoke: bool) -> Path:
     """`cost.write_memory_plan` into ``ROOT/data/memory_plan.json``: the schedule that ``schedule_selection.json``
-    names ``chosen`` and the budget of ``tradeoff.json`` (`tradeoff.recommended_budget`; 10 % with the reason when
-    it recommends none), each from ROOT/data or else the shipped copy."""
+    names ``chosen`` at 10 %, or the Kascade schedule and budget that ``tradeoff.json`` recommends
+    (`tradeoff.recommended_plan`, with the reason when it is not used), each from ROOT/data or else the shipped
+    copy."""
     import json
 
     from .cost import write_memory_plan
     from .models import SMOLLM2
     from .schedule import Schedule
-    from .tradeoff import recommended_budget
+    from .tradeoff import recommended_plan
 
     chosen = json.loads(results_source(root, "schedule_selection.json", SMOLLM2).read_text())["chosen"]
-    schedule = Schedule.load(results_source(root, f"schedules/{SMOLLM2}_{chosen}.json", SMOLLM2))
     table = results_source(root, "tradeoff.json", SMOLLM2)
-    budget, note = recommended_budget(json.loads(table.read_text()) if table.is_file() else None)
+    chosen, budget, note = recommended_plan(json.loads(table.read_text()) if table.is_file() else None, chosen)
+    schedule = Schedule.load(results_source(root, f"schedules/{SMOLLM2}_{chosen}.json", SMOLLM2))
     out = root / "data" / "memory_plan.json"
     write_memory_plan(out, command=f"kascade-lite bench {MEMORY_PLAN} --out {shlex.quote(str(root))}"
                                    + (" --smoke" if smoke else ""), smoke=smoke, schedule=schedule,

@@ -524,14 +524,19 @@ def write_tradeoff(data_dir: str | os.PathLike, out: str | os.PathLike | None = 
     return doc
 
 
-def recommended_budget(doc: Mapping[str, Any] | None, default: float = 0.1) -> tuple[float, str | None]:
-    """The budget the trade-off table recommends, and None; or ``default`` and why, when ``doc`` is missing, a smoke
-    run or recommends nothing."""
+def recommended_plan(doc: Mapping[str, Any] | None, schedule: str, default: float = 0.1
+                     ) -> tuple[str, float, str | None]:
+    """``(schedule, budget, note)`` of the fixed-budget Kascade setting the trade-off table recommends, ``note``
+    None; or ``schedule`` (the chosen one) at ``default`` and why, when ``doc`` is missing, a smoke run, recommends
+    nothing, or recommends a setting that is not Kascade at a fixed budget (a plan sizes a fixed key count)."""
     if doc is None:
-        return default, "no trade-off table"
+        return schedule, default, "no trade-off table"
     if is_smoke(dict(doc)):
-        return default, "the trade-off table is a smoke run"
+        return schedule, default, "the trade-off table is a smoke run"
     rec = doc.get("recommended")
     if rec is None:
-        return default, "no measured setting meets the accuracy target"
-    return float(rec["budget"]), None
+        return schedule, default, "no measured setting meets the accuracy target"
+    if rec["method"] not in ("kascade", "kascade_decode") or rec["schedule"] is None:
+        return schedule, default, (f"the cheapest setting that meets the accuracy target, {rec['method']} at "
+                                   f"{rec['budget']:.0%}, is not Kascade at a fixed budget")
+    return rec["schedule"], float(rec["budget"]), None
