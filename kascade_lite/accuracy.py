@@ -29,7 +29,7 @@ from .methods import METHODS, Setting, attention, build, descriptions, parse, se
 from .models import smollm2_or_tiny
 from .schedule import Schedule, default_schedule
 from .tasks import answer_case, make_cases
-from .tradeoff import selection_read_share
+from .tradeoff import selection_read_share, uses_schedule
 
 MODEL = "smollm2-135m"
 """The model whose schedules the harness reads (``<MODEL>_*.json``)."""
@@ -183,7 +183,7 @@ def run_method_perplexity(out: Path, command: str, names: list[str], *, smoke: b
     for name in names:
         base, sched_name, budget = parse(name)
         s = decode_rule_setting(name, schedules, main, min_keys=128, tile=32)
-        cfg = dict(seq_len=seq_len, method=base, schedule=sched_name or (main if base != "dense" else None),
+        cfg = dict(seq_len=seq_len, method=base, schedule=sched_name or (main if uses_schedule(base) else None),
                    budget=1.0 if base == "dense" else s.budget, granularity=s.granularity, min_keys=128,
                    tile_size=s.tile)
         if (earlier := log.done(cfg)) is None:
