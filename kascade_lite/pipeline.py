@@ -152,15 +152,15 @@ MEMORY_PLAN = "memory-plan"
 BENCHMARK_NAMES = (*BENCHMARKS, TRADEOFF, MEMORY_PLAN)
 DERIVED_INPUTS: dict[str, tuple[str, ...]] = {
     TRADEOFF: ("accuracy_retrieval*.json", "accuracy_ppl*.json", "bench_e2e_cpu.json"),
-    MEMORY_PLAN: ("schedule_selection.json", "tradeoff.json")}
+    MEMORY_PLAN: ("schedule_selection.json", "variant_selection_adaptive.json")}
 """Results files (globs under ROOT/data, besides the schedules) that the in-process steps read."""
 
 
 def write_plan(root: Path, *, smoke: bool) -> Path:
     """`cost.write_memory_plan` into ``ROOT/data/memory_plan.json``: the schedule that ``schedule_selection.json``
-    names ``chosen`` at 10 %, or the Kascade schedule and budget that ``tradeoff.json`` recommends
-    (`tradeoff.recommended_plan`, with the reason when it is not used), each from ROOT/data or else the shipped
-    copy."""
+    names ``chosen`` at 10 %, or the Kascade schedule and budget chosen on held-out data
+    (``variant_selection_adaptive.json``, `tradeoff.recommended_plan`, with the reason when it is not used), each from
+    ROOT/data or else the shipped copy."""
     import json
 
     from .cost import write_memory_plan
@@ -169,8 +169,8 @@ def write_plan(root: Path, *, smoke: bool) -> Path:
     from .tradeoff import recommended_plan
 
     chosen = json.loads(results_source(root, "schedule_selection.json", SMOLLM2).read_text())["chosen"]
-    table = results_source(root, "tradeoff.json", SMOLLM2)
-    chosen, budget, note = recommended_plan(json.loads(table.read_text()) if table.is_file() else None, chosen)
+    picked = results_source(root, "variant_selection_adaptive.json", SMOLLM2)
+    chosen, budget, note = recommended_plan(json.loads(picked.read_text()) if picked.is_file() else None, chosen)
     schedule = Schedule.load(results_source(root, f"schedules/{SMOLLM2}_{chosen}.json", SMOLLM2))
     out = root / "data" / "memory_plan.json"
     write_memory_plan(out, command=f"kascade-lite bench {MEMORY_PLAN} --out {shlex.quote(str(root))}"

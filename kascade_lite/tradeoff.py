@@ -524,19 +524,20 @@ def write_tradeoff(data_dir: str | os.PathLike, out: str | os.PathLike | None = 
     return doc
 
 
-def recommended_plan(doc: Mapping[str, Any] | None, schedule: str, default: float = 0.1
+def recommended_plan(selection: Mapping[str, Any] | None, schedule: str, default: float = 0.1
                      ) -> tuple[str, float, str | None]:
-    """``(schedule, budget, note)`` of the fixed-budget Kascade setting the trade-off table recommends, ``note``
-    None; or ``schedule`` (the chosen one) at ``default`` and why, when ``doc`` is missing, a smoke run, recommends
-    nothing, or recommends a setting that is not Kascade at a fixed budget (a plan sizes a fixed key count)."""
-    if doc is None:
-        return schedule, default, "no trade-off table"
-    if is_smoke(dict(doc)):
-        return schedule, default, "the trade-off table is a smoke run"
-    rec = doc.get("recommended")
-    if rec is None:
-        return schedule, default, "no measured setting meets the accuracy target"
-    if rec["method"] not in ("kascade", "kascade_decode") or rec["schedule"] is None:
-        return schedule, default, (f"the cheapest setting that meets the accuracy target, {rec['method']} at "
-                                   f"{rec['budget']:.0%}, is not Kascade at a fixed budget")
-    return rec["schedule"], float(rec["budget"]), None
+    """``(schedule, budget, note)`` for a memory plan: the budget rule chosen on held-out data
+    (``variant_selection_adaptive.json``, `selection.choose_adaptive`) when it is Kascade at a fixed budget, ``note``
+    None; else ``schedule`` (the chosen one) at ``default`` and why (no held-out choice, a smoke run, none qualified,
+    or the choice is not Kascade at a fixed budget: a plan sizes a fixed key count)."""
+    if selection is None:
+        return schedule, default, "no held-out choice of a budget rule"
+    if is_smoke(dict(selection)):
+        return schedule, default, "the held-out choice of a budget rule is a smoke run"
+    chosen = selection.get("chosen")
+    if chosen is None:
+        return schedule, default, "no budget rule meets the accuracy target on held-out data"
+    method, budget, sched, _ = parse_retrieval_name(chosen, default)
+    if method not in ("kascade", "kascade_decode"):
+        return schedule, default, f"the held-out choice, {chosen}, is not Kascade at a fixed budget"
+    return sched or schedule, budget, None

@@ -228,13 +228,16 @@ def test_target_check_and_recommend() -> None:
     assert row(0.96, None, 0.3)["target"]["meets"] is None
     rows = [row(0.96, 1.0, 0.5), row(0.99, 0.5, 0.4), row(0.99, 0.1, 0.2, stale=True), row(0.5, 0.1, 0.1)]
     assert T.recommend(rows)["kv_read_share"] == 0.4
-    assert T.recommended_plan({"provenance": {"smoke": False}, "recommended": T.recommend(rows)}, "chosen") == \
-        ("greedy", 0.4, None)
+    full = {"provenance": {"smoke": False}}
+    refresh = {**full, "chosen": "kascade_decode+greedy_t90@0.2"}
+    assert T.recommended_plan(refresh, "chosen") == ("greedy_t90", 0.2, None)
+    assert T.recommended_plan({**full, "chosen": "kascade_decode@0.3"}, "chosen") == ("chosen", 0.3, None)
     assert T.recommended_plan(None, "chosen")[:2] == ("chosen", 0.1)
-    assert T.recommended_plan({"provenance": {"smoke": True}, "recommended": {"budget": 0.3}}, "chosen") == \
-        ("chosen", 0.1, "the trade-off table is a smoke run")
-    other = dict(method="pooled_decode", budget=0.1, schedule=None)             # not a fixed Kascade budget
-    assert T.recommended_plan({"provenance": {"smoke": False}, "recommended": other}, "chosen")[:2] == ("chosen", 0.1)
+    assert T.recommended_plan({"provenance": {"smoke": True}, "chosen": "kascade@0.3"}, "chosen") == \
+        ("chosen", 0.1, "the held-out choice of a budget rule is a smoke run")
+    assert T.recommended_plan({**full, "chosen": "pooled_decode@0.1"}, "chosen") == \
+        ("chosen", 0.1, "the held-out choice, pooled_decode@0.1, is not Kascade at a fixed budget")
+    assert T.recommended_plan({**full, "chosen": None}, "chosen")[:2] == ("chosen", 0.1)
 
 
 def test_shipped_tradeoff_is_rebuilt_from_the_shipped_results() -> None:
