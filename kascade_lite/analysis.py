@@ -1,8 +1,8 @@
 """Diagnostics the chapters draw, on a loaded model: attention maps (`attention_maps`, through `ProbsHook`), how
 many keys each head needs for a share of its attention (`mass_curves`, `keys_for_mass`), what
-pooling costs at equal key counts (`pooling_coverage`), coverage against context length (`coverage_at_context`) and
-where a schedule loses a needle (`reuse_survival`). Calibration itself, the statistics that schedules are made from, is
-`kascade_lite.calibrate`."""
+pooling costs at equal key counts (`pooling_coverage`), coverage against context length (`coverage_at_context`),
+where a schedule loses a needle (`reuse_survival`) and where Quest's page bound ranks it (`quest_needle_ranks`).
+Calibration itself, the statistics that schedules are made from, is `kascade_lite.calibrate`."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .attention import attention_probs, gqa_attention
+from .attention import NEG_INF, attention_probs, gqa_attention, grouped_scores
+from .baselines import QuestAttention, page_min_max, quest_pages, quest_selection, quest_upper_bound
 from .calibrate import COVERAGE_FRACTIONS, query_coverage
 from .kascade import topk_count
 from .kernels import flash_attention
-from .model import AttentionFn, KVCache, Llama, dense_attention, forward
+from .model import AttentionFn, KVCache, Llama, decode, dense_attention, forward
 from .schedule import Schedule
 
 
@@ -105,6 +106,113 @@ def reuse_survival(model: Llama, prompt: np.ndarray, schedules: Mapping[str, Sch
                                 for layer, a in enumerate(sched.anchor_of)]) for name, sched in schedules.items()}
     needle = p[..., span[0]:span[1]].sum(-1).mean(-1)
     return dict(needle=needle, survival=survival, own=own)
+
+
+# ------------------------------------------------------------------------------------------------ Quest's page bound
+@dataclass(frozen=True)
+class QuestPageScores:
+    """`baselines.QuestAttention` that also puts in ``carry``, for every layer where Quest selects pages, a tuple
+    ``(bound, exact, probs, idx, keep)``: each page's score under Quest's min/max upper bound (`quest_upper_bound`)
+    and its exact ``max q·k / sqrt(d)`` over the page's valid keys, both ``[batch, kv_heads, group, q_len,
+    n_pages]``; the exact attention ``probs`` ``[batch, kv_heads, group, q_len, kv_total]`` of the layer's queries
+    over every key; and the pages Quest kept (`quest_selection`'s ``idx`` and ``keep``, ``[batch, kv_heads, group,
+    q_len, k + 1]``)."""
+
+    quest: QuestAttention
+
+    def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
+                 kv_len: jax.Array, carry: Any) -> tuple[jax.Array, Any]:
+        out, carry = self.quest(layer, q, k, v, q_offset=q_offset, kv_len=kv_len, carry=carry)
+        if layer in self.quest.dense_layers:
+            return out, carry
+        page = self.quest.page_size
+        bound = quest_upper_bound(q, *page_min_max(k, page, kv_len))
+        n_pages, n = bound.shape[-1], k.shape[2]
+        causal = jnp.arange(n) <= q_offset + jnp.arange(q.shape[1])[:, None]             # [q_len, n]
+        scores = jnp.where(causal & (jnp.arange(n) < kv_len), grouped_scores(q, k), NEG_INF)
+        padded = jnp.pad(scores, [(0, 0)] * 4 + [(0, n_pages * page - n)], constant_values=NEG_INF)
+        exact = padded.reshape(scores.shape[:-1] + (n_pages, page)).max(-1)
+        sel = quest_selection(q, k, q_offset, kv_len, page_size=page, budget=self.quest.budget,
+                              min_keys=self.quest.min_keys)
+        return out, (carry or ()) + ((bound, exact, jax.nn.softmax(scores, axis=-1), sel.idx, sel.keep),)
+
+
+def quest_needle_ranks(model: Llama, prompt: np.ndarray, span: tuple[int, int], *, steps: int = 1,
+                       budget: float | int = 0.1, min_keys: int = 128, page_size: int = 16,
+                       dense_layers: tuple[int, ...] = (0, 1), prefill: AttentionFn = dense_attention
+                       ) -> dict[str, Any]:
+    """Where Quest ranks the page(s) holding a needle in the decode steps that write the answer.
+
+    ``prompt: [length]`` token ids is prefilled with exact attention (``prefill``: `model.dense_attention`, or
+    `baselines.flash_dense_attention` for a long prompt); the answer is dense's greedy continuation (``steps``
+    tokens). Its tokens are then fed one decode step each under `baselines.QuestAttention` (``budget``, ``min_keys``,
+    ``page_size``, ``dense_layers``): step 0 is the first step in which Quest selects, as in the retrieval harness,
+    and each later step sees the correct answer so far. In each step ``s``, each of the ``n`` Quest layers (those
+    not in ``dense_layers``) and each query head (``j = kv_head * group + g``), the candidate pages are those before
+    the query's page; the needle's pages are those holding a position of ``span = (start, end)`` (the needle's
+    value, say). Returns:
+
+    * ``layers``: ``[n]`` the Quest layers; ``answer``: ``[steps]`` the token ids fed; ``predicted``: ``[steps]``
+      Quest's greedy next token after each (``predicted[:-1] == answer[1:]`` where Quest writes dense's answer);
+      ``needle_pages``: ``[m]`` page numbers; ``n_candidates``, ``n_top``: ``[steps]`` pages before the query's page,
+      and how many of them Quest keeps (`baselines.quest_pages` minus the query's page);
+    * ``bound``, ``exact``: ``[steps, n, heads, n_pages]`` each candidate page's score under Quest's min/max upper
+      bound and its exact ``max q·k / sqrt(d)`` (``exact <= bound``), NaN past the step's candidates;
+    * ``bound_rank``, ``exact_rank``: ``[steps, n, heads]`` the rank (1 = first) of the best-ranked needle page under
+      each score, 1 + the number of candidate pages scoring strictly higher;
+    * ``kept``: ``[steps, n, heads]`` bool, whether Quest's selection kept a needle page (up to ties, ``bound_rank
+      <= n_top``);
+    * ``needle_mass``: ``[steps, n, heads]`` the exact attention of the head's query on ``span`` (what it would give
+      the needle reading every key), to weigh the heads by;
+    * ``kept_mass``, ``topk_mass``: ``[steps, n, heads]`` the share of that exact attention on the keys Quest reads
+      (its pages, the query's own page up to the query), and on as many keys chosen by exact Top-k.
+    """
+    ids = np.asarray(prompt, np.int32)
+    length = ids.shape[0]
+    start, end = span
+    current = length // page_size                                                   # step 0's query page
+    if not 0 <= start < end <= current * page_size:
+        raise ValueError(f"span {span} must be a non-empty range of positions before the decode query's page "
+                         f"{current} (a prompt of {length} tokens, pages of {page_size}): Quest always keeps that page")
+    quest = QuestAttention(budget=budget, min_keys=min_keys, page_size=page_size, dense_layers=tuple(dense_layers))
+    cache = KVCache.empty(model.cfg, 1, length + steps, model.dtype)
+    logits, cache, _ = forward(model, jnp.asarray(ids[None]), cache, prefill, last_only=True)
+    answer = decode(model, logits, cache.copy(), steps)[0]                          # dense's greedy answer
+    layers = np.array([layer for layer in range(model.cfg.num_layers) if layer not in quest.dense_layers])
+    heads, n_pages = model.cfg.num_heads, -(-(length + steps) // page_size)
+    needle_pages = np.arange(start // page_size, (end - 1) // page_size + 1)
+    found, predicted = [], []
+    for token in answer:
+        logits, cache, scores = forward(model, jnp.full((1, 1), token, jnp.int32), cache, QuestPageScores(quest))
+        predicted.append(int(jnp.argmax(logits[0, -1])))
+        found.append([[np.asarray(x[0, :, :, 0]).reshape(heads, -1) for x in layer] for layer in scores])
+    n_candidates = (length + np.arange(steps)) // page_size
+    mask = np.arange(n_pages) < n_candidates[:, None, None, None]                   # [steps, 1, 1, n_pages]
+    bound = np.where(mask, np.array([[b for b, _, _, _, _ in f] for f in found], np.float64), np.nan)
+    exact = np.where(mask, np.array([[e for _, e, _, _, _ in f] for f in found], np.float64), np.nan)
+    probs = np.array([[p for _, _, p, _, _ in f] for f in found], np.float64)      # [steps, n, heads, kv_total]
+    idx = np.array([[i for _, _, _, i, _ in f] for f in found])
+    keep = np.array([[k for _, _, _, _, k in f] for f in found])
+
+    def rank(scores: np.ndarray) -> np.ndarray:
+        higher = (scores[..., None, :] > scores[..., needle_pages, None]).sum(-1)     # [steps, n, heads, m]
+        return 1 + higher.min(-1)
+
+    n_top = np.minimum([quest_pages(length + s + 1, page_size, budget, min_keys) - 1 for s in range(steps)],
+                       n_candidates)
+    position = np.arange(probs.shape[-1])
+    kept_mass, topk_mass = [], []
+    for s in range(steps):                      # the keys Quest reads: its pages up to the query, and the query
+        read = ((position // page_size == idx[s][..., None]) & keep[s][..., None]).any(-2)           # [n, heads, kv]
+        read = (read & (position <= length + s)) | (position == length + s)
+        kept_mass.append((probs[s] * read).sum(-1))
+        most = np.cumsum(np.sort(probs[s], axis=-1)[..., ::-1], axis=-1)            # mass of the Top-r keys, r = 1..
+        topk_mass.append(np.take_along_axis(most, read.sum(-1, keepdims=True) - 1, axis=-1)[..., 0])
+    return dict(layers=layers, answer=np.asarray(answer), predicted=np.asarray(predicted), needle_pages=needle_pages,
+                n_candidates=n_candidates, n_top=n_top, bound=bound, exact=exact, bound_rank=rank(bound),
+                exact_rank=rank(exact), kept=(np.isin(idx, needle_pages) & keep).any(-1),
+                needle_mass=probs[..., start:end].sum(-1),
+                kept_mass=np.array(kept_mass), topk_mass=np.array(topk_mass))
 
 
 # ------------------------------------------------------------------------------------------------ coverage

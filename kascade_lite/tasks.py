@@ -179,6 +179,18 @@ def make_cases(length: int, num: int, seed: int = 0, **kw: Any) -> list[Retrieva
     return [make_case(length, rng, **kw) for _ in range(num)]
 
 
+def value_span(case: RetrievalCase, tokenizer: Any = None) -> tuple[int, int]:
+    """Token positions ``[start, end)`` of the needle's value (its digits) in ``case.ids``: the run of the needle's
+    tokens that decode to digits (no template or key holds one)."""
+    tok = tokenizer or load_tokenizer()
+    start, end = case.needle
+    digits = [i for i in range(start, end) if any(ch.isdigit() for ch in tok.decode([int(case.ids[i])]))]
+    if not digits or tok.decode(case.ids[digits[0]:digits[-1] + 1].tolist()).strip() != case.answer:
+        raise ValueError(f"the needle at positions {case.needle} does not hold the value {case.answer} as one run of "
+                         "digit tokens")
+    return digits[0], digits[-1] + 1
+
+
 def extract_answer(text: str) -> str | None:
     """The first 7-digit number in ``text`` (the model's continuation), or None."""
     m = re.search(r"(?<!\d)(\d{7})(?!\d)", text)

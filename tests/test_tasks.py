@@ -12,7 +12,7 @@ from kascade_lite.model import dense_attention
 from kascade_lite.models import smollm2_or_tiny
 from kascade_lite.files import load_results
 from kascade_lite.tasks import (KEYS, WORDINGS, RetrievalMethod, answer_case, extract_answer, make_case, make_cases,
-                                wikitext_paragraphs)
+                                value_span, wikitext_paragraphs)
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,14 @@ def test_cases_have_exact_length_and_hold_the_needle(length, tok) -> None:
         assert text.startswith("<|im_start|>system")
         start, end = case.needle
         assert tok.decode(case.ids[start:end].tolist()).strip() == f"The special magic number for {case.key} is {case.answer}."
+
+
+@pytest.mark.parametrize("haystack, wording", [("noise", "fixed"), ("wikitext-test", "varied")])
+def test_value_span_holds_the_answer_inside_the_needle(haystack, wording, tok) -> None:
+    for case in make_cases(512, 3, seed=1, tokenizer=tok, haystack=haystack, wording=wording):
+        start, end = value_span(case, tok)
+        assert case.needle[0] < start < end < case.needle[1]
+        assert tok.decode(case.ids[start:end].tolist()).strip() == case.answer
 
 
 def test_cases_are_reproducible(tok) -> None:
