@@ -14,6 +14,7 @@ minutes)::
 
     python benchmarks/select_tidal.py --out /tmp/tidal   # then copy into data/ when satisfied
     python benchmarks/select_tidal.py --out data         # writes data/tidal_selection.json
+    python benchmarks/select_tidal.py --resume --cases 16 --out /tmp/tidal   # keep what a cut run answered
 
 ``--smoke`` runs a tiny random model of 8 layers at 256 tokens (seconds; for the tests) and records
 ``"smoke": true``; smoke and full runs alike need ``--out`` or write a new temporary folder. The experiment is
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, default=2048, help="prompt length in tokens")
     p.add_argument("--layers", default=None,
                    help="comma-separated candidate layers (default: every second layer from 3, plus num_layers // 2)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the cases a run with the same settings answered in --out (the case count may change)")
     p.add_argument("--smoke", action="store_true", help="tiny random model, tiny sizes")
     args = p.parse_args(argv)
     if args.smoke:
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     layers = [int(n) for n in args.layers.split(",")] if args.layers else None
     command = " ".join(["python benchmarks/select_tidal.py", *(sys.argv[1:] if argv is None else argv)])
     doc = choose_tidal_layer(Path(args.out), command, smoke=args.smoke, seq_len=args.seq_len, cases=args.cases,
-                             layers=layers)
+                             layers=layers, resume=args.resume)
     print(json.dumps({"out": args.out, "chosen": doc.get("chosen"), "found": doc.get("found")}))
 
 

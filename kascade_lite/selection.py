@@ -267,13 +267,14 @@ def choose_layer(found: dict[int, int], default: int) -> int:
 
 
 def choose_tidal_layer(out: Path, command: str, *, smoke: bool, seq_len: int = 2048, cases: int = 20,
-                       layers: list[int] | None = None, budget: float = 0.1, min_keys: int = 128
-                       ) -> dict[str, Any]:
+                       layers: list[int] | None = None, budget: float = 0.1, min_keys: int = 128,
+                       resume: bool = False) -> dict[str, Any]:
     """TidalDecode's re-selection layer chosen on held-out needle cases into ``out/tidal_selection.json`` (smoke: a
     tiny random model of 8 layers, 256 tokens). Every layer of ``layers`` (default `tidal_candidates`) and dense
-    answer the same ``cases`` cases of each haystack of `TIDAL_HAYSTACKS` (selection seed), round-robin over the
-    haystacks; the TidalDecode runs share dense's prefill. ``chosen`` (`choose_layer`) is written once every case
-    is answered. Returns the document."""
+    answer the same first ``cases`` cases of each haystack of `TIDAL_HAYSTACKS` (selection seed), round-robin over
+    the haystacks; the TidalDecode runs share dense's prefill. ``chosen`` (`choose_layer`) is written once every case
+    is answered. ``resume``: keep the cases a run with the same settings answered (`files.ResultsLog`; the case count
+    may change) and answer the rest. Returns the document."""
     model, tok = smollm2_or_tiny(smoke, num_layers=8), load_tokenizer()
     seq_len = 256 if smoke else seq_len
     cfg = model.cfg
@@ -293,13 +294,23 @@ def choose_tidal_layer(out: Path, command: str, *, smoke: bool, seq_len: int = 2
                     rule=("most needles summed over both haystacks; a tie goes to the paper's default "
                           "num_layers // 2 if it is among the best, else to the earliest layer"))
     empty = {h: {m: dict(n_cases=0, n_correct=0, cases=[]) for m in methods} for h, _ in TIDAL_HAYSTACKS}
-    rec = ResultsLog(out / TIDAL_SELECTION, command, settings, smoke=smoke, fields={"haystacks": empty})
+    rec = ResultsLog(out / TIDAL_SELECTION, command, settings, smoke=smoke, fields={"haystacks": empty},
+                     resume=resume, free=("held_out",))  # held_out: only the case count can differ
     doc = rec.doc
+    doc.pop("chosen", None)
+    done = {h: {c["index"] for c in rows["dense"]["cases"]} for h, rows in doc["haystacks"].items()}
+    for hay, rows in doc["haystacks"].items():
+        uneven = any({c["index"] for c in r["cases"]} != done[hay] for r in rows.values())
+        if uneven or max(done[hay], default=-1) >= cases:
+            raise ValueError(f"{out / TIDAL_SELECTION}: on {hay} its methods answered different cases, or more than "
+                             f"{cases}; resume with at least as many cases")
     held = {h: make_cases(seq_len, cases, seed=SELECTION_SEED, tokenizer=tok, haystack=h, wording=w)
             for h, w in TIDAL_HAYSTACKS}
     for i in range(cases):
         for hay, batch in held.items():
             rows = doc["haystacks"][hay]
+            if i in done[hay]:
+                continue
             for name, res in answer_case(model, batch[i], methods, tokenizer=tok).items():
                 rows[name]["cases"].append(dict(index=i, answer=batch[i].answer, output=res["output"],
                                                 correct=bool(res["correct"])))
@@ -309,6 +320,7 @@ def choose_tidal_layer(out: Path, command: str, *, smoke: bool, seq_len: int = 2
             rec.save()
             print(f"case {i} ({hay}): dense {rows['dense']['n_correct']}/{rows['dense']['n_cases']}, "
                   + ", ".join(f"{n}: {rows[str(n)]['n_correct']}" for n in layers), flush=True)
-    doc["chosen"] = choose_layer(needles_found(doc["haystacks"], layers), default)
+    found = needles_found(doc["haystacks"], layers)
+    doc["found"], doc["chosen"] = {str(n): k for n, k in found.items()}, choose_layer(found, default)
     rec.save()
     return doc

@@ -97,9 +97,6 @@ STALE: tuple[StaleResults, ...] = (
     StaleResults("quest", "2026-12-06T02:57:12+00:00",
                  "measured before Quest always kept the page holding the query (ceil(keys kept / 16) pages in all); "
                  "rerun pending"),
-    StaleResults("tidal", "2026-12-06T08:15:00+00:00",
-                 "measured with the re-selection layer num_layers // 2, before the layer was chosen on held-out "
-                 "cases (tidal_selection.json); rerun pending"),
 )
 
 

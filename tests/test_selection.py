@@ -128,5 +128,10 @@ def test_choose_tidal_layer_smoke(tmp_path: Path) -> None:
         assert len({c["answer"] for r in rows.values() for c in r["cases"]}) == 1  # one case, answered by all
     assert doc["found"] == {n: sum(h[n]["n_correct"] for h in doc["haystacks"].values()) for n in ("3", "5")}
     assert doc["chosen"] == S.choose_layer(S.needles_found(doc["haystacks"], [3, 5]), settings["default"])
+    again = S.choose_tidal_layer(tmp_path, "test --resume", smoke=True, cases=1, layers=[5, 3], resume=True)
+    assert again["haystacks"] == doc["haystacks"] and again["chosen"] == doc["chosen"]  # nothing left to answer
+    assert again["resumed_by"][0]["command"] == "test --resume"
+    with pytest.raises(ValueError, match="more than 0"):
+        S.choose_tidal_layer(tmp_path, "test", smoke=True, cases=0, layers=[5, 3], resume=True)
     with pytest.raises(ValueError, match="not in"):
         S.choose_tidal_layer(tmp_path, "test", smoke=True, cases=1, layers=[2])
