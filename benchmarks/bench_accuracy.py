@@ -3,6 +3,9 @@
 * ``ppl``: WikiText-2 (raw, test) perplexity at 512 tokens (query/key tiles of 16; 10 % of 512 is below the
   128-key floor, so both "10 % with the floor" — 8 of 32 tiles — and "10 % without it" are measured) and at 2048
   tokens (tiles of 32), budgets 10/20/30/50 %.
+* ``ppl-methods``: the perplexity of ``--methods`` at 2048 tokens on the first ``--windows-2048`` test windows, each
+  as it runs in generation: a decode-only method with query tiles of one token (every position selects as a decode
+  step does), the others with their tiles of 32 (`kascade_lite.accuracy.run_method_perplexity`).
 * ``retrieval``: the synthetic needle-in-a-haystack task of `kascade_lite.tasks` at 2k/4k/8k tokens.
 
 Every configuration is written to the JSON as soon as it finishes (atomically, with provenance), so a run stopped by
@@ -19,6 +22,8 @@ Every configuration is written to the JSON as soon as it finishes (atomically, w
     python benchmarks/bench_accuracy.py retrieval --haystack wikitext-test --wording varied \
         --cases 2048:24,4096:6 --methods dense,kascade,kascade_decode,kascade_sw,oracle_decode,quest,tidal \
         --out data/accuracy_retrieval_natural.json   # natural-text needles
+    python benchmarks/bench_accuracy.py ppl-methods --windows-2048 2 --out data/accuracy_ppl_decode.json \
+        --methods dense,kascade_decode@0.1,kascade_mass95_decode@0.3   # the decode rule's perplexity
 
 ``--smoke`` runs a tiny random model with the SmolLM2 tokenizer (seconds; for tests and CI). The harness is
 `kascade_lite.accuracy`; the methods and their names are `kascade_lite.methods`.
@@ -31,14 +36,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kascade_lite.accuracy import parse_cases, parse_every, run_perplexity, run_retrieval
+from kascade_lite.accuracy import parse_cases, parse_every, run_method_perplexity, run_perplexity, run_retrieval
 from kascade_lite.methods import METHODS
 from kascade_lite.tasks import HAYSTACKS
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("task", choices=["ppl", "retrieval"])
+    p.add_argument("task", choices=["ppl", "ppl-methods", "retrieval"],
+                   help="ppl: the perplexity table; ppl-methods: --methods at 2048 tokens on --windows-2048 test "
+                        "windows, decode-only methods as decode steps; retrieval: the needle task")
     p.add_argument("--smoke", action="store_true", help="tiny random model, tiny sizes (seconds)")
     p.add_argument("--out", help="JSON path (required at full size, e.g. data/accuracy_<task>.json; with --smoke "
                                  "default: in a new temporary folder)")
@@ -74,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.task == "ppl":
         run_perplexity(Path(args.out), command, windows_512=args.windows_512, windows_2048=args.windows_2048,
                        batch_size=args.batch_size, **common)
+    elif args.task == "ppl-methods":
+        run_method_perplexity(Path(args.out), command, args.methods.split(","), smoke=args.smoke, split="test",
+                              windows=args.windows_2048, schedule_dir=args.schedule_dir, resume=args.resume)
     else:
         names = args.methods.split(",")
         run_retrieval(Path(args.out), command, names, cases=parse_cases(args.cases),

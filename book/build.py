@@ -11,7 +11,8 @@ the book modifies no tracked file (``kascade-lite figures --out .`` is what repl
 chapter once, as on Colab, and build the book from those): the sources are copied to ``OUTPUT_DIR/_build/source``
 with the chapters excluded from execution (`CHAPTER_PATTERN`), and a chapter with no executed notebook has no page,
 which fails the build. The book's own pages that compute what they show from ``data/`` (``book/intro.md``,
-``book/reproducing.md``: MyST Markdown notebooks, a few seconds) still execute, in both modes.
+``book/reproducing.md``, ``book/perplexity_table.md``: MyST Markdown notebooks, a few seconds) still execute, in both
+modes.
 
 The build fails when
 

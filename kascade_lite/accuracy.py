@@ -14,6 +14,7 @@ command line), the CLI (``kascade-lite bench accuracy-*``) and the tests run one
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -21,13 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from .data import load_tokenizer, token_windows, wikitext_windows
+from .data import held_out_windows, load_tokenizer, token_windows, wikitext_windows
 from .eval import nll_per_window
 from .files import ResultsLog, shipped_dir
-from .methods import Setting, attention, build, descriptions
+from .methods import METHODS, Setting, attention, build, descriptions, parse, setting
 from .models import smollm2_or_tiny
 from .schedule import Schedule, default_schedule
 from .tasks import answer_case, make_cases
+from .tradeoff import selection_read_share, uses_schedule
 
 MODEL = "smollm2-135m"
 """The model whose schedules the harness reads (``<MODEL>_*.json``)."""
@@ -145,7 +147,65 @@ def run_perplexity(out: Path, command: str, *, smoke: bool, windows_512: int = 8
     return log.doc
 
 
+def decode_rule_setting(name: str, schedules: dict[str, Schedule], main: str, **fields: Any) -> Setting:
+    """The `Setting` whose whole-forward perplexity measures method ``name`` as it runs in generation: a decode-only
+    method with query tiles of one token (every position selects as a decode step does), the others at their own
+    tile of 32 (as in prefill)."""
+    base, s = setting(name, schedules, main, **fields)
+    return dataclasses.replace(s, tile=1) if METHODS[base].decode_only else s
+
+
+def run_method_perplexity(out: Path, command: str, names: list[str], *, smoke: bool, split: str = "test",
+                          windows: int = 2, seq_len: int = 2048, schedule_dir: Path | None = None,
+                          resume: bool = False) -> dict[str, Any]:
+    """Perplexity of each method of ``names`` (``method+schedule@budget``, dense first) at ``seq_len`` on WikiText-2
+    ``split`` windows ("test": the first ``windows``, as `run_perplexity`; "validation": the last ones, held out
+    from calibration) into ``out``, rows in `run_perplexity`'s form (`decode_rule_setting` says how each is run;
+    the row's ``tile_size`` records it). Smoke: a tiny random model, two 128-token random windows."""
+    model = smollm2_or_tiny(smoke)
+    schedules = kascade_schedules(model, schedule_dir)
+    main = main_schedule(schedules)
+    if smoke:
+        seq_len, data = 128, token_windows(np.random.default_rng(0).integers(0, model.cfg.vocab_size, 256), 128, 2)
+    elif split == "validation":
+        data = held_out_windows(seq_len, windows, 16, load_tokenizer())
+    else:
+        data = wikitext_windows(split, seq_len, windows)
+    names = ["dense", *[n for n in names if n != "dense"]]
+    settings = dict(model=SMOKE_MODEL if smoke else MODEL, dataset=f"wikitext-2-raw-v1 {split}"
+                    + (" (the last windows, held out from calibration)" if split == "validation" else ""),
+                    windows={str(seq_len): int(len(data))}, batch_size=1, main_schedule=main,
+                    schedules={k: v.to_dict() for k, v in schedules.items()}, methods=descriptions(names),
+                    rule="decode-only methods: query tiles of one token (each position selects as a decode step); "
+                         "the others: their query tiles of 32")
+    log = ResultsLog(out, command, settings, smoke=smoke, resume=resume, free=("methods",))
+    dense_ppl = None
+    for name in names:
+        base, sched_name, budget = parse(name)
+        s = decode_rule_setting(name, schedules, main, min_keys=128, tile=32)
+        cfg = dict(seq_len=seq_len, method=base, schedule=sched_name or (main if uses_schedule(base) else None),
+                   budget=1.0 if base == "dense" else s.budget, granularity=s.granularity, min_keys=128,
+                   tile_size=s.tile)
+        if (earlier := log.done(cfg)) is None:
+            t0 = time.monotonic()
+            nll = nll_per_window(model, data, attention=attention(base, s), batch_size=1, progress=False)
+            earlier = dict(cfg, ppl=float(np.exp(nll.mean())), nll_per_window=[round(float(x), 5) for x in nll],
+                           seconds=round(time.monotonic() - t0, 1))
+            earlier["delta_vs_dense_pct"] = (None if dense_ppl is None
+                                             else round(100 * (earlier["ppl"] / dense_ppl - 1), 3))
+            log.add(earlier)
+        if base == "dense":
+            dense_ppl = earlier["ppl"]
+    return log.doc
+
+
 # ------------------------------------------------------------------------------------------------ retrieval
+def read_rule(schedule: Schedule) -> Any:
+    """``f(carry, context)``: the measured K/V read share of one decode step under ``schedule``
+    (`tradeoff.selection_read_share`), for `tasks.answer_case`'s ``reads``."""
+    return lambda carry, context: selection_read_share(carry, schedule, context)
+
+
 def parse_pairs(spec: str, flag: str, example: str) -> dict[str, int]:
     """``"a:1,b:2"`` -> ``{"a": 1, "b": 2}`` (the value of option ``flag``; ``example`` shows the form)."""
     try:
@@ -182,13 +242,16 @@ def run_retrieval(out: Path, command: str, names: list[str], *, smoke: bool, cas
     rewritten after each case. ``every``: method -> stride (that method answers every stride-th case only);
     ``haystack``, ``wording`` and ``case_options`` go to `tasks.make_cases` (a file of the default filler task
     keeps the settings it always had; other haystacks or wordings are recorded in ``settings``); ``redo``: see
-    `files.ResultsLog`. Returns the document."""
+    `files.ResultsLog`. An adaptive method's rows and cases also carry ``kv_read_share``, the K/V read of its decode
+    steps measured from the keys its selections kept (`read_rule`). Returns the document."""
     model = smollm2_or_tiny(smoke)
     schedules = kascade_schedules(model, schedule_dir)
     main = main_schedule(schedules)
     cases = {256: 2} if smoke else cases or {2048: 100, 4096: 100, 8192: 100}
     # built before anything is loaded, so that an unknown method or schedule fails at once
     methods = {n: {m: build(m, schedules, main, length=n, **RETRIEVAL_SETTING) for m in names} for n in cases}
+    reads = {m: read_rule(setting(m, schedules, main, **RETRIEVAL_SETTING)[1].schedule)
+             for m in names if METHODS[parse(m)[0]].adaptive}             # measured K/V read of adaptive methods
     every = every or {}
     tok = load_tokenizer()
     hay = "RULER noise haystack" if haystack == "noise" else f"{haystack} haystack (paragraphs)"
@@ -221,12 +284,14 @@ def run_retrieval(out: Path, command: str, names: list[str], *, smoke: bool, cas
             if log.out_of_time():
                 break
             case = batch[i]
-            for name, res in answer_case(model, case, todo, tokenizer=tok).items():
+            for name, res in answer_case(model, case, todo, tokenizer=tok, reads=reads).items():
                 row = rows[length, name]
                 row["cases"].append(dict(index=i, depth=round(case.depth, 4), answer=case.answer, **res))
                 row["n_cases"] = len(row["cases"])
                 row["n_correct"] = sum(c["correct"] for c in row["cases"])
                 row["accuracy"] = row["n_correct"] / row["n_cases"]
+                if name in reads:
+                    row["kv_read_share"] = round(float(np.mean([c["kv_read_share"] for c in row["cases"]])), 5)
                 row["seconds"] = round(row["seconds"] + res["seconds"], 1)
             log.save()
             print(f"case {i} at {length}: " + ", ".join(f"{n} {rows[length, n]['n_correct']}/"

@@ -1,4 +1,5 @@
-"""Diagnostics the chapters draw, on a loaded model: attention maps (`attention_maps`, through `ProbsHook`), what
+"""Diagnostics the chapters draw, on a loaded model: attention maps (`attention_maps`, through `ProbsHook`), how
+many keys each head needs for a share of its attention (`mass_curves`, `keys_for_mass`), what
 pooling costs at equal key counts (`pooling_coverage`), coverage against context length (`coverage_at_context`) and
 where a schedule loses a needle (`reuse_survival`). Calibration itself, the statistics that schedules are made from, is
 `kascade_lite.calibrate`."""
@@ -42,6 +43,30 @@ def attention_maps(model: Llama, tokens: np.ndarray, layers: tuple[int, ...]) ->
                          ProbsHook(tuple(sorted(set(layers)))))
     order = {layer: i for i, layer in enumerate(sorted(set(layers)))}
     return np.stack([np.asarray(maps[order[layer]][0]) for layer in layers])
+
+
+def mass_curves(model: Llama, tokens: np.ndarray, layers: tuple[int, ...]) -> np.ndarray:
+    """How many keys each KV head needs in a decode step: the last token of ``tokens: [seq]`` attends (exactly) to
+    the others after a dense prefill; its attention in each of ``layers``, pooled over the query heads of each GQA
+    group as a Kascade anchor pools it, sorted and summed. Returns ``[len(layers), kv_heads, seq]``: entry ``n - 1``
+    is the share of the pooled attention the ``n`` heaviest keys hold (1 at ``n = seq``)."""
+    tokens = np.asarray(tokens)
+    order = tuple(sorted(set(layers)))
+    cache = KVCache.empty(model.cfg, 1, len(tokens), model.dtype)
+    _, cache, _ = forward(model, jnp.asarray(tokens[None, :-1], jnp.int32), cache, last_only=True)
+    _, _, probs = forward(model, jnp.asarray(tokens[None, -1:], jnp.int32), cache, ProbsHook(order))
+    curves = []
+    for layer in layers:
+        p = np.asarray(probs[order.index(layer)][0, :, :, 0, :len(tokens)], np.float64).sum(axis=1)  # [kv, seq]
+        p = -np.sort(-p, axis=-1)
+        curves.append(np.cumsum(p, axis=-1) / p.sum(axis=-1, keepdims=True))
+    return np.stack(curves)
+
+
+def keys_for_mass(curves: np.ndarray, mass: float) -> np.ndarray:
+    """Fewest keys holding ``mass`` of each curve's attention: ``curves: [..., seq]`` (`mass_curves`) -> int
+    ``[...]``."""
+    return (curves < mass - 1e-12).sum(axis=-1) + 1
 
 
 def reuse_survival(model: Llama, prompt: np.ndarray, schedules: Mapping[str, Schedule], span: tuple[int, int], *,

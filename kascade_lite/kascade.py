@@ -6,7 +6,9 @@ r"""Kascade sparse attention, the one implementation: budget, selection, anchors
 floor ``min_keys``. The tile's own keys (its causal keys: ``q_tile`` of them, fewer in a partial last tile) are
 always attended and count towards the budget, so Top-k picks :math:`n_{keep} - n_{own}` keys among those *strictly
 before* the tile (`topk_count`; rounded up to whole key tiles with ``granularity="tile"``). Calibration
-(`calibrate.topk_keys`) uses the same rule.
+(`calibrate.topk_keys`) uses the same rule. *Mass-targeted* selection (``mass=p``, our adaptive variant) keeps
+instead the fewest Top units whose pooled attention, with the own tile's, reaches the share ``p`` of the row's, no
+fewer than the floor and no more than :math:`n_{keep}`: the budget becomes a maximum.
 
 **Selection** (anchor and dense layers). With the post-softmax attention :math:`P = \mathrm{softmax}(QK^\top/\sqrt d)`
 of every query head, pooled over the ``group`` query heads of each KV head ``h`` (``pool="group"``; ``"all"``: every
@@ -169,18 +171,34 @@ def pooled_scores(p: jax.Array, pool: Pool, unit: int) -> jax.Array:
     return s.reshape(*s.shape[:3], n_u, unit).sum(axis=-1)
 
 
+def mass_count(mass: jax.Array, need: jax.Array) -> jax.Array:
+    """Fewest ranks whose mass reaches ``need``: ``mass: [..., k]`` in rank order (0 for padding), ``need: [...]``
+    -> int32 ``[...]``, at most ``k``. Rank ``r`` is needed while the ranks above it hold less than ``need``."""
+    above = jnp.cumsum(mass, axis=-1) - mass
+    return jnp.sum(above < need[..., None], axis=-1).astype(jnp.int32)
+
+
 def topk_units(scores: jax.Array, start: jax.Array, basis: jax.Array, own: jax.Array, *, k_max: int, unit: int,
-               budget: float | int, min_keys: int) -> tuple[jax.Array, jax.Array]:
+               budget: float | int, min_keys: int, need: jax.Array | None = None,
+               raw: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Top-k of one query tile: ``scores: [batch, kv_heads, sets, n_units]`` -> ``(idx, keep)`` each
     ``[batch, kv_heads, sets, k_max]``. Eligible units start before ``start`` (the tile's first query); the row keeps
     ``topk_count(basis, own)`` of them (``own``: the tile's own keys), never more than the keys before ``start``.
+    With ``need`` (``[batch, kv_heads, sets]``, mass-targeted selection) it keeps the fewest top units whose mass
+    (``raw``: the scores before sinks and recent units were forced; default ``scores``) sums to ``need``
+    (`mass_count`), at least the floor's ``min_keys - own`` keys and at most the budget's count.
     The row is returned in key order, not score order: the gathers that read it then walk the cache forwards, which
     XLA's CPU gather reads faster than a scattered order."""
     n_units = scores.shape[-1]
     eligible = jnp.arange(n_units) * unit < start
     k_keys = jnp.minimum(jnp.maximum(keys_kept(basis, budget, min_keys) - own, 0), start)
     vals, idx = jax.lax.top_k(jnp.where(eligible, scores, NEG_INF), k_max)
-    keep = (jnp.arange(k_max) < -(-k_keys // unit)) & (vals > NEG_INF / 2)
+    count = -(-k_keys // unit)
+    if need is not None:
+        floor = -(-jnp.minimum(jnp.maximum(jnp.minimum(basis, min_keys) - own, 0), start) // unit)
+        ranked = jnp.take_along_axis(scores if raw is None else raw, idx, axis=-1)
+        count = jnp.minimum(jnp.maximum(mass_count(jnp.where(vals > NEG_INF / 2, ranked, 0.0), need), floor), count)
+    keep = (jnp.arange(k_max) < count[..., None]) & (vals > NEG_INF / 2)
     idx, keep = jax.lax.sort((idx.astype(jnp.int32), keep), dimension=idx.ndim - 1, num_keys=1)
     return idx, keep
 
@@ -309,22 +327,28 @@ def query_block_scores(qt: jax.Array, first: jax.Array, real: jax.Array, kp: jax
 
 def tile_topk(scores: jax.Array, start: jax.Array, kv_len: Any, *, q_tile: int, unit: int, k_max: int,
               budget: float | int, min_keys: int, rolling: bool = False, sinks: int = 0,
-              recent: int = 0) -> tuple[jax.Array, jax.Array]:
+              recent: int = 0, mass: float | None = None) -> tuple[jax.Array, jax.Array]:
     """Top-k of the query tile starting at ``start``: pooled ``scores: [batch, kv_heads, sets, n_units]`` -> ``(idx,
     keep)`` each ``[batch, kv_heads, sets, k_max]`` (`topk_units`). The units holding the first ``sinks`` positions
     and the ``recent`` positions before ``start`` are forced first; the budget basis is ``kv_len`` or, with
-    ``rolling``, the keys visible to the tile."""
+    ``rolling``, the keys visible to the tile. With ``mass`` the row keeps the fewest units that, with the tile's own
+    keys, hold that share of its pooled attention (the budget is then the most it may keep)."""
     end = jnp.minimum(start + q_tile, kv_len)                          # keys visible to the tile
+    unit_first = jnp.arange(scores.shape[-1]) * unit                   # first position of each unit
+    need, raw = None, scores
+    if mass is not None:                                               # the share the Top-k adds to the own tile's
+        total = scores.sum(axis=-1)
+        need = mass * total - (total - jnp.where(unit_first < start, scores, 0.0).sum(axis=-1))
     if sinks or recent:
-        unit_first = jnp.arange(scores.shape[-1]) * unit               # first position of each unit
         scores = jnp.where((unit_first < sinks) | (unit_first + unit > start - recent), scores + FORCED, scores)
     return topk_units(scores, start, end if rolling else kv_len, end - start, k_max=k_max, unit=unit, budget=budget,
-                      min_keys=min_keys)
+                      min_keys=min_keys, need=need, raw=raw)
 
 
 def select(q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any, *, q_tile: int, unit: int, pool: Pool,
            budget: float | int, min_keys: int, rolling: bool = False, block_q: int = 256, block_k: int = 512,
-           sinks: int = 0, recent: int = 0, own_key: jax.Array | None = None) -> Selection:
+           sinks: int = 0, recent: int = 0, mass: float | None = None, own_key: jax.Array | None = None
+           ) -> Selection:
     """Anchor scoring: exact post-softmax attention of each query tile, pooled, Top-k per row, never a ``[T, L]``
     tensor.
 
@@ -338,8 +362,9 @@ def select(q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any, *, q_tile: in
     needs no blocking: one pass over the whole cache (`single_block_scores`). Each tile's Top-k is `tile_topk`: the
     budget basis is ``kv_len`` or, with ``rolling``, the keys visible to the tile; ``sinks`` / ``recent``: the units
     holding the first ``sinks`` positions and the ``recent`` positions just before the tile are chosen first (inside
-    the same budget; StreamingLLM's sinks and window, Xiao et al. 2023). Returns a `Selection` with ``n_qtiles =
-    ceil(T / q_tile)`` and a static ``k = ceil((keys_kept(L) - own) / unit)`` (at least 1), where ``own`` is the
+    the same budget; StreamingLLM's sinks and window, Xiao et al. 2023); ``mass``: each row keeps only the fewest
+    Top units that hold that share of its pooled attention with the own tile, the budget its maximum. Returns a
+    `Selection` with ``n_qtiles = ceil(T / q_tile)`` and a static ``k = ceil((keys_kept(L) - own) / unit)`` (at least 1), where ``own`` is the
     smallest own tile (the last one may be partial). A tile's own keys are its causal keys below ``kv_len``:
     ``q_tile`` of them, or fewer in a partial last tile. ``own_key`` (decode only, ``[batch, kv_heads, 1, d]``): the
     query's own key, not yet written at position ``kv_len - 1`` of ``k``."""
@@ -355,7 +380,7 @@ def select(q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any, *, q_tile: in
     kp = pad_to_tiles(k, bk)
     k_max = max(1, min(-(-length // unit), topk_count(length, own_min, budget=budget, min_keys=min_keys, unit=unit)))
     rule = dict(q_tile=q_tile, unit=unit, k_max=k_max, budget=budget, min_keys=min_keys, rolling=rolling,
-                sinks=sinks, recent=recent)                            # the Top-k rule of every tile (`tile_topk`)
+                sinks=sinks, recent=recent, mass=mass)                 # the Top-k rule of every tile (`tile_topk`)
 
     def one_block(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         qt, i = args                                                   # [tpb, b, h, g, q_tile, d], block number
@@ -473,6 +498,9 @@ class KascadeAttention:
     dense (filter layers); ``rolling`` budgets each prefill tile by the keys visible to it. ``carry`` is a dict
     ``{anchor layer: Selection}``. ``sinks`` / ``recent`` (our variant, default off): the first ``sinks`` and the
     ``recent`` latest key positions are always among an anchor's Top-k, inside the same budget (see `select`).
+    ``mass`` (our adaptive variant, default off): each anchor row keeps the fewest keys that, with its own tile,
+    hold that share of its pooled attention, at least ``min_keys`` and at most the budget's count; reuse layers
+    inherit those sets, so the keys read per step follow how peaked each head's attention is.
     """
 
     reads_new_separately: ClassVar[bool] = True  # `model.AttentionFn`: a decode step never copies the cache
@@ -488,6 +516,7 @@ class KascadeAttention:
     min_keys: int | None = None
     sinks: int = 0
     recent: int = 0
+    mass: float | None = None
 
     @classmethod
     def kascade_sw(cls, schedule: Schedule, **options: Any) -> "KascadeAttention":
@@ -505,6 +534,8 @@ class KascadeAttention:
         if self.tile_size is not None and self.tile_size <= 0:
             raise ValueError(f"tile_size must be positive, got {self.tile_size}")
         check_budget(self.budget_value)
+        if self.mass is not None and not 0 < self.mass <= 1:
+            raise ValueError(f"mass must be a share in (0, 1], got {self.mass}")
 
     @property
     def q_tile(self) -> int:
@@ -528,7 +559,7 @@ class KascadeAttention:
         q_tile = 1 if q.shape[1] == 1 else self.q_tile
         return select(q, k, q_offset, kv_len, q_tile=q_tile, unit=self.q_tile if self.granularity == "tile" else 1,
                       pool=self.pool, budget=self.budget_value, min_keys=self.min_keys_value, rolling=self.rolling,
-                      sinks=self.sinks, recent=self.recent, own_key=own_key)
+                      sinks=self.sinks, recent=self.recent, mass=self.mass, own_key=own_key)
 
     def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
                  kv_len: jax.Array, carry: Any, new: tuple[jax.Array, jax.Array] | None = None

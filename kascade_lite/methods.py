@@ -112,6 +112,11 @@ def _kascade_sw(s: Setting) -> KascadeAttention:
     return KascadeAttention.kascade_sw(s.schedule, **s.kascade_options())
 
 
+def _kascade_mass(mass: float) -> Callable[[Setting], KascadeAttention]:
+    """Our adaptive variant at pooled-attention share ``mass``: the setting's budget is each row's maximum."""
+    return lambda s: KascadeAttention(s.schedule, mass=mass, **s.kascade_options())
+
+
 def _oracle(s: Setting) -> KascadeAttention:
     budget, floor, _ = _in_force(s)
     return oracle_topk(s.schedule.num_layers, s.schedule.num_kv_heads, budget=budget, min_keys=floor)
@@ -156,13 +161,16 @@ def _every_layer_pooled(granularity: str) -> Callable[[Setting], KascadeAttentio
 @dataclass(frozen=True)
 class Method:
     """One named method: ``description`` (what it does, whose it is), ``attention`` (its attention function at a
-    `Setting`), ``decode_only`` (in the retrieval task: an exact prefill, then ``attention`` in every decode step)
-    and ``long_prompts`` (what the retrieval task runs instead of ``attention``, where that differs)."""
+    `Setting`), ``decode_only`` (in the retrieval task: an exact prefill, then ``attention`` in every decode step),
+    ``long_prompts`` (what the retrieval task runs instead of ``attention``, where that differs) and ``adaptive``
+    (how many keys it reads depends on the attention, so its K/V read is measured,
+    `tradeoff.selection_read_share`, not computed from the budget)."""
 
     description: str
     attention: Callable[[Setting], AttentionFn]
     decode_only: bool = False
     long_prompts: Callable[[Setting], AttentionFn] | None = None
+    adaptive: bool = False
 
 
 METHODS: dict[str, Method] = {
@@ -211,6 +219,21 @@ METHODS: dict[str, Method] = {
     "tidal": Method(_tidal_description(), _tidal, decode_only=True),
 }
 """Every method by name, in the order the book's tables list them."""
+
+MASSES = (0.8, 0.9, 0.95, 0.98)
+"""Pooled-attention shares of our adaptive variant: ``kascade_mass<percent>`` (sparse prefill and decode) and
+``kascade_mass<percent>_decode`` (dense prefill); ``@budget`` is each row's maximum."""
+for _mass in MASSES:
+    _pct = round(100 * _mass)
+    METHODS[f"kascade_mass{_pct}"] = Method(
+        f"our adaptive variant: anchors keep the fewest key positions that, with the query tile's own keys, hold "
+        f"{_pct} % of the pooled attention, at least the floor and at most the budget; reuse layers inherit those "
+        f"sets through the head map (top-p selection as in Twilight, arXiv 2502.02770, 2025)", _kascade_mass(_mass),
+        adaptive=True)
+    METHODS[f"kascade_mass{_pct}_decode"] = Method(
+        f"dense prefill, then kascade_mass{_pct} in every decode step (ours; top-p as in Twilight, 2025)",
+        _kascade_mass(_mass),
+        decode_only=True, adaptive=True)
 
 
 def parse(name: str) -> tuple[str, str | None, float | None]:
@@ -266,7 +289,8 @@ def describe(name: str) -> str:
     when the name sets them."""
     base, sched, budget = parse(name)
     return (METHODS[base].description + (f"; schedule {sched} instead of the main one" if sched else "")
-            + (f"; key budget {100 * budget:g} % instead of {100 * DEFAULT_BUDGET:g} %" if budget is not None else ""))
+            + ("" if budget is None else f"; at most {100 * budget:g} % of the keys per row" if METHODS[base].adaptive
+               else f"; key budget {100 * budget:g} % instead of {100 * DEFAULT_BUDGET:g} %"))
 
 
 def descriptions(names: Iterable[str]) -> dict[str, str]:

@@ -393,14 +393,22 @@ def decode_steps(step: StepFn, logits: jax.Array, cache: KVCache, *, temperature
 
 def decode(model: Llama, logits: jax.Array, cache: KVCache, max_new_tokens: int, *, temperature: float = 0.0,
            top_p: float = 1.0, seed: int = 0, attention: AttentionFn = dense_attention,
-           eos_token_id: int | None = None, progress: Callable[[int], None] | None = None) -> np.ndarray:
+           eos_token_id: int | None = None, progress: Callable[[int], None] | None = None,
+           on_carry: Callable[[Any], None] | None = None) -> np.ndarray:
     """Decode one token at a time after a prefill: ``logits: [batch, seq, vocab]`` (the last position is used) and
     the ``cache`` that prefill filled, which the steps consume (each step donates its cache; pass ``cache.copy()``
-    to keep it). Returns the new token ids ``[batch, n]`` (``n <= max_new_tokens``; stops early when every row
-    emitted ``eos_token_id``)."""
+    to keep it). ``on_carry`` is called with each step's final attention carry (e.g. Kascade's selections, to count
+    the keys a step read). Returns the new token ids ``[batch, n]`` (``n <= max_new_tokens``; stops early when every
+    row emitted ``eos_token_id``)."""
     step = make_forward(model, attention, donate=True)
-    loop = decode_steps(lambda tokens, c: step(tokens, c)[:2], logits, cache, temperature=temperature, top_p=top_p,
-                        seed=seed)
+
+    def run(tokens: jax.Array, c: KVCache) -> tuple[jax.Array, KVCache]:
+        out, c, carry = step(tokens, c)
+        if on_carry is not None:
+            on_carry(carry)
+        return out, c
+
+    loop = decode_steps(run, logits, cache, temperature=temperature, top_p=top_p, seed=seed)
     out, done = [], jnp.zeros((logits.shape[0],), bool)
     for i in range(max_new_tokens):
         nxt, _ = next(loop)

@@ -53,6 +53,16 @@ RETRIEVAL = "dense,kascade,kascade_decode,kascade_sw,tidal,oracle_decode,quest"
 """The methods of chapter 07's retrieval table: dense, Kascade (prefill and decode, decode only, with sinks and
 window), TidalDecode, the per-head oracle and Quest."""
 
+ADAPTIVE = ("kascade_decode@0.1,kascade_decode@0.2,kascade_decode@0.3,kascade_mass90_decode@0.3,"
+            "kascade_mass95_decode@0.3,kascade_mass98_decode@0.5,kascade_decode+dpimp_k8@0.1,pooled_decode@0.1,"
+            "kascade_decode+greedy_t90@0.1,kascade_decode+greedy_t90@0.2")
+"""Chapter 07's budget rules, all with dense prefill: the paper's Kascade at fixed budgets, our mass-targeted
+variant at three shares, 8 anchors (the DP's), every layer its own pooled anchor, and coverage-triggered refresh
+(the greedy rule at a threshold that fires, `search.REFRESH_THRESHOLDS`). Chosen among on held-out data
+(`selection.choose_adaptive`), then measured on the published cases and test windows."""
+ADAPTIVE_CASES = "2048:16,4096:8,8192:4"
+"""Needle cases per length of the budget-rule runs, held-out and published alike (each haystack)."""
+
 ACCURACY = ("accuracy", "methods", "tasks", "baselines")
 """The package modules the accuracy benchmarks run: the harness, the registry and what it builds."""
 
@@ -100,6 +110,28 @@ BENCHMARKS: dict[str, Benchmark] = {
         ("retrieval", "--smoke", "--haystack", "wikitext-test", "--wording", "varied", "--methods", RETRIEVAL,
          "--out", "{data}/accuracy_retrieval_natural.json"),
         ("accuracy_retrieval_natural.json",), reads_schedules=True, modules=ACCURACY),
+    "adaptive-selection": Benchmark(
+        "select_adaptive.py", ("--cases", ADAPTIVE_CASES, "--out", "{data}"), ("--smoke", "--out", "{data}"),
+        ("variant_selection_adaptive.json", "adaptive_heldout_noise.json", "adaptive_heldout_wikitext-valid.json",
+         "adaptive_heldout_ppl.json"), reads_schedules=True, modules=("selection", *ACCURACY, "kascade", "tradeoff")),
+    "accuracy-retrieval-adaptive": Benchmark(
+        "bench_accuracy.py", ("retrieval", "--cases", ADAPTIVE_CASES, "--methods", f"dense,{ADAPTIVE}",
+                              "--time-budget", "0", "--out", "{data}/accuracy_retrieval_adaptive.json"),
+        ("retrieval", "--smoke", "--methods", f"dense,{ADAPTIVE}", "--out", "{data}/accuracy_retrieval_adaptive.json"),
+        ("accuracy_retrieval_adaptive.json",), reads_schedules=True, modules=(*ACCURACY, "kascade", "tradeoff")),
+    "accuracy-retrieval-adaptive-natural": Benchmark(
+        "bench_accuracy.py", ("retrieval", "--haystack", "wikitext-test", "--wording", "varied", "--cases",
+                              ADAPTIVE_CASES, "--methods", f"dense,{ADAPTIVE}", "--time-budget", "0",
+                              "--out", "{data}/accuracy_retrieval_adaptive_natural.json"),
+        ("retrieval", "--smoke", "--haystack", "wikitext-test", "--wording", "varied", "--methods",
+         f"dense,{ADAPTIVE}", "--out", "{data}/accuracy_retrieval_adaptive_natural.json"),
+        ("accuracy_retrieval_adaptive_natural.json",), reads_schedules=True,
+        modules=(*ACCURACY, "kascade", "tradeoff")),
+    "accuracy-ppl-decode": Benchmark(
+        "bench_accuracy.py", ("ppl-methods", "--windows-2048", "2", "--methods", f"dense,{ADAPTIVE}",
+                              "--out", "{data}/accuracy_ppl_decode.json"),
+        ("ppl-methods", "--smoke", "--methods", f"dense,{ADAPTIVE}", "--out", "{data}/accuracy_ppl_decode.json"),
+        ("accuracy_ppl_decode.json",), reads_schedules=True, modules=(*ACCURACY, "kascade")),
     "perplexity": Benchmark("bench_perplexity.py", ("--windows", "64", "--out", "{data}/perplexity.json"),
                             ("--smoke", "--out", "{data}/perplexity.json"), ("perplexity.json",)),
     "attention": Benchmark("bench_attention.py", ("--out", "{data}"), ("--smoke", "--out", "{data}"),
@@ -129,19 +161,20 @@ DERIVED_INPUTS: dict[str, tuple[str, ...]] = {
 
 def write_plan(root: Path, *, smoke: bool) -> Path:
     """`cost.write_memory_plan` into ``ROOT/data/memory_plan.json``: the schedule that ``schedule_selection.json``
-    names ``chosen`` and the budget of ``tradeoff.json`` (`tradeoff.recommended_budget`; 10 % with the reason when
-    it recommends none), each from ROOT/data or else the shipped copy."""
+    names ``chosen`` at 10 %, or the Kascade schedule and budget that ``tradeoff.json`` recommends
+    (`tradeoff.recommended_plan`, with the reason when it is not used), each from ROOT/data or else the shipped
+    copy."""
     import json
 
     from .cost import write_memory_plan
     from .models import SMOLLM2
     from .schedule import Schedule
-    from .tradeoff import recommended_budget
+    from .tradeoff import recommended_plan
 
     chosen = json.loads(results_source(root, "schedule_selection.json", SMOLLM2).read_text())["chosen"]
-    schedule = Schedule.load(results_source(root, f"schedules/{SMOLLM2}_{chosen}.json", SMOLLM2))
     table = results_source(root, "tradeoff.json", SMOLLM2)
-    budget, note = recommended_budget(json.loads(table.read_text()) if table.is_file() else None)
+    chosen, budget, note = recommended_plan(json.loads(table.read_text()) if table.is_file() else None, chosen)
+    schedule = Schedule.load(results_source(root, f"schedules/{SMOLLM2}_{chosen}.json", SMOLLM2))
     out = root / "data" / "memory_plan.json"
     write_memory_plan(out, command=f"kascade-lite bench {MEMORY_PLAN} --out {shlex.quote(str(root))}"
                                    + (" --smoke" if smoke else ""), smoke=smoke, schedule=schedule,

@@ -514,8 +514,41 @@ TRADEOFF_FAMILIES = {
     "kascade_no_remap": "ablations, OmniKV", "all_heads_pooled": "ablations, OmniKV", "omnikv": "ablations, OmniKV",
     "oracle": "oracle, pooled oracle", "oracle_decode": "oracle, pooled oracle",
     "pooled_decode": "oracle, pooled oracle", "quest": "baselines", "tidal": "baselines", "sink_window": "baselines",
+    **{f"kascade_mass{p}{mode}": "ours: mass-targeted" for p in (80, 90, 95, 98) for mode in ("", "_decode")},
 }
 """Colour groups of `tradeoff_frontier` by method (others: "other")."""
+
+
+def mass_curves_figure(curves: np.ndarray, layers: Sequence[int], mass: float = 0.9) -> plt.Figure:
+    """One panel per anchor layer: the share of a decode step's pooled attention held by the ``n`` heaviest keys,
+    one line per KV head (``curves: [layers, kv_heads, seq]``, `analysis.mass_curves`), keys as a share of the
+    context on a log axis; a dot where each head reaches ``mass``."""
+    curves = np.asarray(curves)
+    seq = curves.shape[-1]
+    cols = min(3, len(layers))
+    rows = -(-len(layers) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(BOOK_WIDTH_IN, 2.4 * rows + 0.4), sharex=True, sharey=True,
+                             squeeze=False)
+    x = np.arange(1, seq + 1) / seq
+    colors = sns.color_palette("colorblind", curves.shape[1])
+    for ax, layer, per_head in zip(axes.flat, layers, curves):
+        for h, curve in enumerate(per_head):
+            ax.plot(x, curve, color=colors[h], lw=1.4, label=f"KV head {h}")
+            n = int((curve < mass - 1e-12).sum()) + 1
+            ax.plot(n / seq, curve[n - 1], "o", color=colors[h], ms=4)
+        ax.axhline(mass, color="grey", lw=0.8, ls="--")
+        ax.set_title(f"layer {layer}", fontsize=10, loc="left")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    for ax in axes.flat[len(layers):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("keys kept (share of context)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("attention held")
+    axes.flat[0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
 
 
 HAYSTACK_LABELS = {"noise": "filler (RULER)", "wikitext-test": "natural-text (WikiText-2)"}

@@ -81,6 +81,12 @@ def dp_anchors(weights: np.ndarray, num_anchors: int) -> tuple[tuple[int, ...], 
     return tuple(sorted(anchors)), float(best[num_anchors, L])
 
 
+REFRESH_THRESHOLDS = (0.9,)
+"""Coverage-triggered refresh: thresholds of the greedy rule at which it fires on SmolLM2's calibration (a reuse
+layer whose head-remapped similarity to its anchor falls below the threshold becomes an anchor). The shipped
+`CALIB_THRESHOLD` never fires there (the anchors are then evenly spaced by ``max_reuse_dist``)."""
+
+
 def greedy_anchors(similarity: np.ndarray, max_reuse_dist: int = MAX_REUSE_DIST,
                    threshold: float = CALIB_THRESHOLD) -> tuple[int, ...]:
     """Walk the layers: layer ``b`` reuses the latest anchor ``a`` if ``b - a <= max_reuse_dist`` and
@@ -145,16 +151,19 @@ def greedy_schedule(calib: Calibration, *, max_reuse_dist: int = MAX_REUSE_DIST,
 def write_schedules(calib: Calibration, out_dir: str | os.PathLike, *, command: str, smoke: bool,
                     anchor_counts: tuple[int, ...] = DP_ANCHOR_COUNTS, **kw: Any) -> list[Path]:
     """Write ``<model>_dp_k{K}.json`` (similarity objective) and ``<model>_dpimp_k{K}.json`` (importance-weighted)
-    for each K, and ``<model>_greedy.json`` into ``out_dir``; returns the paths. ``smoke`` (recorded in each file's
-    provenance): made from a smoke-size calibration."""
+    for each K, ``<model>_greedy.json`` and, for each of `REFRESH_THRESHOLDS`, ``<model>_greedy_t{100 t}.json`` into
+    ``out_dir``; returns the paths. ``smoke`` (recorded in each file's provenance): made from a smoke-size
+    calibration."""
     schedules = [dp_schedule(calib, k, objective=o, **kw) for o in OBJECTIVES for k in anchor_counts
                  if k <= calib.num_layers]
     schedules.append(greedy_schedule(calib, **kw))
+    schedules += [greedy_schedule(calib, threshold=t, **kw) for t in REFRESH_THRESHOLDS]
     paths = []
     for sched in schedules:
         meta = dict(sched.meta)
         prefix = "dp" if meta.get("objective") == "similarity" else "dpimp"
-        suffix = f"{prefix}_k{meta['num_anchors']}" if sched.method == "dp" else sched.method
+        suffix = (f"{prefix}_k{meta['num_anchors']}" if sched.method == "dp" else sched.method if
+                  meta["threshold"] == CALIB_THRESHOLD else f"{sched.method}_t{round(100 * meta['threshold'])}")
         path = Path(out_dir) / f"{sched.model}_{suffix}.json"
         meta = dict(sched.meta, provenance=provenance(command, smoke=smoke))
         dataclasses.replace(sched, meta=tuple(sorted(meta.items()))).save(path)

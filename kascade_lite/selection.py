@@ -15,6 +15,14 @@ with Kascade in prefill and decode. (4) `choose`: most stage-2 needles, then low
 with Kascade in prefill and decode on the same cases. `recommend`: ``kascade_sw`` only if it finds more needles with
 an exact McNemar p < 0.05 *and* its held-out perplexity is not higher.
 
+**Adaptive budgets** (`choose_adaptive`, chapter 07). Candidates (fixed budgets and our mass-targeted variant, with
+sparse or dense prefill) answer held-out needle cases of the selection seed on the filler and the natural-text
+(WikiText-2 validation) haystacks at 2k, 4k and 8k tokens, and their perplexity is measured on the last validation
+windows (`accuracy.run_method_perplexity`). The rule, fixed before measuring (`adaptive_verdict`): among candidates
+with recall of dense's needles >= 95 % at every haystack and length and perplexity within 2 % at 2048, the one with
+the smallest K/V read per decode step (measured for adaptive methods); if none qualifies, none is chosen and the
+frontier is reported.
+
 **TidalDecode's re-selection layer.** Its paper picks the layer that re-selects tokens on held-out data (its
 reference code uses layer 13 of 32-layer Llama-3-8B). Here every candidate layer runs TidalDecode in decode after one
 shared dense prefill, at 10 % of the keys with the 128-key floor, on held-out 2k needle cases of the selection seed
@@ -37,16 +45,19 @@ from typing import Any
 import numpy as np
 
 from .calibrate import Calibration, calibrate
+from .config import LlamaConfig
 from .data import held_out_windows, load_tokenizer, wikitext_windows
 from .eval import nll_per_window
-from .files import ResultsLog
+from . import pipeline
+from .files import ResultsLog, provenance, write_json_atomic
 from .kascade import SW_RECENT, SW_SINKS
-from .methods import TIDAL_SELECTION, Setting, attention, retrieval
+from .methods import METHODS, TIDAL_SELECTION, Setting, attention, retrieval
 from .model import dense_attention
 from .models import smollm2_or_tiny
 from .schedule import Schedule, default_schedule
 from .search import OBJECTIVES, write_schedules
 from .tasks import RetrievalMethod, answer_case, make_cases, mcnemar_p, paired_outcomes
+from .tradeoff import TARGET, kv_read_share, paired_recall, parse_retrieval_name
 
 MODEL = "smollm2-135m"
 CALIBRATION_SEED = 1  # retrieval prompts mixed into the calibration set
@@ -237,6 +248,97 @@ def choose_variant(out: Path, command: str, selection_path: Path, *, smoke: bool
         rec.save()
         print(f"case {i}: " + ", ".join(f"{n} {r['n_correct']}/{r['n_cases']}" for n, r in rows.items())
               + f" | p = {p:.2g}", flush=True)
+    return doc
+
+
+# ------------------------------------------------------------------------------------------------ adaptive budgets
+ADAPTIVE_CANDIDATES = tuple(pipeline.ADAPTIVE.split(","))
+"""The held-out candidates (`pipeline.ADAPTIVE`, where the published runs take them too)."""
+ADAPTIVE_CASES = {int(n): int(c) for n, c in (p.split(":") for p in pipeline.ADAPTIVE_CASES.split(","))}
+HAYSTACKS_HELD_OUT = {"noise": "fixed", "wikitext-valid": "varied"}
+"""Held-out haystacks and their needle wording."""
+
+
+def candidate_row(name: str, retrieval: dict[str, dict[str, Any]], ppl: dict[str, Any],
+                  schedules: dict[str, Schedule], main: str, cfg: LlamaConfig, min_keys: int = 128
+                  ) -> dict[str, Any]:
+    """One candidate's held-out row: paired recall per haystack and length, perplexity change, the K/V read share
+    per decode step by length (measured for an adaptive method and averaged over the haystacks, else
+    `tradeoff.kv_read_share`), and the target's checks."""
+    method, budget, sched, granularity = parse_retrieval_name(name, 0.1)
+    schedule = schedules[sched or main]
+    recall, share = {}, {}
+    for hay, doc in retrieval.items():
+        rows = {(r["length"], r["method"]): r for r in doc["results"]}
+        for length in sorted({n for n, _ in rows}):
+            row, dense = rows.get((length, name)), rows.get((length, "dense"))
+            if row is None or dense is None or not row["cases"]:
+                continue
+            recall.setdefault(hay, {})[str(length)] = paired_recall(row["cases"], dense["cases"])
+            share.setdefault(str(length), []).append(
+                row["kv_read_share"] if METHODS[method].adaptive else
+                kv_read_share(method, length, budget=budget, granularity=granularity, schedule=schedule, cfg=cfg,
+                              min_keys=min_keys))
+    delta = ppl.get("delta_vs_dense_pct")
+    found = [c["recall"] for cells in recall.values() for c in cells.values()]     # None: dense found no needle
+    checks = [r is not None and r >= TARGET.recall for r in found]
+    meets_recall = bool(checks) and all(checks) and all(
+        str(n) in cells for cells in recall.values() for n in TARGET.lengths)
+    return dict(recall=recall, ppl=ppl.get("ppl"), ppl_delta_pct=delta,
+                kv_read_share={n: float(np.mean(v)) for n, v in share.items()},
+                meets=meets_recall and delta is not None and delta <= TARGET.ppl_within_pct,
+                min_recall=min((r for r in found if r is not None), default=None))
+
+
+def adaptive_verdict(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The rule fixed before measuring: the qualifying candidate (`candidate_row`'s ``meets``) with the smallest
+    K/V read at 2048 tokens; else ``chosen`` None and ``closest``: the candidate with the highest worst-case recall,
+    then the lowest perplexity change."""
+    ok = [n for n, r in rows.items() if r["meets"]]
+    if ok:
+        return dict(chosen=min(ok, key=lambda n: rows[n]["kv_read_share"].get("2048", 1.0)), closest=None)
+    ranked = sorted(rows, key=lambda n: (-(rows[n]["min_recall"] or 0), rows[n]["ppl_delta_pct"] or 1e9))
+    return dict(chosen=None, closest=ranked[0] if ranked else None)
+
+
+def choose_adaptive(out: Path, command: str, *, smoke: bool, candidates: tuple[str, ...] = ADAPTIVE_CANDIDATES,
+                    cases: dict[int, int] | None = None, ppl_windows: int = 2,
+                    schedule_dir: Path | None = None) -> dict[str, Any]:
+    """The held-out choice of a budget rule into ``out/variant_selection_adaptive.json``; the needle runs it rests
+    on go to ``out/adaptive_heldout_<haystack>.json`` and the perplexities to ``out/adaptive_heldout_ppl.json``
+    (each resumable: an interrupted choice continues where it stopped). Returns the document."""
+    from .accuracy import kascade_schedules, main_schedule, run_method_perplexity, run_retrieval
+
+    cases = {256: 2} if smoke else dict(cases or ADAPTIVE_CASES)
+    names = ["dense", *candidates]
+    retrieval = {}
+    for hay, wording in HAYSTACKS_HELD_OUT.items():
+        path = out / f"adaptive_heldout_{hay}.json"
+        retrieval[hay] = run_retrieval(path, command, names, smoke=smoke, cases=cases, seed=SELECTION_SEED,
+                                       schedule_dir=schedule_dir, time_budget=0, resume=path.is_file(),
+                                       haystack=hay, wording=wording)
+    ppl_path = out / "adaptive_heldout_ppl.json"
+    ppl_doc = run_method_perplexity(ppl_path, command, names, smoke=smoke, split="validation", windows=ppl_windows,
+                                    schedule_dir=schedule_dir, resume=ppl_path.is_file())
+    model = smollm2_or_tiny(smoke)
+    model_schedules = kascade_schedules(model, schedule_dir)
+    main = main_schedule(model_schedules)
+    ppl_rows = {r["method"] + ("" if r["schedule"] in (None, main) else f"+{r['schedule']}")
+                + f"@{r['budget']:g}": r for r in ppl_doc["results"]}
+    rows = {n: candidate_row(n, retrieval, ppl_rows.get(n, {}), model_schedules, main, model.cfg) for n in candidates}
+    doc = dict(provenance=provenance(command, smoke=smoke),
+               settings=dict(model=MODEL, schedule=main, cases={str(k): v for k, v in cases.items()},
+                             seed=SELECTION_SEED, haystacks=HAYSTACKS_HELD_OUT, ppl_windows=ppl_windows,
+                             ppl_source="last WikiText-2 validation windows", candidates=list(candidates),
+                             inputs=[p.name for p in (*[out / f"adaptive_heldout_{h}.json" for h in retrieval],
+                                                      ppl_path)],
+                             rule=("recall of dense's needles >= 95 % at every held-out haystack and length and "
+                                   "perplexity within 2 % of dense at 2048 (decode-only methods measured as decode "
+                                   "steps); among those, the smallest K/V read per decode step at 2048; if none "
+                                   "qualifies, none is chosen and the closest (highest worst-case recall, then "
+                                   "lowest perplexity change) is named")),
+               candidates=rows, **adaptive_verdict(rows))
+    write_json_atomic(out / "variant_selection_adaptive.json", doc)
     return doc
 
 

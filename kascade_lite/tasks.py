@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,13 +195,16 @@ class RetrievalMethod:
 
 
 def answer_case(model: Llama, case: RetrievalCase, methods: Mapping[str, RetrievalMethod], *,
-                cache_multiple: int = 32, tokenizer: Any = None) -> dict[str, dict[str, Any]]:
+                cache_multiple: int = 32, tokenizer: Any = None,
+                reads: Mapping[str, Callable[[Any, int], float]] | None = None) -> dict[str, dict[str, Any]]:
     """Greedy-decode ``case`` under every method and score exact match.
 
     Methods with the same ``prefill`` attention share one prefill (a dense prompt pass serves dense decoding and
     every decode-only method). The KV cache holds the prompt and ``MAX_NEW_TOKENS``, rounded up to
     ``cache_multiple`` positions (key-tile gathers then read whole tiles). Returns ``{method: {"output", "correct",
-    "seconds"}}``; seconds include the prefill for the first method that needs it.
+    "seconds"}}``; seconds include the prefill for the first method that needs it. ``reads``: for the methods it
+    names, ``f(carry, context) -> K/V read share`` of one decode step (`tradeoff.selection_read_share`); their
+    results add ``kv_read_share``, the mean over the decode steps.
     """
     tok = tokenizer or load_tokenizer()
     prompt = jnp.asarray(case.ids[None], jnp.int32)
@@ -215,10 +218,16 @@ def answer_case(model: Llama, case: RetrievalCase, methods: Mapping[str, Retriev
             logits, cache, _ = forward(model, prompt, cache, method.prefill, last_only=True)
             prefilled[method.prefill] = (logits, cache)
         logits, cache = prefilled[method.prefill]
-        out = decode(model, logits, cache.copy(), MAX_NEW_TOKENS, attention=method.decode)[0]  # decode consumes it
+        shares: list[float] = []
+        rule = (reads or {}).get(name)
+        on_carry = None if rule is None else (lambda carry: shares.append(rule(carry, len(case.ids) + len(shares) + 1)))
+        out = decode(model, logits, cache.copy(), MAX_NEW_TOKENS, attention=method.decode,  # decode consumes it
+                     on_carry=on_carry)[0]
         text = tok.decode(out.tolist(), skip_special_tokens=True)
         results[name] = dict(output=text, correct=extract_answer(text) == case.answer,
                              seconds=round(time.perf_counter() - t0, 3))
+        if shares:
+            results[name]["kv_read_share"] = round(float(np.mean(shares)), 5)
     return results
 
 

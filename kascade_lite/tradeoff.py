@@ -4,7 +4,11 @@ One row per **method × budget × schedule × granularity**, built from the ship
 the other files in ``data/``, so it can be rebuilt and compared):
 
 * ``kv_read_share``: K/V read in one decode step over dense's, by `decode_reads` (the rule below) for SmolLM2-135M
-  at `REFERENCE_CONTEXT` tokens, with the method's own schedule; ``kv_read_share_by_context`` at `CONTEXTS`;
+  at `REFERENCE_CONTEXT` tokens, with the method's own schedule; ``kv_read_share_by_context`` at `CONTEXTS`. An
+  adaptive method (`methods.Method.adaptive`, our mass-targeted variant) keeps a different number of keys per head
+  and step: its share is the one measured in its needle runs (`selection_read_share`, averaged over the decode steps
+  and the haystacks) at each length it ran, ``kv_read_measured`` True; without needle runs it has no row
+  (``unmeasured``);
 * ``retrieval[haystack][length]``: the needle task **paired with dense on the same cases** (`paired_recall`):
   recall of the needles dense found, its Wilson 95 % interval, the exact McNemar p against dense, and the plain
   accuracy. Every ``accuracy_retrieval*.json`` is read; a file's ``settings.haystack`` names its haystack (files
@@ -15,8 +19,8 @@ the other files in ``data/``, so it can be rebuilt and compared):
 * ``decode_speedup[context]``: the measured end-to-end decode speed-up where ``bench_e2e_cpu.json`` timed that
   granularity and budget with that schedule (Kascade's decode step: rows ``kascade`` and ``kascade_decode``).
 
-**The K/V read rule** (`decode_reads`; a decode step at context :math:`L`, the new key included; per KV head, in
-key vectors: reading one key is 1, its value another 1; dense reads :math:`2L` per layer). ``k`` is
+**The K/V read rule** (`decode_reads`; a decode step at context :math:`T`, the new key included; per KV head, in
+key vectors: reading one key is 1, its value another 1; dense reads :math:`2T` per layer). ``k`` is
 `kascade.keys_read` (own key plus the Top-k, in whole key tiles with ``granularity="tile"``); ``s`` the key sets per
 KV head: 1 when a selection is pooled over the GQA group (or all heads), ``G`` (query heads per KV head) when every
 query head keeps its own, counted as gathered (``s (k - 1) + 1`` keys: the sets' Top-k plus the own key once):
@@ -24,17 +28,17 @@ query head keeps its own, counted as gathered (``s (k - 1) + 1`` keys: the sets'
 =================  ===========================================  =====================================================
 layer              reads                                         who
 =================  ===========================================  =====================================================
-dense              :math:`2L`                                    layer 0; TidalDecode's layers 0-1 and selection
+dense              :math:`2T`                                    layer 0; TidalDecode's layers 0-1 and selection
                                                                  layers; Quest's layers 0-1; OmniKV's filter layers
-anchor             :math:`L + 2(s(k-1)+1)`: all keys to score,   Kascade anchors (``s = 1``, `cost.attention_cost`);
+anchor             :math:`T + 2(s(k-1)+1)`: all keys to score,   Kascade anchors (``s = 1``, `cost.attention_cost`);
                    then the selected keys and values             the oracle's layers (``s = G``), pooled_decode's
 reuse              :math:`2(s(k-1)+1)`                           Kascade reuse layers (``s = 1``); TidalDecode's other
                                                                  layers (``s = G``); sink_window (its window)
 quest              :math:`2c + 2(G(16\min(P-1, c) + r) + 1)`     Quest's other layers: the min and max of the
-                                                                 :math:`c = \lfloor (L-1)/16 \rfloor` pages before the
+                                                                 :math:`c = \lfloor (T-1)/16 \rfloor` pages before the
                                                                  query's, then per query head the Top
                                                                  :math:`P - 1` of them (``baselines.quest_pages``)
-                                                                 and the :math:`r = (L-1) \bmod 16` keys of its own page
+                                                                 and the :math:`r = (T-1) \bmod 16` keys of its own page
 =================  ===========================================  =====================================================
 
 **Stale results.** `STALE` lists methods whose implementation changed after results were measured: a result file
@@ -55,12 +59,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .baselines import QuestAttention, TidalDecode, quest_pages
 from .config import SMOLLM2_135M, LlamaConfig
 from .cost import scaled_anchors, step_weight_bytes
 from .files import is_smoke, provenance, record_provenance, write_json_atomic
 from .kascade import keys_read
-from .methods import tidal_reselect
+from .methods import METHODS, tidal_reselect
 from .schedule import Schedule
 from .tasks import mcnemar_p, paired_outcomes, wilson_interval
 
@@ -79,9 +85,6 @@ method has one; with it 10 % means 25 %), at 2048 with it (it does not bind ther
 method has no row with the preferred one, and recorded in ``ppl_min_keys``."""
 SPEED_METHODS = ("kascade", "kascade_decode")
 """Rows whose decode step is the one bench_e2e times (Kascade's, with the timed schedule, granularity and budget)."""
-DENSE_PREFILL = ("kascade_decode", "kascade_sw_decode", "kascade_no_remap_decode", "oracle_decode", "pooled_decode",
-                 "quest", "tidal")
-"""Methods run with dense prefill in the needle task (the others are sparse in prefill too)."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,25 @@ def kv_read_share(method: str, context: int, *, budget: float, granularity: str 
     reads = decode_reads(method, context, budget=budget, granularity=granularity, schedule=schedule, cfg=cfg,
                          tile=tile, min_keys=min_keys)
     return sum(reads) / (2 * context * cfg.num_layers)
+
+
+def selection_read_share(carry: Mapping[int, Any], schedule: Schedule, context: int, *, remap: bool = True) -> float:
+    """The K/V read share of one measured decode step of Kascade (the module's rule with the keys each selection
+    really kept): ``carry`` is the step's ``{anchor layer: kascade.Selection}`` (one query tile of one token),
+    ``context`` the keys in the cache with the new one. An adaptive selection (``mass``) keeps a different number
+    of keys per head and step; a fixed budget gives `kv_read_share`'s value."""
+    kept = {layer: np.asarray(sel.keep).reshape(*sel.keep.shape[:2], -1).sum(axis=-1) * sel.unit
+            for layer, sel in carry.items()}              # [batch, kv_heads]: keys before the query, over its sets
+    reads = []
+    for layer, kind in enumerate(schedule.layer_types):
+        if kind == "dense":
+            reads.append(2.0 * context)
+            continue
+        own = kept[schedule.anchor_of[layer]]
+        if kind == "reuse" and remap:
+            own = own[:, list(schedule.head_map[layer])]
+        reads.append((context if kind == "anchor" else 0) + 2.0 * (float(own.mean()) + 1))
+    return sum(reads) / (2 * context * schedule.num_layers)
 
 
 def step_bytes(cfg: LlamaConfig, context: int, *, batch: int, schedule: Schedule, budget: float,
@@ -359,6 +381,8 @@ def _retrieval(sources: Sequence[Source]) -> dict[RowKey, dict[str, dict[int, di
             dense_cases = dense_ref[haystack, length]["cases"]
         stats = paired_recall(row["cases"], dense_cases)
         stats.update(source=src.name, stale=stale_reason(key[0], src.measured_at(key[0])))
+        if "kv_read_share" in row:                                        # an adaptive method's measured read
+            stats["kv_read_share"] = row["kv_read_share"]
         out.setdefault(key, {}).setdefault(haystack, {})[length] = stats
     return out
 
@@ -447,19 +471,31 @@ def build_tradeoff(data_dir: str | os.PathLike, *, command: str) -> dict[str, An
     schedules = {name: _resolve_schedule(name, embedded, data_dir) for name in {k[2] for k in keys}}
     speed = _speedups(e2e, schedules)
     rows = []
+    unmeasured = []
     for key in keys:
         method, budget, schedule, granularity = key
-        share = {str(n): kv_read_share(method, n, budget=budget, granularity=granularity,
-                                       schedule=schedules[schedule]) for n in CONTEXTS}
+        if METHODS[method].adaptive:                   # measured per decode step, averaged over the haystacks
+            by_len: dict[str, list[float]] = {}
+            for cells in ret.get(key, {}).values():
+                for n, c in cells.items():
+                    by_len.setdefault(str(n), []).append(c["kv_read_share"])
+            share = {n: float(np.mean(v)) for n, v in sorted(by_len.items(), key=lambda kv: int(kv[0]))}
+            if not share:
+                unmeasured.append(dict(method=method, budget=budget, schedule=schedule))
+                continue
+            reference = share.get(str(REFERENCE_CONTEXT), next(iter(share.values())))
+        else:
+            share = {str(n): kv_read_share(method, n, budget=budget, granularity=granularity,
+                                           schedule=schedules[schedule]) for n in CONTEXTS}
+            reference = share[str(REFERENCE_CONTEXT)]
         ppl_cells = deltas.get(key, {})
         cells = ([("needle task", c) for hay in ret.get(key, {}).values() for c in hay.values()]
                  + [("perplexity", c) for c in ppl_cells.values()])
         reasons = sorted({f"{part}: {c['stale']}" for part, c in cells if c["stale"]})
         row = dict(method=method, budget=budget, schedule=schedule, granularity=granularity,
-                   prefill="dense" if method in DENSE_PREFILL else "sparse",
-                   kv_read_share=kv_read_share(method, REFERENCE_CONTEXT, budget=budget, granularity=granularity,
-                                               schedule=schedules[schedule]),
-                   kv_read_share_by_context=share,
+                   prefill="dense" if METHODS[method].decode_only else "sparse",
+                   kv_read_share=reference, kv_read_share_by_context=share,
+                   kv_read_measured=METHODS[method].adaptive,
                    retrieval={hay: {str(n): c for n, c in sorted(by_len.items())}
                               for hay, by_len in sorted(ret.get(key, {}).items())},
                    ppl_delta_pct={str(n): ppl_cells[n]["delta_pct"] if n in ppl_cells else None for n in PPL_LENGTHS},
@@ -477,7 +513,7 @@ def build_tradeoff(data_dir: str | os.PathLike, *, command: str) -> dict[str, An
         inputs={s.name: s.date for s in sources},
         model=MODEL, reference_context=REFERENCE_CONTEXT, contexts=list(CONTEXTS), min_keys=MIN_KEYS,
         haystacks=haystacks, target=asdict(TARGET), stale=[asdict(s) for s in STALE],
-        rows=rows, recommended=recommend(rows))
+        rows=rows, unmeasured=unmeasured, recommended=recommend(rows))
 
 
 def write_tradeoff(data_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
@@ -488,14 +524,19 @@ def write_tradeoff(data_dir: str | os.PathLike, out: str | os.PathLike | None = 
     return doc
 
 
-def recommended_budget(doc: Mapping[str, Any] | None, default: float = 0.1) -> tuple[float, str | None]:
-    """The budget the trade-off table recommends, and None; or ``default`` and why, when ``doc`` is missing, a smoke
-    run or recommends nothing."""
+def recommended_plan(doc: Mapping[str, Any] | None, schedule: str, default: float = 0.1
+                     ) -> tuple[str, float, str | None]:
+    """``(schedule, budget, note)`` of the fixed-budget Kascade setting the trade-off table recommends, ``note``
+    None; or ``schedule`` (the chosen one) at ``default`` and why, when ``doc`` is missing, a smoke run, recommends
+    nothing, or recommends a setting that is not Kascade at a fixed budget (a plan sizes a fixed key count)."""
     if doc is None:
-        return default, "no trade-off table"
+        return schedule, default, "no trade-off table"
     if is_smoke(dict(doc)):
-        return default, "the trade-off table is a smoke run"
+        return schedule, default, "the trade-off table is a smoke run"
     rec = doc.get("recommended")
     if rec is None:
-        return default, "no measured setting meets the accuracy target"
-    return float(rec["budget"]), None
+        return schedule, default, "no measured setting meets the accuracy target"
+    if rec["method"] not in ("kascade", "kascade_decode") or rec["schedule"] is None:
+        return schedule, default, (f"the cheapest setting that meets the accuracy target, {rec['method']} at "
+                                   f"{rec['budget']:.0%}, is not Kascade at a fixed budget")
+    return rec["schedule"], float(rec["budget"]), None

@@ -57,9 +57,12 @@ def forced_units(n_units: int, start: int, unit: int, sinks: int, recent: int) -
 
 
 def brute_topk(scores: np.ndarray, q_len: int, q_offset: int, kv_len: int, *, q_tile: int, unit: int,
-               budget: Any, min_keys: int, rolling: bool = False, sinks: int = 0, recent: int = 0) -> np.ndarray:
+               budget: Any, min_keys: int, rolling: bool = False, sinks: int = 0, recent: int = 0,
+               mass: float | None = None) -> np.ndarray:
     """Chosen units, bool ``[batch, kv_heads, sets, n_qtiles, n_units]``, one sorted row at a time: the eligible
-    `forced_units` first, then the rest, each by descending score."""
+    `forced_units` first, then the rest, each by descending score. With ``mass``: the shortest prefix of that order
+    whose scores, plus the scores outside the eligible units (the own tile), reach ``mass`` of the row's total,
+    lengthened to the floor's ``min(basis, min_keys)`` keys and cut to the budget's count."""
     scores = np.asarray(scores, np.float64)
     chosen = np.zeros(scores.shape, bool)
     starts = np.asarray(tile_starts(q_len, q_tile, q_offset))
@@ -69,7 +72,17 @@ def brute_topk(scores: np.ndarray, q_len: int, q_offset: int, kv_len: int, *, q_
     for b, h, s, t in np.ndindex(*scores.shape[:4]):
         eligible = np.flatnonzero(np.arange(scores.shape[-1]) * unit < starts[t])
         order = np.lexsort((-scores[b, h, s, t, eligible], ~forced[t][eligible]))   # forced first, then by score
-        best = eligible[order][:counts[t]]
+        count = counts[t]
+        if mass is not None:
+            row = scores[b, h, s, t]
+            own_mass = row.sum() - row[eligible].sum()
+            prefix = own_mass + np.concatenate([[0.0], np.cumsum(row[eligible][order])])
+            reach = next((n for n, m in enumerate(prefix) if m >= mass * row.sum()), len(eligible))
+            end = min(starts[t] + q_tile, kv_len)
+            basis = end if rolling else kv_len
+            floor = -(-min(max(min(basis, min_keys) - (end - starts[t]), 0), starts[t]) // unit)
+            count = min(max(reach, floor), count)
+        best = eligible[order][:count]
         chosen[b, h, s, t, best] = True
     return chosen
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kascade_lite import accuracy as A
@@ -50,6 +51,12 @@ def test_retrieval_smoke_run_is_complete_and_resumes(tmp_path: Path) -> None:
                           haystack="wikitext-test", wording="varied")
     assert (nat["settings"]["haystack"], nat["settings"]["wording"]) == ("wikitext-test", "varied")
     assert "haystack" not in doc["settings"] and doc["settings"]["task"].startswith("single needle, RULER noise")
+    # an adaptive method's K/V read is measured per case; a fixed one's is the rule's and not recorded
+    ada = A.run_retrieval(tmp_path / "adaptive.json", "test", ["kascade_decode", "kascade_mass90_decode@0.5"],
+                          smoke=True)
+    fixed, mass = ada["results"]
+    assert "kv_read_share" not in fixed and all(c["kv_read_share"] > 0 for c in mass["cases"])
+    assert mass["kv_read_share"] == pytest.approx(np.mean([c["kv_read_share"] for c in mass["cases"]]), abs=1e-5)
 
 
 def test_perplexity_smoke_run_and_resume(tmp_path: Path) -> None:

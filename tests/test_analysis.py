@@ -78,3 +78,21 @@ def test_coverage_at_context_is_the_last_rows_coverage(model: Llama) -> None:
     full = np.stack([np.asarray(query_coverage(m[None], fractions, stride=SEQ)) for m in maps])  # the last row only
     last = coverage_at_context(model, TOKENS[None], n_queries=1, fractions=fractions)
     np.testing.assert_allclose(last, full, rtol=1e-5)
+
+
+def test_mass_curves_rank_the_pooled_decode_attention() -> None:
+    """`mass_curves` against attention computed here: the last token's probabilities from `attention_maps` (one
+    dense forward), pooled over each group, sorted; `keys_for_mass` is the first crossing."""
+    from kascade_lite.analysis import attention_maps, keys_for_mass, mass_curves
+    from kascade_lite.models import smollm2_or_tiny
+
+    model = smollm2_or_tiny(True, num_layers=4)
+    tokens = np.random.default_rng(3).integers(0, model.cfg.vocab_size, 40)
+    curves = mass_curves(model, tokens, (2, 1))
+    maps = attention_maps(model, tokens, (2, 1))                            # [layers, kv, group, seq, seq]
+    pooled = maps[:, :, :, -1, :].sum(axis=2)
+    want = np.cumsum(-np.sort(-pooled, axis=-1), axis=-1)
+    np.testing.assert_allclose(curves, want / want[..., -1:], atol=1e-5)
+    need = keys_for_mass(curves, 0.9)
+    for idx in np.ndindex(*need.shape):
+        assert curves[idx][need[idx] - 1] >= 0.9 - 1e-9 and (need[idx] == 1 or curves[idx][need[idx] - 2] < 0.9)

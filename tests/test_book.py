@@ -240,7 +240,7 @@ def test_build_from_executed_notebooks_fails_on_stderr_and_missing_chapters(tmp_
     assert not (tmp_path / "_build" / "figures").exists() and (tmp_path / "_build" / "html" / "index.html").is_file()
 
 
-@pytest.mark.parametrize("page", ["book/intro", "book/glossary", "book/reproducing"])
+@pytest.mark.parametrize("page", ["book/intro", "book/glossary", "book/reproducing", "book/perplexity_table"])
 def test_book_page_renders(built_book: Build, page: str) -> None:
     """The front page and the appendix pages: built, no traceback, no console noise, every local image loads; the
     executed pages render what they compute from data/ (the headline results, every results file's provenance)."""
@@ -259,3 +259,9 @@ def test_book_page_renders(built_book: Build, page: str) -> None:
 
         missing = [r["file"] for r in provenance_records() if f"data/{r['file']}" not in html.unescape(text)]
         assert not missing, f"{path} does not list {missing}"
+    if page == "book/perplexity_table":
+        from kascade_lite.files import load_results
+
+        rows = load_results("accuracy_ppl.json")["results"]
+        assert text.count("<tr") >= len(rows) + 1, f"{path} does not show all {len(rows)} rows"
+        assert all(r["method"] in text for r in rows)

@@ -109,6 +109,6 @@ def test_checks_catch_what_they_name() -> None:
 
 def test_book_lists_the_appendix_pages() -> None:
     toc = (REPO / "book" / "_toc.yml").read_text()
-    for page in ("book/glossary", "book/reproducing"):
+    for page in ("book/glossary", "book/reproducing", "book/perplexity_table"):
         assert re.search(rf"^\s*- file: {page}\s*$", toc, re.M), f"book/_toc.yml does not list {page}"
         assert (REPO / f"{page}.md").is_file()

@@ -103,6 +103,50 @@ def test_sinks_and_recent_keys_are_chosen_first_inside_the_budget(rng) -> None:
         KascadeAttention(schedule(), sinks=-1)
 
 
+# ------------------------------------------------------------------------------------------------ mass-targeted
+@pytest.mark.parametrize("q_len,past,q_tile,granularity,pool,mass,sinks,blocks", [
+    (1, 60, 1, "position", "group", 0.9, 0, (256, 512)),       # a decode step
+    (1, 60, 1, "tile", "head", 0.7, 0, (256, 512)),
+    (37, 20, 4, "position", "group", 0.8, 0, (8, 16)),          # prefill, several query and key blocks
+    (37, 20, 4, "tile", "group", 0.95, 2, (8, 16)),
+    (30, 0, 4, "position", "all", 0.5, 0, (256, 512)),
+])
+def test_mass_targeted_selection_is_the_brute_force_rule(rng, q_len, past, q_tile, granularity, pool, mass, sinks,
+                                                          blocks) -> None:
+    """Each row keeps the shortest score-ordered prefix that reaches ``mass`` of its pooled attention with the own
+    tile, between the floor and the budget (`oracles.brute_topk` with ``mass``)."""
+    q, k, _ = qkv(rng, q_len, past + q_len + 3)
+    unit = q_tile if granularity == "tile" else 1
+    kw = dict(q_tile=q_tile, unit=unit, budget=0.6, min_keys=6, sinks=sinks, mass=mass)
+    sel = select(q, k, past, past + q_len, pool=pool, block_q=blocks[0], block_k=blocks[1], **kw)
+    scores = np.asarray(unit_scores(q, k, past, past + q_len, q_tile=q_tile, unit=unit, pool=pool))
+    want = brute_topk(scores, q_len, past, past + q_len, **kw)
+    got = chosen_units(sel, scores.shape[-1])
+    np.testing.assert_array_equal(got, want)
+    fixed = chosen_units(select(q, k, past, past + q_len, pool=pool, **dict(kw, mass=None)), scores.shape[-1])
+    assert (got.sum(-1) <= fixed.sum(-1)).all() and (got.sum(-1) < fixed.sum(-1)).any()  # the budget is a maximum
+
+
+def test_mass_targeted_selection_keeps_more_keys_for_flatter_rows(rng) -> None:
+    """Peaked rows stop at the floor, flat rows run to the budget: with queries scaled up (peaked softmax) a decode
+    step keeps fewer keys than with queries scaled down (flat)."""
+    q, k, _ = qkv(rng, 1, 200, batch=1)
+    kw = dict(q_tile=1, unit=1, pool="group", budget=0.5, min_keys=4, mass=0.9)
+    peaked, flat = (np.asarray(select(q * c, k, 199, 200, **kw).keep).sum() for c in (8.0, 0.05))
+    assert peaked < flat == 3 * 99                      # 3 KV heads x (100 keys - the own key)
+    with pytest.raises(ValueError, match="mass"):
+        KascadeAttention(schedule(), mass=1.5)
+
+
+def test_mass_one_at_full_budget_is_dense(rng) -> None:
+    q, k, v = qkv(rng, 12, 40)
+    policy = KascadeAttention(schedule(tile_size=4, budget=1.0, min_keys=0), mass=1.0)
+    outs, _ = run_layers(policy, q, k, v, 28, 40, 4)
+    want = gqa_attention(q, k, v, causal=True, q_offset=28, kv_len=40)
+    for out in outs:
+        np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ selection
 @pytest.mark.slow
 @settings(max_examples=12, phases=NO_SHRINK)

@@ -119,11 +119,12 @@ def test_write_schedules_round_trip(tmp_path) -> None:
     calib = fake_calibration(3, layers=10)
     paths = write_schedules(calib, tmp_path, anchor_counts=(2, 3), command="pytest", smoke=True)
     assert [p.name for p in paths] == ["fake_dp_k2.json", "fake_dp_k3.json", "fake_dpimp_k2.json",
-                                       "fake_dpimp_k3.json", "fake_greedy.json"]
+                                       "fake_dpimp_k3.json", "fake_greedy.json", "fake_greedy_t90.json"]
     for path in paths:
         loaded = Schedule.load(path)
         objective = "importance" if "dpimp" in path.stem else "similarity"
-        want = dp_schedule(calib, int(path.stem[-1]), objective=objective) if "dp" in path.stem else greedy_schedule(calib)
+        want = (dp_schedule(calib, int(path.stem[-1]), objective=objective) if "dp" in path.stem
+                else greedy_schedule(calib, threshold=0.9) if path.stem.endswith("_t90") else greedy_schedule(calib))
         assert loaded == want
         prov = json.loads(path.read_text())["meta"]["provenance"]
         assert prov["command"] == "pytest" and prov["smoke"] is True
@@ -139,7 +140,8 @@ def test_schedule_command_line(tmp_path, capsys) -> None:
     assert main(["schedule", "--calibration", str(tmp_path / "fake.safetensors"), "--out", str(tmp_path)]) == 0
     written = sorted((tmp_path / "data" / "schedules").iterdir())
     assert [p.name for p in written] == ([f"fake_dp_k{k}.json" for k in range(2, 9)]
-                                         + [f"fake_dpimp_k{k}.json" for k in range(2, 9)] + ["fake_greedy.json"])
+                                         + [f"fake_dpimp_k{k}.json" for k in range(2, 9)]
+                                         + ["fake_greedy.json", "fake_greedy_t90.json"])
     assert "anchors [0" in capsys.readouterr().out
     doc = json.loads(written[0].read_text())
     assert doc["meta"]["provenance"]["smoke"] is True and doc["min_keys"] == SMOKE_MIN_KEYS

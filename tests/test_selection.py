@@ -91,6 +91,35 @@ def test_missing_or_unfinished_selection_is_one_clear_error(tmp_path: Path) -> N
         S.load_selection(path, None)
 
 
+def test_choose_adaptive_smoke(tmp_path: Path) -> None:
+    """Two candidates at smoke size: both haystacks' needle files, the held-out perplexities and the choice, every
+    candidate row paired with dense on its own cases; an adaptive candidate's read is the measured one."""
+    names = ("kascade_decode@0.3", "kascade_mass90_decode@0.5")
+    doc = S.choose_adaptive(tmp_path, "test", smoke=True, candidates=names)
+    assert json.loads((tmp_path / "variant_selection_adaptive.json").read_text()) == json.loads(json.dumps(doc))
+    assert doc["provenance"]["smoke"] is True and set(doc["candidates"]) == set(names)
+    measured = []
+    for hay in S.HAYSTACKS_HELD_OUT:
+        runs = json.loads((tmp_path / f"adaptive_heldout_{hay}.json").read_text())
+        assert runs["settings"]["seed"] == S.SELECTION_SEED
+        measured.append(next(r for r in runs["results"] if r["method"] == names[1])["kv_read_share"])
+    assert doc["candidates"][names[1]]["kv_read_share"]["256"] == pytest.approx(sum(measured) / len(measured))
+    ppl = json.loads((tmp_path / "adaptive_heldout_ppl.json").read_text())
+    assert [r["tile_size"] for r in ppl["results"]] == [32, 1, 1]          # decode-only candidates as decode steps
+    assert all(r["ppl_delta_pct"] is not None for r in doc["candidates"].values())
+    assert (doc["chosen"] is None) != (doc["closest"] is None)
+
+
+def test_adaptive_rule() -> None:
+    def row(meets: bool, share: float, worst: float, ppl: float) -> dict:
+        return dict(meets=meets, kv_read_share={"2048": share}, min_recall=worst, ppl_delta_pct=ppl)
+
+    rows = {"a": row(True, 0.4, 1.0, 1.0), "b": row(True, 0.3, 0.96, 1.9), "c": row(False, 0.1, 0.5, 9.0)}
+    assert S.adaptive_verdict(rows) == dict(chosen="b", closest=None)       # the cheapest that qualifies
+    rows = {"a": row(False, 0.4, 0.9, 3.0), "b": row(False, 0.3, 0.9, 2.5), "c": row(False, 0.1, 0.5, 1.0)}
+    assert S.adaptive_verdict(rows) == dict(chosen=None, closest="b")       # best worst-case recall, then ppl
+
+
 def test_tidal_layer_rule() -> None:
     """Most needles over both haystacks; a tie goes to the default if it is among the best, else the earliest."""
     assert S.tidal_candidates(30) == [3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29]

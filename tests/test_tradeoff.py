@@ -228,10 +228,13 @@ def test_target_check_and_recommend() -> None:
     assert row(0.96, None, 0.3)["target"]["meets"] is None
     rows = [row(0.96, 1.0, 0.5), row(0.99, 0.5, 0.4), row(0.99, 0.1, 0.2, stale=True), row(0.5, 0.1, 0.1)]
     assert T.recommend(rows)["kv_read_share"] == 0.4
-    assert T.recommended_budget({"provenance": {"smoke": False}, "recommended": T.recommend(rows)}) == (0.4, None)
-    assert T.recommended_budget(None)[0] == 0.1
-    assert T.recommended_budget({"provenance": {"smoke": True}, "recommended": {"budget": 0.3}}) == \
-        (0.1, "the trade-off table is a smoke run")
+    assert T.recommended_plan({"provenance": {"smoke": False}, "recommended": T.recommend(rows)}, "chosen") == \
+        ("greedy", 0.4, None)
+    assert T.recommended_plan(None, "chosen")[:2] == ("chosen", 0.1)
+    assert T.recommended_plan({"provenance": {"smoke": True}, "recommended": {"budget": 0.3}}, "chosen") == \
+        ("chosen", 0.1, "the trade-off table is a smoke run")
+    other = dict(method="pooled_decode", budget=0.1, schedule=None)             # not a fixed Kascade budget
+    assert T.recommended_plan({"provenance": {"smoke": False}, "recommended": other}, "chosen")[:2] == ("chosen", 0.1)
 
 
 def test_shipped_tradeoff_is_rebuilt_from_the_shipped_results() -> None:
@@ -268,3 +271,29 @@ def test_same_cases_restricts_to_the_common_cases() -> None:
     assert (got["a"]["n_both"], got["b"]["n_both"]) == (1, 1)
     with pytest.raises(ValueError, match="no results"):
         T.same_cases(doc, 4096, ["a"])
+
+
+@pytest.mark.parametrize("granularity", ["position", pytest.param("tile", marks=pytest.mark.slow)])
+def test_measured_read_share_of_a_fixed_budget_is_the_rule(granularity: str) -> None:
+    """One real decode step of Kascade on a tiny model: the keys its selections kept give `kv_read_share`'s number;
+    the adaptive variant (``mass``) reads no more than its cap and no less than its floor."""
+    from kascade_lite.model import KVCache, forward
+    from kascade_lite.models import smollm2_or_tiny
+
+    model = smollm2_or_tiny(True, num_layers=6)
+    sched = Schedule.from_anchors("test", 6, model.cfg.num_kv_heads, [2, 4], head_map=[[0, 1, 2], [2, 2, 0]] * 3,
+                                  tile_size=16, budget=0.2, min_keys=16)
+    prompt = jnp.asarray(np.random.default_rng(0).integers(0, model.cfg.vocab_size, (1, 300)), jnp.int32)
+    cache = KVCache.empty(model.cfg, 1, 320, model.dtype)
+    logits, cache, _ = forward(model, prompt, cache, last_only=True)
+    token = jnp.argmax(logits[:, -1], axis=-1)[:, None].astype(jnp.int32)
+    shares = {}
+    for name, att in (("fixed", KascadeAttention(sched, granularity=granularity)),
+                      ("floor", KascadeAttention(sched, granularity=granularity, budget=16)),
+                      ("mass", KascadeAttention(sched, granularity=granularity, mass=0.5))):
+        _, _, carry = forward(model, token, cache.copy(), att)
+        shares[name] = T.selection_read_share(carry, sched, 301)
+    rule = T.kv_read_share("kascade", 301, budget=0.2, granularity=granularity, schedule=sched, cfg=model.cfg,
+                           tile=16, min_keys=16)
+    assert shares["fixed"] == pytest.approx(rule, rel=1e-9)
+    assert shares["floor"] <= shares["mass"] <= shares["fixed"]
