@@ -11,17 +11,23 @@ Two rules of the retrieval task are stated once here: a *decode-only* method (Qu
 keeps an exact prefill and is sparse in every generated token; and prompts of several thousand tokens run dense
 attention through `kernels.flash_attention` and the window at key-tile granularity (`Method.long_prompts`), the
 memory-light paths whose speed chapter 08 measures.
+
+TidalDecode's re-selection layer is the one chosen on held-out needle cases (`tidal_reselect`, the file
+``tidal_selection.json`` of `selection.choose_tidal_layer`) for the model depth it was chosen at; elsewhere it is its
+paper's default, ``num_layers // 2``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .baselines import (QuestAttention, SinkWindowAttention, TidalDecode, TiledSinkWindow, all_heads_pooled,
                         flash_dense_attention, kascade_no_remap, omnikv, oracle_topk)
+from .files import SmokeResultsError, results_file
 from .kascade import GRANULARITIES, KascadeAttention, tiles_kept
 from .model import AttentionFn, dense_attention
 from .schedule import Schedule
@@ -29,6 +35,42 @@ from .tasks import RetrievalMethod
 
 DEFAULT_BUDGET = 0.1
 """The key budget of a name without ``@budget``."""
+TIDAL_SELECTION = "tidal_selection.json"
+"""The held-out choice of TidalDecode's re-selection layer (`selection.choose_tidal_layer`)."""
+
+
+def tidal_choice() -> tuple[int, int] | None:
+    """``(num_layers, layer)``: the re-selection layer chosen on held-out cases and the depth of the model it was
+    chosen for, from ``tidal_selection.json`` (`files.results_file`: ``$KASCADE_RESULTS_DIR``, else the shipped
+    results); None when there is no finished full-size choice (a smoke run is never used)."""
+    try:
+        path = results_file(TIDAL_SELECTION, allow_smoke=False)
+        doc = json.loads(path.read_text())
+    except (FileNotFoundError, SmokeResultsError):
+        return None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{TIDAL_SELECTION}: cannot read the TidalDecode layer choice ({e})") from e
+    try:
+        return (int(doc["settings"]["num_layers"]), int(doc["chosen"])) if "chosen" in doc else None
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a TidalDecode layer choice with settings.num_layers and chosen ({e})") from e
+
+
+def tidal_reselect(num_layers: int) -> int | None:
+    """TidalDecode's re-selection layer for a model of ``num_layers`` layers: the held-out choice (`tidal_choice`)
+    when it was made at that depth, else None (`baselines.TidalDecode`'s default, ``num_layers // 2``)."""
+    choice = tidal_choice()
+    return choice[1] if choice is not None and choice[0] == num_layers else None
+
+
+def _tidal_description() -> str:
+    choice = tidal_choice()
+    layer = ("num_layers // 2" if choice is None else
+             f"layer {choice[1]} of {choice[0]}, chosen on held-out needle cases ({TIDAL_SELECTION}; "
+             f"num_layers // 2 at other depths)")
+    return (f"decode-time token-selection layers (layer 2 and re-selection {layer}) with full attention pick Top-k "
+            f"positions per query head that all other layers reuse, layers 0-1 dense (TidalDecode, Yang et al. "
+            f"2024, arXiv 2410.05076)")
 
 
 @dataclass(frozen=True)
@@ -36,7 +78,8 @@ class Setting:
     """What a method is built at: ``schedule`` (Kascade's anchors and head maps; the oracle and TidalDecode take its
     layer and KV-head counts), ``budget`` (share or count of keys per query), ``min_keys`` (the floor), ``tile``
     (query tile, and key tile with ``granularity="tile"``) and ``length`` (prompt tokens: the tiled window's size).
-    ``None`` for budget, floor or tile means the schedule's."""
+    ``None`` for budget, floor or tile means the schedule's. ``reselect``: TidalDecode's re-selection layer (None:
+    `tidal_reselect`)."""
 
     schedule: Schedule
     budget: float | int | None = None
@@ -44,6 +87,7 @@ class Setting:
     tile: int | None = None
     granularity: str = "position"
     length: int | None = None
+    reselect: int | None = None
 
     def kascade_options(self) -> dict[str, Any]:
         """`kascade.KascadeAttention`'s options at this setting (None: the schedule's)."""
@@ -90,7 +134,9 @@ def _quest(s: Setting) -> QuestAttention:
 
 def _tidal(s: Setting) -> TidalDecode:
     budget, floor, _ = _in_force(s)
-    return TidalDecode(s.schedule.num_layers, s.schedule.num_kv_heads, budget=budget, min_keys=floor)
+    layers = s.schedule.num_layers
+    reselect = s.reselect if s.reselect is not None else tidal_reselect(layers)
+    return TidalDecode(layers, s.schedule.num_kv_heads, budget=budget, min_keys=floor, reselect=reselect)
 
 
 def _tiled_window(s: Setting) -> TiledSinkWindow:
@@ -170,9 +216,7 @@ METHODS: dict[str, Method] = {
                     "the Top pages, ceil(keys kept / 16) pages in all, layers 0-1 dense (Quest, Tang et al. 2024, "
                     "arXiv 2406.10774); on the retrieval prompts in decode only, as in its paper", _quest,
                     decode_only=True),
-    "tidal": Method("decode-time token-selection layers (layer 2 and num_layers // 2) with full attention pick Top-k "
-                    "positions per query head that all other layers reuse, layers 0-1 dense (TidalDecode, Yang et "
-                    "al. 2024, arXiv 2410.05076)", _tidal, decode_only=True),
+    "tidal": Method(_tidal_description(), _tidal, decode_only=True),
 }
 """Every method by name, in the order the book's tables list them."""
 

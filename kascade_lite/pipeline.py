@@ -10,6 +10,7 @@ Nothing heavy is imported at module level (the CLI imports this module for its `
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -78,6 +79,8 @@ BENCHMARKS: dict[str, Benchmark] = {
                               "--wording", "varied", "--cases", "30", "--out", "{data}"),
         ("--smoke", "--haystack", "wikitext-valid", "--wording", "varied", "--out", "{data}"),
         ("variant_selection_wikitext-valid.json",), reads_schedules=True, modules=("selection", "methods", "tasks")),
+    "tidal-selection": Benchmark("select_tidal.py", ("--out", "{data}"), ("--smoke", "--out", "{data}"),
+                                 ("tidal_selection.json",), modules=("selection", "methods", "tasks", "baselines")),
     "accuracy-ppl": Benchmark("bench_accuracy.py",
                               ("ppl", "--windows-512", "24", "--windows-2048", "6", "--time-budget", "0",
                                "--out", "{data}/accuracy_ppl.json"),
@@ -199,8 +202,9 @@ def benchmark_command(name: str, root: Path, smoke: bool) -> list[str]:
 
 
 def run_benchmark(name: str, root: Path, smoke: bool) -> list[Path]:
-    """Run one benchmark (a script in a child process, its own progress output showing; the trade-off table and the
-    memory plan in this process) and return its output files."""
+    """Run one benchmark (a script in a child process, its own progress output showing, reading results from
+    ``ROOT/data`` before the shipped ones, e.g. the TidalDecode layer choice; the trade-off table and the memory plan
+    in this process) and return its output files."""
     if name == MEMORY_PLAN:
         return [write_plan(root, smoke=smoke)]
     if name == TRADEOFF:
@@ -211,7 +215,7 @@ def run_benchmark(name: str, root: Path, smoke: bool) -> list[Path]:
     cmd = benchmark_command(name, root, smoke)
     (root / "data").mkdir(parents=True, exist_ok=True)
     print(f"$ {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
-    code = subprocess.run(cmd, cwd=checkout_root()).returncode
+    code = subprocess.run(cmd, cwd=checkout_root(), env={**os.environ, RESULTS_ENV: str(root / "data")}).returncode
     if code:
         raise RuntimeError(f"benchmark {name} failed (exit {code}): {' '.join(cmd[1:])}")
     outputs = [root / "data" / o for o in BENCHMARKS[name].outputs]
@@ -350,6 +354,9 @@ def pipeline(spec: ModelSpec, root: Path, *, smoke: bool, cache: str | None, fig
             deps = lambda name=name: [*sorted(p for pattern in DERIVED_INPUTS[name]  # noqa: E731
                                               for p in (root / "data").glob(pattern)),
                                       *sorted(schedule_dir.glob(f"{SMOLLM2}_*.json"))]
+        if bench is not None and bench.script == "bench_accuracy.py":  # the registry's tidal reads the layer choice
+            choice = root / "data" / BENCHMARKS["tidal-selection"].outputs[0]
+            deps = lambda deps=deps, choice=choice: [*deps(), choice]  # noqa: E731
         steps.append(Step(f"bench-{name}", lambda name=name: run_benchmark(name, root, smoke),
                           {"smoke": smoke}, lambda code=code, deps=deps: [*code, *deps()]))
     if figures is None or figures:

@@ -1,6 +1,6 @@
 """Choices made on held-out data, never on the published cases: which Kascade schedule the book ships
-(`choose_schedule`, chapter 06) and whether our ``kascade_sw`` replaces the paper's Kascade (`choose_variant`,
-chapter 07).
+(`choose_schedule`, chapter 06), whether our ``kascade_sw`` replaces the paper's Kascade (`choose_variant`,
+chapter 07) and TidalDecode's re-selection layer (`choose_tidal_layer`, chapter 07's baseline).
 
 **Schedule.** (1) Calibrate with the inference settings (query tiles of 32, 10 % of keys with the 128-key floor, the
 tile's own keys counted in the budget) at the evaluation length (2048 tokens), on WikiText-2 *validation* windows
@@ -23,12 +23,21 @@ with recall of dense's needles >= 95 % at every haystack and length and perplexi
 the smallest K/V read per decode step (measured for adaptive methods); if none qualifies, none is chosen and the
 frontier is reported.
 
+**TidalDecode's re-selection layer.** Its paper picks the layer that re-selects tokens on held-out data (its
+reference code uses layer 13 of 32-layer Llama-3-8B). Here every candidate layer runs TidalDecode in decode after one
+shared dense prefill, at 10 % of the keys with the 128-key floor, on held-out 2k needle cases of the selection seed
+in both haystacks (the filler, and WikiText-2 validation paragraphs with varied wording). `choose_layer`: most
+needles summed over both haystacks; a tie goes to the paper's default ``num_layers // 2`` if it is among the best,
+else to the earliest layer. The registry's ``tidal`` (`methods.tidal_reselect`) then runs the chosen layer.
+
 Each run rewrites its JSON after every measurement (atomically, with provenance). The scripts
-``benchmarks/select_schedule.py`` and ``benchmarks/select_variant.py`` are their command lines.
+``benchmarks/select_schedule.py``, ``benchmarks/select_variant.py`` and ``benchmarks/select_tidal.py`` are their
+command lines.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -42,10 +51,10 @@ from .eval import nll_per_window
 from . import pipeline
 from .files import ResultsLog, provenance, write_json_atomic
 from .kascade import SW_RECENT, SW_SINKS
-from .methods import METHODS, Setting, attention
+from .methods import METHODS, TIDAL_SELECTION, Setting, attention, retrieval
 from .model import dense_attention
 from .models import smollm2_or_tiny
-from .schedule import Schedule
+from .schedule import Schedule, default_schedule
 from .search import OBJECTIVES, write_schedules
 from .tasks import RetrievalMethod, answer_case, make_cases, mcnemar_p, paired_outcomes
 from .tradeoff import TARGET, kv_read_share, paired_recall, parse_retrieval_name
@@ -330,4 +339,90 @@ def choose_adaptive(out: Path, command: str, *, smoke: bool, candidates: tuple[s
                                    "lowest perplexity change) is named")),
                candidates=rows, **adaptive_verdict(rows))
     write_json_atomic(out / "variant_selection_adaptive.json", doc)
+    return doc
+
+
+# ------------------------------------------------------------------------------------------------ TidalDecode layer
+TIDAL_HAYSTACKS = (("noise", "fixed"), ("wikitext-valid", "varied"))
+"""The held-out needle cases of the layer choice: ``(haystack, wording)`` of `tasks.make_cases`."""
+
+
+def tidal_candidates(num_layers: int, step: int = 2) -> list[int]:
+    """Re-selection layers to try: every ``step``-th layer from 3 (the first after TidalDecode's selection layer 2)
+    to the last, plus the paper's default ``num_layers // 2``."""
+    default = max(3, num_layers // 2)
+    return sorted({*range(3, num_layers, step), default})
+
+
+def needles_found(haystacks: dict[str, dict[str, dict[str, Any]]], layers: list[int]) -> dict[int, int]:
+    """``{layer: needles found summed over the haystacks}`` from a layer choice's ``haystacks`` field (per haystack,
+    per method name: ``n_correct``)."""
+    return {n: sum(rows[str(n)]["n_correct"] for rows in haystacks.values()) for n in layers}
+
+
+def choose_layer(found: dict[int, int], default: int) -> int:
+    """The re-selection layer with the most needles found (``{layer: needles summed over the haystacks}``); a tie
+    goes to ``default`` (the paper's ``num_layers // 2``) if it is among the best, else to the earliest layer."""
+    best = max(found.values())
+    tied = sorted(layer for layer, n in found.items() if n == best)
+    return default if default in tied else tied[0]
+
+
+def choose_tidal_layer(out: Path, command: str, *, smoke: bool, seq_len: int = 2048, cases: int = 20,
+                       layers: list[int] | None = None, budget: float = 0.1, min_keys: int = 128,
+                       resume: bool = False) -> dict[str, Any]:
+    """TidalDecode's re-selection layer chosen on held-out needle cases into ``out/tidal_selection.json`` (smoke: a
+    tiny random model of 8 layers, 256 tokens). Every layer of ``layers`` (default `tidal_candidates`) and dense
+    answer the same first ``cases`` cases of each haystack of `TIDAL_HAYSTACKS` (selection seed), round-robin over
+    the haystacks; the TidalDecode runs share dense's prefill. ``chosen`` (`choose_layer`) is written once every case
+    is answered. ``resume``: keep the cases a run with the same settings answered (`files.ResultsLog`; the case count
+    may change) and answer the rest. Returns the document."""
+    model, tok = smollm2_or_tiny(smoke, num_layers=8), load_tokenizer()
+    seq_len = 256 if smoke else seq_len
+    cfg = model.cfg
+    layers = sorted(layers or tidal_candidates(cfg.num_layers))
+    bad = [n for n in layers if not 2 < n < cfg.num_layers]
+    if bad:
+        raise ValueError(f"TidalDecode re-selection layers {bad} are not in (2, {cfg.num_layers})")
+    default = max(3, cfg.num_layers // 2)
+    base = Setting(default_schedule(MODEL, cfg.num_layers, cfg.num_kv_heads, 1, 1, budget), budget=budget,
+                   min_keys=min_keys, length=seq_len)
+    methods = {"dense": retrieval("dense", base)}
+    methods.update({str(n): retrieval("tidal", dataclasses.replace(base, reselect=n)) for n in layers})
+    settings = dict(model=MODEL, num_layers=cfg.num_layers, seq_len=seq_len, budget=budget,
+                    min_keys=min_keys, candidates=layers, default=default, phase="decode only (dense prefill)",
+                    held_out=dict(retrieval_cases=cases, seed=SELECTION_SEED,
+                                  haystacks={h: w for h, w in TIDAL_HAYSTACKS}),
+                    rule=("most needles summed over both haystacks; a tie goes to the paper's default "
+                          "num_layers // 2 if it is among the best, else to the earliest layer"))
+    empty = {h: {m: dict(n_cases=0, n_correct=0, cases=[]) for m in methods} for h, _ in TIDAL_HAYSTACKS}
+    rec = ResultsLog(out / TIDAL_SELECTION, command, settings, smoke=smoke, fields={"haystacks": empty},
+                     resume=resume, free=("held_out",))  # held_out: only the case count can differ
+    doc = rec.doc
+    doc.pop("chosen", None)
+    done = {h: {c["index"] for c in rows["dense"]["cases"]} for h, rows in doc["haystacks"].items()}
+    for hay, rows in doc["haystacks"].items():
+        uneven = any({c["index"] for c in r["cases"]} != done[hay] for r in rows.values())
+        if uneven or max(done[hay], default=-1) >= cases:
+            raise ValueError(f"{out / TIDAL_SELECTION}: on {hay} its methods answered different cases, or more than "
+                             f"{cases}; resume with at least as many cases")
+    held = {h: make_cases(seq_len, cases, seed=SELECTION_SEED, tokenizer=tok, haystack=h, wording=w)
+            for h, w in TIDAL_HAYSTACKS}
+    for i in range(cases):
+        for hay, batch in held.items():
+            rows = doc["haystacks"][hay]
+            if i in done[hay]:
+                continue
+            for name, res in answer_case(model, batch[i], methods, tokenizer=tok).items():
+                rows[name]["cases"].append(dict(index=i, answer=batch[i].answer, output=res["output"],
+                                                correct=bool(res["correct"])))
+                rows[name]["n_cases"] = len(rows[name]["cases"])
+                rows[name]["n_correct"] = sum(c["correct"] for c in rows[name]["cases"])
+            doc["found"] = {str(n): k for n, k in needles_found(doc["haystacks"], layers).items()}
+            rec.save()
+            print(f"case {i} ({hay}): dense {rows['dense']['n_correct']}/{rows['dense']['n_cases']}, "
+                  + ", ".join(f"{n}: {rows[str(n)]['n_correct']}" for n in layers), flush=True)
+    found = needles_found(doc["haystacks"], layers)
+    doc["found"], doc["chosen"] = {str(n): k for n, k in found.items()}, choose_layer(found, default)
+    rec.save()
     return doc

@@ -66,7 +66,7 @@ from .config import SMOLLM2_135M, LlamaConfig
 from .cost import scaled_anchors, step_weight_bytes
 from .files import is_smoke, provenance, record_provenance, write_json_atomic
 from .kascade import keys_read
-from .methods import METHODS
+from .methods import METHODS, tidal_reselect
 from .schedule import Schedule
 from .tasks import mcnemar_p, paired_outcomes, wilson_interval
 
@@ -140,7 +140,7 @@ def decode_layer_plan(method: str, num_layers: int, schedule: Schedule | None = 
         sets = 1 if method == "pooled_decode" else group
         return [("dense", 1)] + [("anchor", sets)] * (num_layers - 1)
     if method == "tidal":
-        full = {0, 1, 2, TidalDecode(num_layers, 1).reselect_layer}
+        full = {0, 1, 2, TidalDecode(num_layers, 1, reselect=tidal_reselect(num_layers)).reselect_layer}
         return [("dense", 1) if i in full else ("reuse", group) for i in range(num_layers)]
     if method == "quest":
         dense = set(QuestAttention().dense_layers)

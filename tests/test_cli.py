@@ -2,7 +2,7 @@
 no command writes into the repository unless ``--out`` names it.
 
 The pipeline test runs in a temporary results root. To stay within a few minutes on 2 busy cores it leaves out
-the ten slowest benchmark steps (`SLOW_BENCH`: minutes each even at smoke size; `test_benchmark_flags_exist`
+the twelve slowest benchmark steps (`SLOW_BENCH`: minutes each even at smoke size; `test_benchmark_flags_exist`
 checks statically that their scripts accept the flags the CLI passes) and executes only the 01_rope notebook for
 figures (the book test executes every notebook).
 """
@@ -27,7 +27,7 @@ SUBCOMMANDS = ("convert", "calibrate", "schedule", "eval", "bench", "figures", "
 SLOW_BENCH = ("bench-attention", "bench-e2e", "bench-perplexity", "bench-convert", "bench-accuracy-retrieval",
               "bench-accuracy-retrieval-ablation", "bench-accuracy-retrieval-frontier",
               "bench-accuracy-retrieval-natural", "bench-schedule-selection",
-              "bench-variant-selection", "bench-variant-selection-natural")
+              "bench-variant-selection", "bench-variant-selection-natural", "bench-tidal-selection")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

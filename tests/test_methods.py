@@ -5,14 +5,19 @@ Kascade."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kascade_lite import methods as M
+from kascade_lite import tradeoff as T
 from kascade_lite.baselines import (QuestAttention, SinkWindowAttention, TidalDecode, TiledSinkWindow,
                                     flash_dense_attention)
 from kascade_lite.data import load_tokenizer
+from kascade_lite.files import RESULTS_ENV
 from kascade_lite.kascade import SW_RECENT, SW_SINKS, KascadeAttention, tiles_kept
 from kascade_lite.model import KVCache, dense_attention, forward, make_forward
 from kascade_lite.models import smollm2_or_tiny
@@ -128,3 +133,43 @@ def test_published_method_lists_are_registered() -> None:
     assert named
     for name in ",".join(named).split(","):
         M.parse(name)
+
+
+def _tidal_choice(folder: Path, *, num_layers: int, chosen: int | None, smoke: bool = False) -> None:
+    """A tidal_selection.json as `selection.choose_tidal_layer` writes it (``chosen`` None: an unfinished run)."""
+    doc = dict(provenance=dict(command="test", smoke=smoke), settings=dict(num_layers=num_layers, default=15),
+               **({} if chosen is None else {"chosen": chosen}))
+    (folder / M.TIDAL_SELECTION).write_text(json.dumps(doc))
+
+
+def test_tidal_runs_the_layer_chosen_on_held_out_cases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry's tidal, and the K/V read rule of the trade-off table, take the re-selection layer of
+    tidal_selection.json at the depth it was chosen for; elsewhere, without a finished full-size choice, or with an
+    explicit ``Setting.reselect``, TidalDecode's own default or that layer."""
+    monkeypatch.setenv(RESULTS_ENV, str(tmp_path))
+    deep = M.Setting(sched(30), length=2048, **TABLES)
+    tidal = lambda s: M.retrieval("tidal", s).decode.reselect_layer  # noqa: E731
+    dense_layers = lambda: [i for i, (kind, _) in enumerate(T.decode_layer_plan("tidal", 30, group=3))  # noqa: E731
+                            if kind == "dense"]
+    _tidal_choice(tmp_path, num_layers=30, chosen=9)
+    assert M.tidal_choice() == (30, 9) and M.tidal_reselect(30) == 9
+    assert tidal(deep) == 9 and M.retrieval("tidal", deep).prefill == flash_dense_attention
+    assert dense_layers() == [0, 1, 2, 9]
+    assert tidal(M.Setting(sched(4), **TABLES)) == 3          # another depth: num_layers // 2 (at least 3)
+    assert tidal(M.Setting(sched(30), reselect=21, **TABLES)) == 21
+    for smoke, chosen in ((True, 9), (False, None)):        # a smoke run or an unfinished one is never used
+        _tidal_choice(tmp_path, num_layers=30, chosen=chosen, smoke=smoke)
+        assert M.tidal_choice() is None and tidal(deep) == 15 and dense_layers() == [0, 1, 2, 15]
+    (tmp_path / M.TIDAL_SELECTION).write_text("{not json")
+    with pytest.raises(ValueError, match="tidal_selection.json"):
+        M.tidal_choice()
+
+
+def test_shipped_tidal_description_names_the_chosen_layer() -> None:
+    """The description results files store for tidal names the layer the registry runs for SmolLM2."""
+    choice = M.tidal_choice()
+    text = M.METHODS["tidal"].description
+    if choice is None:
+        assert "num_layers // 2" in text
+    else:
+        assert f"layer {choice[1]} of {choice[0]}, chosen on held-out needle cases" in text

@@ -1,5 +1,6 @@
 """The held-out choices at smoke size: the schedule choice (calibration, every candidate schedule, the two stages,
-the choice) and the variant choice (the paper's Kascade against kascade_sw), and their rules."""
+the choice), the variant choice (the paper's Kascade against kascade_sw) and TidalDecode's re-selection layer, and
+their rules."""
 
 from __future__ import annotations
 
@@ -117,3 +118,49 @@ def test_adaptive_rule() -> None:
     assert S.adaptive_verdict(rows) == dict(chosen="b", closest=None)       # the cheapest that qualifies
     rows = {"a": row(False, 0.4, 0.9, 3.0), "b": row(False, 0.3, 0.9, 2.5), "c": row(False, 0.1, 0.5, 1.0)}
     assert S.adaptive_verdict(rows) == dict(chosen=None, closest="b")       # best worst-case recall, then ppl
+
+
+def test_tidal_layer_rule() -> None:
+    """Most needles over both haystacks; a tie goes to the default if it is among the best, else the earliest."""
+    assert S.tidal_candidates(30) == [3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29]
+    assert S.tidal_candidates(8) == [3, 4, 5, 7] and S.tidal_candidates(30, step=1) == list(range(3, 30))
+    assert S.choose_layer({3: 10, 9: 30, 15: 29}, default=15) == 9
+    assert S.choose_layer({3: 10, 9: 30, 15: 30}, default=15) == 15
+    assert S.choose_layer({3: 10, 11: 30, 9: 30, 15: 2}, default=15) == 9
+
+
+def test_tidal_choice_on_a_synthetic_document() -> None:
+    """The rule applied to the per-haystack counts of a tidal_selection.json: needles are summed over haystacks."""
+    hay = {"noise": {"dense": dict(n_correct=9), "3": dict(n_correct=5), "9": dict(n_correct=2),
+                     "15": dict(n_correct=1)},
+           "wikitext-valid": {"dense": dict(n_correct=9), "3": dict(n_correct=0), "9": dict(n_correct=4),
+                              "15": dict(n_correct=6)}}
+    assert S.needles_found(hay, [3, 9, 15]) == {3: 5, 9: 6, 15: 7}
+    assert S.choose_layer(S.needles_found(hay, [3, 9, 15]), default=15) == 15
+    hay["noise"]["9"]["n_correct"] = 3
+    assert S.choose_layer(S.needles_found(hay, [3, 9, 15]), default=15) == 15  # tied with the default
+    hay["noise"]["15"]["n_correct"] = 0
+    assert S.choose_layer(S.needles_found(hay, [3, 9, 15]), default=15) == 9
+
+
+def test_choose_tidal_layer_smoke(tmp_path: Path) -> None:
+    doc = S.choose_tidal_layer(tmp_path, "test", smoke=True, cases=1, layers=[5, 3])
+    assert json.loads((tmp_path / "tidal_selection.json").read_text()) == json.loads(json.dumps(doc))
+    settings = doc["settings"]
+    assert doc["provenance"]["smoke"] is True and settings["num_layers"] == 8 and settings["candidates"] == [3, 5]
+    assert settings["held_out"]["haystacks"] == {"noise": "fixed", "wikitext-valid": "varied"}
+    assert set(doc["haystacks"]) == {"noise", "wikitext-valid"}
+    for rows in doc["haystacks"].values():
+        assert set(rows) == {"dense", "3", "5"}
+        assert all(r["n_cases"] == 1 == len(r["cases"]) and r["n_correct"] == sum(c["correct"] for c in r["cases"])
+                   for r in rows.values())
+        assert len({c["answer"] for r in rows.values() for c in r["cases"]}) == 1  # one case, answered by all
+    assert doc["found"] == {n: sum(h[n]["n_correct"] for h in doc["haystacks"].values()) for n in ("3", "5")}
+    assert doc["chosen"] == S.choose_layer(S.needles_found(doc["haystacks"], [3, 5]), settings["default"])
+    again = S.choose_tidal_layer(tmp_path, "test --resume", smoke=True, cases=1, layers=[5, 3], resume=True)
+    assert again["haystacks"] == doc["haystacks"] and again["chosen"] == doc["chosen"]  # nothing left to answer
+    assert again["resumed_by"][0]["command"] == "test --resume"
+    with pytest.raises(ValueError, match="more than 0"):
+        S.choose_tidal_layer(tmp_path, "test", smoke=True, cases=0, layers=[5, 3], resume=True)
+    with pytest.raises(ValueError, match="not in"):
+        S.choose_tidal_layer(tmp_path, "test", smoke=True, cases=1, layers=[2])
