@@ -1,6 +1,6 @@
 """Choose a key-budget rule for Kascade on held-out data: fixed budgets against our mass-targeted variant.
 
-Candidates (``kascade_lite.selection.ADAPTIVE_CANDIDATES`` or ``--candidates``, names in the registry's
+Candidates (``kascade_lite.pipeline.ADAPTIVE`` or ``--candidates``, names in the registry's
 ``method+schedule@budget`` form; for ``kascade_mass<p>`` the budget is each row's maximum) answer held-out needle
 cases of the selection seed on the RULER filler and on WikiText-2 validation paragraphs (varied wording) at 2k, 4k
 and 8k tokens, and their perplexity is measured on the last WikiText-2 validation windows (decode-only methods as
@@ -24,14 +24,15 @@ import tempfile
 from pathlib import Path
 
 from kascade_lite.accuracy import parse_cases
-from kascade_lite.selection import ADAPTIVE_CANDIDATES, ADAPTIVE_CASES, choose_adaptive
+from kascade_lite.pipeline import ADAPTIVE, ADAPTIVE_CASES
+from kascade_lite.selection import choose_adaptive
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None, help="output folder (default: a new temporary folder)")
-    p.add_argument("--candidates", default=",".join(ADAPTIVE_CANDIDATES), help="comma-separated method names")
-    p.add_argument("--cases", default=",".join(f"{n}:{c}" for n, c in ADAPTIVE_CASES.items()),
+    p.add_argument("--candidates", default=ADAPTIVE, help="comma-separated method names")
+    p.add_argument("--cases", default=ADAPTIVE_CASES,
                    help="held-out cases per length and haystack, length:count pairs")
     p.add_argument("--ppl-windows", type=int, default=2, help="held-out WikiText-2 validation windows of 2048")
     p.add_argument("--schedule-dir", default=None, help="folder of <model>_*.json schedules (default: shipped)")

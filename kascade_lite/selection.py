@@ -48,7 +48,6 @@ from .calibrate import Calibration, calibrate
 from .config import LlamaConfig
 from .data import held_out_windows, load_tokenizer, wikitext_windows
 from .eval import nll_per_window
-from . import pipeline
 from .files import ResultsLog, provenance, write_json_atomic
 from .kascade import SW_RECENT, SW_SINKS
 from .methods import METHODS, TIDAL_SELECTION, Setting, attention, retrieval
@@ -57,6 +56,7 @@ from .models import smollm2_or_tiny
 from .schedule import Schedule, default_schedule
 from .search import OBJECTIVES, write_schedules
 from .tasks import RetrievalMethod, answer_case, make_cases, mcnemar_p, paired_outcomes
+from .accuracy import kascade_schedules, main_schedule, run_method_perplexity, run_retrieval
 from .tradeoff import TARGET, kv_read_share, paired_recall, parse_retrieval_name
 
 MODEL = "smollm2-135m"
@@ -252,9 +252,6 @@ def choose_variant(out: Path, command: str, selection_path: Path, *, smoke: bool
 
 
 # ------------------------------------------------------------------------------------------------ adaptive budgets
-ADAPTIVE_CANDIDATES = tuple(pipeline.ADAPTIVE.split(","))
-"""The held-out candidates (`pipeline.ADAPTIVE`, where the published runs take them too)."""
-ADAPTIVE_CASES = {int(n): int(c) for n, c in (p.split(":") for p in pipeline.ADAPTIVE_CASES.split(","))}
 HAYSTACKS_HELD_OUT = {"noise": "fixed", "wikitext-valid": "varied"}
 """Held-out haystacks and their needle wording."""
 
@@ -301,15 +298,14 @@ def adaptive_verdict(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return dict(chosen=None, closest=ranked[0] if ranked else None)
 
 
-def choose_adaptive(out: Path, command: str, *, smoke: bool, candidates: tuple[str, ...] = ADAPTIVE_CANDIDATES,
-                    cases: dict[int, int] | None = None, ppl_windows: int = 2,
-                    schedule_dir: Path | None = None) -> dict[str, Any]:
-    """The held-out choice of a budget rule into ``out/variant_selection_adaptive.json``; the needle runs it rests
-    on go to ``out/adaptive_heldout_<haystack>.json`` and the perplexities to ``out/adaptive_heldout_ppl.json``
-    (each resumable: an interrupted choice continues where it stopped). Returns the document."""
-    from .accuracy import kascade_schedules, main_schedule, run_method_perplexity, run_retrieval
-
-    cases = {256: 2} if smoke else dict(cases or ADAPTIVE_CASES)
+def choose_adaptive(out: Path, command: str, *, smoke: bool, candidates: tuple[str, ...], cases: dict[int, int],
+                    ppl_windows: int = 2, schedule_dir: Path | None = None) -> dict[str, Any]:
+    """The held-out choice among the budget rules ``candidates`` (the book's: `pipeline.ADAPTIVE`) into
+    ``out/variant_selection_adaptive.json``, on ``cases`` (``{length: count}`` per haystack; smoke: two of 256
+    tokens); the needle runs it rests on go to ``out/adaptive_heldout_<haystack>.json`` and the perplexities to
+    ``out/adaptive_heldout_ppl.json`` (each resumable: an interrupted choice continues where it stopped). Returns
+    the document."""
+    cases = {256: 2} if smoke else dict(cases)
     names = ["dense", *candidates]
     retrieval = {}
     for hay, wording in HAYSTACKS_HELD_OUT.items():

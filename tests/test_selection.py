@@ -95,7 +95,7 @@ def test_choose_adaptive_smoke(tmp_path: Path) -> None:
     """Two candidates at smoke size: both haystacks' needle files, the held-out perplexities and the choice, every
     candidate row paired with dense on its own cases; an adaptive candidate's read is the measured one."""
     names = ("kascade_decode@0.3", "kascade_mass90_decode@0.5")
-    doc = S.choose_adaptive(tmp_path, "test", smoke=True, candidates=names)
+    doc = S.choose_adaptive(tmp_path, "test", smoke=True, candidates=names, cases={})
     assert json.loads((tmp_path / "variant_selection_adaptive.json").read_text()) == json.loads(json.dumps(doc))
     assert doc["provenance"]["smoke"] is True and set(doc["candidates"]) == set(names)
     measured = []
