@@ -539,14 +539,16 @@ def mass_curves_figure(curves: np.ndarray, layers: Sequence[int], mass: float = 
         ax.axhline(mass, color="grey", lw=0.8, ls="--")
         ax.set_title(f"layer {layer}", fontsize=10, loc="left")
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+        ticks = [t for t in (0.001, 0.01, 0.1, 1.0) if t >= 1 / seq]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([f"{100 * t:g}%" for t in ticks])
     for ax in axes.flat[len(layers):]:
         ax.set_visible(False)
-    for ax in axes[-1]:
-        ax.set_xlabel("keys kept (share of context)")
     for ax in axes[:, 0]:
         ax.set_ylabel("attention held")
     axes.flat[0].legend(fontsize=8, loc="lower right")
+    fig.supxlabel("keys kept, heaviest first (share of the context)", fontsize=10)
     fig.tight_layout()
     return fig
 
