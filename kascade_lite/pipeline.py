@@ -79,7 +79,7 @@ BENCHMARKS: dict[str, Benchmark] = {
                               "--wording", "varied", "--cases", "30", "--out", "{data}"),
         ("--smoke", "--haystack", "wikitext-valid", "--wording", "varied", "--out", "{data}"),
         ("variant_selection_wikitext-valid.json",), reads_schedules=True, modules=("selection", "methods", "tasks")),
-    "tidal-selection": Benchmark("select_tidal.py", ("--out", "{data}"), ("--smoke", "--out", "{data}"),
+    "tidal-selection": Benchmark("select_tidal.py", ("--cases", "16", "--out", "{data}"), ("--smoke", "--out", "{data}"),
                                  ("tidal_selection.json",), modules=("selection", "methods", "tasks", "baselines")),
     "accuracy-ppl": Benchmark("bench_accuracy.py",
                               ("ppl", "--windows-512", "24", "--windows-2048", "6", "--time-budget", "0",
