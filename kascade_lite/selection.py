@@ -253,7 +253,8 @@ def choose_variant(out: Path, command: str, selection_path: Path, *, smoke: bool
 
 # ------------------------------------------------------------------------------------------------ adaptive budgets
 HAYSTACKS_HELD_OUT = {"noise": "fixed", "wikitext-valid": "varied"}
-"""Held-out haystacks and their needle wording."""
+"""The held-out needle cases of the budget-rule and TidalDecode layer choices: haystack -> needle wording of
+`tasks.make_cases` (the filler, and WikiText-2 validation paragraphs)."""
 
 
 def candidate_row(name: str, retrieval: dict[str, dict[str, Any]], ppl: dict[str, Any],
@@ -339,10 +340,6 @@ def choose_adaptive(out: Path, command: str, *, smoke: bool, candidates: tuple[s
 
 
 # ------------------------------------------------------------------------------------------------ TidalDecode layer
-TIDAL_HAYSTACKS = (("noise", "fixed"), ("wikitext-valid", "varied"))
-"""The held-out needle cases of the layer choice: ``(haystack, wording)`` of `tasks.make_cases`."""
-
-
 def tidal_candidates(num_layers: int, step: int = 2) -> list[int]:
     """Re-selection layers to try: every ``step``-th layer from 3 (the first after TidalDecode's selection layer 2)
     to the last, plus the paper's default ``num_layers // 2``."""
@@ -369,7 +366,7 @@ def choose_tidal_layer(out: Path, command: str, *, smoke: bool, seq_len: int = 2
                        resume: bool = False) -> dict[str, Any]:
     """TidalDecode's re-selection layer chosen on held-out needle cases into ``out/tidal_selection.json`` (smoke: a
     tiny random model of 8 layers, 256 tokens). Every layer of ``layers`` (default `tidal_candidates`) and dense
-    answer the same first ``cases`` cases of each haystack of `TIDAL_HAYSTACKS` (selection seed), round-robin over
+    answer the same first ``cases`` cases of each haystack of `HAYSTACKS_HELD_OUT` (selection seed), round-robin over
     the haystacks; the TidalDecode runs share dense's prefill. ``chosen`` (`choose_layer`) is written once every case
     is answered. ``resume``: keep the cases a run with the same settings answered (`files.ResultsLog`; the case count
     may change) and answer the rest. Returns the document."""
@@ -388,10 +385,10 @@ def choose_tidal_layer(out: Path, command: str, *, smoke: bool, seq_len: int = 2
     settings = dict(model=MODEL, num_layers=cfg.num_layers, seq_len=seq_len, budget=budget,
                     min_keys=min_keys, candidates=layers, default=default, phase="decode only (dense prefill)",
                     held_out=dict(retrieval_cases=cases, seed=SELECTION_SEED,
-                                  haystacks={h: w for h, w in TIDAL_HAYSTACKS}),
+                                  haystacks=dict(HAYSTACKS_HELD_OUT)),
                     rule=("most needles summed over both haystacks; a tie goes to the paper's default "
                           "num_layers // 2 if it is among the best, else to the earliest layer"))
-    empty = {h: {m: dict(n_cases=0, n_correct=0, cases=[]) for m in methods} for h, _ in TIDAL_HAYSTACKS}
+    empty = {h: {m: dict(n_cases=0, n_correct=0, cases=[]) for m in methods} for h in HAYSTACKS_HELD_OUT}
     rec = ResultsLog(out / TIDAL_SELECTION, command, settings, smoke=smoke, fields={"haystacks": empty},
                      resume=resume, free=("held_out",))  # held_out: only the case count can differ
     doc = rec.doc
@@ -403,7 +400,7 @@ def choose_tidal_layer(out: Path, command: str, *, smoke: bool, seq_len: int = 2
             raise ValueError(f"{out / TIDAL_SELECTION}: on {hay} its methods answered different cases, or more than "
                              f"{cases}; resume with at least as many cases")
     held = {h: make_cases(seq_len, cases, seed=SELECTION_SEED, tokenizer=tok, haystack=h, wording=w)
-            for h, w in TIDAL_HAYSTACKS}
+            for h, w in HAYSTACKS_HELD_OUT.items()}
     for i in range(cases):
         for hay, batch in held.items():
             rows = doc["haystacks"][hay]
