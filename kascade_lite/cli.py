@@ -150,8 +150,10 @@ def add_schedule(sub: argparse._SubParsersAction) -> None:
                        description="Kascade's DP schedules (K = 2..8 anchors, layer 0 included) and the greedy "
                                    "schedule from ROOT/data/calibration/<model>.safetensors (for SmolLM2, the "
                                    "shipped calibration if ROOT has none), written to "
-                                   "ROOT/data/schedules/<model>_dp_k<K>.json, <model>_greedy.json and "
-                                   "<model>_greedy_t90.json (coverage-triggered refresh).")
+                                   "ROOT/data/schedules/<model>_dp_k<K>.json (similarity objective), "
+                                   "<model>_dpimp_k<K>.json (importance-weighted), <model>_greedy.json, "
+                                   "<model>_greedy_t90.json (coverage-triggered refresh) and the evenly spaced "
+                                   "controls <model>_even_k<K>.json.")
     p.add_argument("--model", metavar="PATH", default=None, help="model whose calibration to read (default SmolLM2)")
     p.add_argument("--calibration", metavar="FILE", help="calibration .safetensors (default from --model and --out)")
     _add_root(p)

@@ -206,6 +206,9 @@ METHODS: dict[str, Method] = {
     "pooled_decode": Method("dense prefill; in decode every layer but 0 keeps its own Top-k key positions, pooled "
                             "over the GQA group (oracle + group pooling, no reuse; ablation of Deshmukh et al. 2025)",
                             _every_layer_pooled("position"), decode_only=True),
+    "pooled": Method("every layer but 0 its own anchor, Top-k key positions pooled over the GQA group and the query "
+                     "tile (oracle + group and tile pooling, no reuse; ablation of Deshmukh et al. 2025)",
+                     _every_layer_pooled("position")),
     "pooled_tiles_decode": Method("as pooled_decode with key tiles: oracle + pooling + tiles, no reuse (ablation of "
                                   "Deshmukh et al. 2025)", _every_layer_pooled("tile"), decode_only=True),
     "sink_window": Method("4 sink tokens + a sliding window of recent keys, layer 0 dense (StreamingLLM, Xiao et al. "

@@ -53,6 +53,10 @@ RETRIEVAL = "dense,kascade,kascade_decode,kascade_sw,tidal,oracle_decode,quest"
 """The methods of chapter 07's retrieval table: dense, Kascade (prefill and decode, decode only, with sinks and
 window), TidalDecode, the per-head oracle and Quest."""
 
+LADDER = "dense,oracle,pooled_decode,pooled,kascade_decode,kascade,kascade+dp_k6,kascade+dpimp_k6"
+"""Chapter 07's perplexity ladder at 2048 tokens, one change at a time: the per-head oracle, pooling over the GQA group
+per query (as a decode step selects) and per query tile of 32, reuse under the evenly spaced anchors the selection
+chose and under the DP's at the same K (key tiles: ``accuracy_ppl.json``)."""
 ADAPTIVE = ("kascade_decode@0.1,kascade_decode@0.2,kascade_decode@0.3,kascade_mass90_decode@0.3,"
             "kascade_mass95_decode@0.3,kascade_mass98_decode@0.5,kascade_decode+dpimp_k8@0.1,pooled_decode@0.1,"
             "kascade_decode+greedy_t90@0.1,kascade_decode+greedy_t90@0.2")
@@ -111,6 +115,15 @@ BENCHMARKS: dict[str, Benchmark] = {
         ("retrieval", "--smoke", "--haystack", "wikitext-test", "--wording", "varied", "--methods", RETRIEVAL,
          "--out", "{data}/accuracy_retrieval_natural.json"),
         ("accuracy_retrieval_natural.json",), reads_schedules=True, modules=ACCURACY),
+    "schedule-spacing": Benchmark(
+        "bench_spacing.py", ("--out", "{data}"), ("--smoke", "--out", "{data}"),
+        ("schedule_spacing.json", "spacing_heldout_ppl.json", "spacing_heldout_noise.json",
+         "spacing_heldout_wikitext-valid.json"), reads_schedules=True, modules=("selection", "search", *ACCURACY)),
+    "accuracy-ppl-ladder": Benchmark(
+        "bench_accuracy.py", ("ppl-methods", "--windows-2048", "6", "--methods", LADDER,
+                              "--out", "{data}/accuracy_ppl_ladder.json"),
+        ("ppl-methods", "--smoke", "--methods", LADDER, "--out", "{data}/accuracy_ppl_ladder.json"),
+        ("accuracy_ppl_ladder.json",), reads_schedules=True, modules=ACCURACY),
     "adaptive-selection": Benchmark(
         "select_adaptive.py", ("--cases", ADAPTIVE_CASES, "--out", "{data}"), ("--smoke", "--out", "{data}"),
         ("variant_selection_adaptive.json", "adaptive_heldout_noise.json", "adaptive_heldout_wikitext-valid.json",

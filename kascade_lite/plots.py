@@ -448,6 +448,38 @@ def objective_sweep(candidates: Mapping[str, Mapping[str, Any]], dense_correct: 
     return fig
 
 
+SPACING_STYLE = {"even": ("o-", "evenly spaced"), "dp": ("s-", "DP, similarity"), "dpimp": ("^-", "DP, importance")}
+
+
+def anchor_spacing(rows: Mapping[str, Mapping[str, Any]], haystacks: Sequence[str]) -> plt.Figure:
+    """Evenly spaced anchors against both DP objectives (``rows``: ``schedule_spacing.json``'s, named
+    ``kascade+<family>_k<K>``): held-out perplexity increase against K (left) and, per haystack of ``haystacks``, the
+    recall of dense's needles with its Wilson interval at the K that ran needles (right; filled: first haystack)."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(BOOK_WIDTH_IN, 3.0))
+    for j, (family, (style, label)) in enumerate(SPACING_STYLE.items()):
+        mine = sorted((int(n.rsplit("_k", 1)[1]), r) for n, r in rows.items() if n.startswith(f"kascade+{family}_k"))
+        ppl = [(k, r["ppl_delta_pct"]) for k, r in mine if r.get("ppl_delta_pct") is not None]
+        line, = ax1.plot(*zip(*ppl), style, label=label)
+        for h, hay in enumerate(haystacks):
+            cells = [(k, r["needles"][hay]) for k, r in mine if hay in r.get("needles", {})]
+            cells = [(k, c) for k, c in cells if c["recall"] is not None]
+            if not cells:
+                continue
+            xs = [k + 0.18 * (j - 1) for k, _ in cells]
+            ys = [c["recall"] for _, c in cells]
+            err = np.clip([[y - c["recall_ci95"][0] for y, (_, c) in zip(ys, cells)],
+                           [c["recall_ci95"][1] - y for y, (_, c) in zip(ys, cells)]], 0, None)
+            ax2.errorbar(xs, ys, yerr=err, fmt=style[0], color=line.get_color(), capsize=2, lw=1,
+                         mfc=line.get_color() if h == 0 else "white", label=label if h == 0 else None)
+    ax1.set(xlabel="anchors K (layer 0 counted)", ylabel="held-out ppl increase (%)")
+    ax1.legend(fontsize=8)
+    ax2.set(xlabel="anchors K", ylabel="recall of dense's needles", ylim=(-0.05, 1.05))
+    ax2.set_title("filled: " + HAYSTACK_LABELS.get(haystacks[0], haystacks[0]) + "; open: "
+                  + HAYSTACK_LABELS.get(haystacks[-1], haystacks[-1]), fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def retrieval_accuracy(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> plt.Figure:
     """Needle-retrieval accuracy per prompt length, one bar per method with its 95 % Wilson interval. ``rows``:
     ``accuracy_retrieval.json``'s results (``length``, ``method``, ``n_cases``, ``n_correct``)."""
@@ -513,7 +545,7 @@ TRADEOFF_FAMILIES = {
     "kascade": "Kascade", "kascade_sw": "Kascade + sinks/window", "kascade_decode": "Kascade, dense prefill",
     "kascade_no_remap": "ablations, OmniKV", "all_heads_pooled": "ablations, OmniKV", "omnikv": "ablations, OmniKV",
     "oracle": "oracle, pooled oracle", "oracle_decode": "oracle, pooled oracle",
-    "pooled_decode": "oracle, pooled oracle", "quest": "baselines", "tidal": "baselines", "sink_window": "baselines",
+    "pooled": "oracle, pooled oracle", "pooled_decode": "oracle, pooled oracle", "quest": "baselines", "tidal": "baselines", "sink_window": "baselines",
     **{f"kascade_mass{p}{mode}": "ours: mass-targeted" for p in (80, 90, 95, 98) for mode in ("", "_decode")},
 }
 """Colour groups of `tradeoff_frontier` by method (others: "other")."""
@@ -553,7 +585,8 @@ def mass_curves_figure(curves: np.ndarray, layers: Sequence[int], mass: float = 
     return fig
 
 
-HAYSTACK_LABELS = {"noise": "filler (RULER)", "wikitext-test": "natural-text (WikiText-2)"}
+HAYSTACK_LABELS = {"noise": "filler (RULER)", "wikitext-test": "natural-text (WikiText-2)",
+                   "wikitext-valid": "natural-text (WikiText-2 validation)"}
 """How the figures name the needle task's haystacks (`tasks.HAYSTACKS`)."""
 
 

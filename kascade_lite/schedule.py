@@ -155,10 +155,18 @@ class Schedule:
         return cls.from_dict(d, source=str(path))
 
 
+def evenly_spaced(num_layers: int, num_anchors: int) -> tuple[int, ...]:
+    """Layer 0 and ``num_anchors - 1`` more anchors at ``round(i * num_layers / num_anchors)``: ``num_anchors`` in
+    all, counting layer 0 (30 layers, 6 anchors: 0, 5, 10, 15, 20, 25)."""
+    if not 1 <= num_anchors <= num_layers:
+        raise ValueError(f"num_anchors must be in 1..{num_layers} (layer 0 counted), got {num_anchors}")
+    return tuple(round(i * num_layers / num_anchors) for i in range(num_anchors))
+
+
 def default_schedule(model: str, num_layers: int, kv_heads: int, num_anchors: int, tile: int,
                      budget: float) -> Schedule:
-    """Layer 0 dense plus ``num_anchors - 1`` evenly spread anchors (when no calibrated schedule is given)."""
-    step = num_layers / num_anchors
-    anchors = [round(i * step) for i in range(1, num_anchors)]
+    """Layer 0 dense plus ``num_anchors - 1`` evenly spread anchors (`evenly_spaced`; when no calibrated schedule
+    is given), the identity head map."""
+    anchors = evenly_spaced(num_layers, num_anchors)
     return Schedule.from_anchors(model, num_layers, kv_heads, anchors, tile_size=tile, budget=budget, min_keys=0,
                                  method="evenly-spaced")

@@ -9,8 +9,11 @@
 * `greedy_schedule` — a simple distance-and-threshold rule: walk the layers, reuse the latest anchor while it is at
   most ``max_reuse_dist`` layers back and its similarity is at least ``threshold``, otherwise start a new anchor.
 
-Without a calibration, `schedule.default_schedule` spaces the anchors evenly. `write_schedules` writes every
-candidate the book compares (`kascade-lite schedule`).
+* `even_schedule` — the control: anchors evenly spaced (`schedule.evenly_spaced`), with the calibration's head maps,
+  so that against the DP at the same ``K`` only the placement of the anchors differs.
+
+Without a calibration, `schedule.default_schedule` spaces the anchors evenly with the identity head map.
+`write_schedules` writes every schedule the book compares (`kascade-lite schedule`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 
 from .calibrate import Calibration
 from .files import is_smoke, provenance
-from .schedule import SMOKE_MIN_KEYS, Schedule
+from .schedule import SMOKE_MIN_KEYS, Schedule, evenly_spaced
 
 MAX_REUSE_DIST = 4
 CALIB_THRESHOLD = 0.1
@@ -148,23 +151,40 @@ def greedy_schedule(calib: Calibration, *, max_reuse_dist: int = MAX_REUSE_DIST,
     return _schedule_from_calibration(calib, anchors, "greedy", model, tile_size, budget, min_keys, meta)
 
 
+def even_schedule(calib: Calibration, num_anchors: int, *, model: str | None = None, tile_size: int | None = None,
+                  budget: float | None = None, min_keys: int = 128) -> Schedule:
+    """``num_anchors`` evenly spaced anchors (layer 0 counted, `schedule.evenly_spaced`) with the calibration's
+    head maps: the DP's control at the same ``K``."""
+    anchors = evenly_spaced(calib.num_layers, num_anchors)
+    return _schedule_from_calibration(calib, anchors, "even", model, tile_size, budget, min_keys,
+                                      dict(num_anchors=num_anchors))
+
+
+def schedule_name(sched: Schedule) -> str:
+    """The file suffix of a schedule `write_schedules` makes: ``dp_k{K}`` (similarity objective), ``dpimp_k{K}``
+    (importance-weighted), ``even_k{K}``, ``greedy`` or ``greedy_t{100 * threshold}``."""
+    meta = dict(sched.meta)
+    if sched.method == "dp":
+        return f"{'dp' if meta.get('objective') == 'similarity' else 'dpimp'}_k{meta['num_anchors']}"
+    if sched.method == "even":
+        return f"even_k{meta['num_anchors']}"
+    return "greedy" if meta["threshold"] == CALIB_THRESHOLD else f"greedy_t{round(100 * meta['threshold'])}"
+
+
 def write_schedules(calib: Calibration, out_dir: str | os.PathLike, *, command: str, smoke: bool,
                     anchor_counts: tuple[int, ...] = DP_ANCHOR_COUNTS, **kw: Any) -> list[Path]:
     """Write ``<model>_dp_k{K}.json`` (similarity objective) and ``<model>_dpimp_k{K}.json`` (importance-weighted)
-    for each K, ``<model>_greedy.json`` and, for each of `REFRESH_THRESHOLDS`, ``<model>_greedy_t{100 t}.json`` into
-    ``out_dir``; returns the paths. ``smoke`` (recorded in each file's provenance): made from a smoke-size
-    calibration."""
-    schedules = [dp_schedule(calib, k, objective=o, **kw) for o in OBJECTIVES for k in anchor_counts
-                 if k <= calib.num_layers]
+    for each K, ``<model>_greedy.json``, for each of `REFRESH_THRESHOLDS` ``<model>_greedy_t{100 t}.json``, and the
+    controls ``<model>_even_k{K}.json`` for each K into ``out_dir``; returns the paths. ``smoke`` (recorded in each
+    file's provenance): made from a smoke-size calibration."""
+    counts = [k for k in anchor_counts if k <= calib.num_layers]
+    schedules = [dp_schedule(calib, k, objective=o, **kw) for o in OBJECTIVES for k in counts]
     schedules.append(greedy_schedule(calib, **kw))
     schedules += [greedy_schedule(calib, threshold=t, **kw) for t in REFRESH_THRESHOLDS]
+    schedules += [even_schedule(calib, k, **kw) for k in counts]
     paths = []
     for sched in schedules:
-        meta = dict(sched.meta)
-        prefix = "dp" if meta.get("objective") == "similarity" else "dpimp"
-        suffix = (f"{prefix}_k{meta['num_anchors']}" if sched.method == "dp" else sched.method if
-                  meta["threshold"] == CALIB_THRESHOLD else f"{sched.method}_t{round(100 * meta['threshold'])}")
-        path = Path(out_dir) / f"{sched.model}_{suffix}.json"
+        path = Path(out_dir) / f"{sched.model}_{schedule_name(sched)}.json"
         meta = dict(sched.meta, provenance=provenance(command, smoke=smoke))
         dataclasses.replace(sched, meta=tuple(sorted(meta.items()))).save(path)
         paths.append(path)

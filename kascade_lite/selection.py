@@ -50,10 +50,10 @@ from .data import held_out_windows, load_tokenizer, wikitext_windows
 from .eval import nll_per_window
 from .files import ResultsLog, provenance, write_json_atomic
 from .kascade import SW_RECENT, SW_SINKS
-from .methods import METHODS, TIDAL_SELECTION, Setting, attention, retrieval
+from .methods import METHODS, TIDAL_SELECTION, Setting, attention, parse, retrieval
 from .model import dense_attention
 from .models import smollm2_or_tiny
-from .schedule import Schedule, default_schedule
+from .schedule import SMOKE_MIN_KEYS, Schedule, default_schedule
 from .search import OBJECTIVES, write_schedules
 from .tasks import RetrievalMethod, answer_case, make_cases, mcnemar_p, paired_outcomes
 from .accuracy import kascade_schedules, main_schedule, run_method_perplexity, run_retrieval
@@ -82,11 +82,14 @@ def calibration_set(seq_len: int, num_wiki: int, num_prompts: int, tok: Any) -> 
 
 def candidates(cal_dir: Path, sched_dir: Path, previous: Path | None, command: str, smoke: bool
                ) -> dict[str, Schedule]:
-    """Every schedule of the new calibration (DP both objectives, K = 2..8, greedy), written to ``sched_dir`` as
-    ``<model>_<name>.json``, and the previously shipped one (``shipped_dpimp_k5_512``, not written)."""
+    """The candidates among the schedules of the new calibration (all written to ``sched_dir`` as
+    ``<model>_<name>.json`` by `search.write_schedules`): DP with both objectives, K = 2..8, and greedy; and the
+    previously shipped one (``shipped_dpimp_k5_512``, not written). The evenly spaced controls and the refresh
+    thresholds are the subject of other experiments (`compare_spacing`, `choose_adaptive`)."""
     cal = Calibration.load(cal_dir / f"{MODEL}-2k.safetensors")
     paths = write_schedules(cal, sched_dir, model=MODEL, command=command, smoke=smoke, min_keys=SETTINGS["min_keys"])
-    found = {p.stem.removeprefix(f"{MODEL}_"): Schedule.load(p) for p in paths}
+    names = {p.stem.removeprefix(f"{MODEL}_"): p for p in paths}
+    found = {n: Schedule.load(p) for n, p in names.items() if n == "greedy" or n.startswith(("dp_", "dpimp_"))}
     if previous is not None and previous.is_file():
         old = Schedule.load(previous)
         if (old.num_layers, old.num_kv_heads) == (cal.num_layers, cal.num_kv_heads):
@@ -419,3 +422,103 @@ def choose_tidal_layer(out: Path, command: str, *, smoke: bool, seq_len: int = 2
     doc["found"], doc["chosen"] = {str(n): k for n, k in found.items()}, choose_layer(found, default)
     rec.save()
     return doc
+
+
+# ------------------------------------------------------------------------------------------------ anchor spacing
+SPACING_FAMILIES = ("even", "dp", "dpimp")
+"""Schedule families compared at each anchor count K: evenly spaced anchors (`search.even_schedule`, the control),
+the DP with the similarity objective and with the paper's importance-weighted one (all with the calibration's head
+maps)."""
+SPACING_COUNTS = (2, 3, 4, 5, 6, 7, 8)
+"""Anchor counts (layer 0 counted) of the held-out perplexity comparison."""
+SPACING_NEEDLE_COUNTS = (4, 6, 8)
+"""Anchor counts of the held-out needle comparison (Kascade in prefill and decode: the costly runs)."""
+
+
+def spacing_names(counts: tuple[int, ...]) -> list[str]:
+    """``kascade+<family>_k<K>`` for every family of `SPACING_FAMILIES` and K of ``counts``."""
+    return [f"kascade+{fam}_k{k}" for k in counts for fam in SPACING_FAMILIES]
+
+
+def distinct(names: list[str], schedules: dict[str, Schedule], main: str) -> dict[str, str]:
+    """Each name of ``names`` (``kascade[_tiles][+schedule]``) -> the first name that runs the same method on the
+    same anchors and head maps (itself if none before it): the runs a comparison needs once only."""
+    seen: dict[tuple[Any, ...], str] = {}
+    out = {}
+    for name in names:
+        base, sched, _ = parse(name)
+        s = schedules[sched or main]
+        out[name] = seen.setdefault((base, s.layer_types, s.anchor_of, s.head_map), name)
+    return out
+
+
+def spacing_row(name: str, retrieval: dict[str, dict[str, Any]], ppl: dict[str, dict[str, Any]],
+                schedule: Schedule) -> dict[str, Any]:
+    """One schedule's held-out row: anchors, perplexity change, and per haystack the needles paired with dense's
+    (`tradeoff.paired_recall`); absent entries were not measured."""
+    row: dict[str, Any] = dict(anchors=list(schedule.anchors), method=schedule.method)
+    if name in ppl:
+        row.update(ppl=ppl[name]["ppl"], ppl_delta_pct=ppl[name]["delta_vs_dense_pct"])
+    for hay, rows in retrieval.items():
+        if name in rows and rows[name]["cases"]:
+            row.setdefault("needles", {})[hay] = paired_recall(rows[name]["cases"], rows["dense"]["cases"])
+    return row
+
+
+def compare_spacing(out: Path, command: str, *, smoke: bool, cases: int = 16, ppl_windows: int = 4,
+                    counts: tuple[int, ...] = SPACING_COUNTS, needle_counts: tuple[int, ...] = SPACING_NEEDLE_COUNTS,
+                    schedule_dir: Path | None = None) -> dict[str, Any]:
+    """Where should the anchors go? Evenly spaced anchors against both DP objectives at the same K, on held-out
+    data: perplexity on the last WikiText-2 validation windows (Kascade in the whole forward, tiles of 32) at every
+    K of ``counts``, and needles found by Kascade in prefill and decode on ``cases`` held-out 2k cases of the
+    selection seed per haystack (`HAYSTACKS_HELD_OUT`) at every K of ``needle_counts``, beside the shipped schedule
+    with key tiles (the granularity choice, re-validated on both haystacks). Runs that would repeat another (the
+    same anchors and head maps, `distinct`) are made once. The runs go to ``out/spacing_heldout_ppl.json`` and
+    ``out/spacing_heldout_<haystack>.json`` (resumable), the summary to ``out/schedule_spacing.json``. Smoke: a
+    tiny random model with a calibration of two random sequences, K = 2 and 3, two cases of 256 tokens."""
+    if smoke:
+        model = smollm2_or_tiny(True)
+        seqs = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (2, 256))
+        cal = calibrate(model, seqs, model_name=MODEL, progress=False, tile_size=32, budget=0.1,
+                        min_keys=SMOKE_MIN_KEYS)
+        schedule_dir = out / "schedules"
+        schedule_dir.mkdir(parents=True, exist_ok=True)
+        write_schedules(cal, schedule_dir, model=MODEL, command=command, smoke=True, min_keys=SMOKE_MIN_KEYS,
+                        anchor_counts=(2, 3))
+        counts, needle_counts = (2, 3), (2,)
+    model = smollm2_or_tiny(smoke)
+    schedules = kascade_schedules(model, schedule_dir)
+    main = main_schedule(schedules)
+    missing = sorted({n.split("+")[1] for n in spacing_names(counts)} - set(schedules))
+    if missing:
+        raise FileNotFoundError(f"{schedule_dir or 'the shipped schedules'}: no schedule {', '.join(missing)} "
+                                f"(`kascade-lite schedule` writes them)")
+    ppl_names = ["kascade_tiles", *spacing_names(counts)]
+    needle_names = ["kascade", "kascade_tiles", *spacing_names(needle_counts)]
+    same = distinct(["kascade", *ppl_names], schedules, main) | distinct(needle_names, schedules, main)
+    ppl_path = out / "spacing_heldout_ppl.json"
+    ppl_doc = run_method_perplexity(ppl_path, command, ["dense", *dict.fromkeys(same[n] for n in ppl_names)],
+                                    smoke=smoke, split="validation", windows=ppl_windows, schedule_dir=schedule_dir,
+                                    resume=ppl_path.is_file())
+    ppl = {r["method"] + ("" if r["schedule"] in (None, main) else f"+{r['schedule']}"): r
+           for r in ppl_doc["results"]}
+    retrieval = {}
+    for hay, wording in HAYSTACKS_HELD_OUT.items():
+        path = out / f"spacing_heldout_{hay}.json"
+        doc = run_retrieval(path, command, ["dense", *dict.fromkeys(same[n] for n in needle_names)], smoke=smoke,
+                            cases={2048: cases}, seed=SELECTION_SEED, schedule_dir=schedule_dir, time_budget=0,
+                            resume=path.is_file(), haystack=hay, wording=wording)
+        retrieval[hay] = {r["method"]: r for r in doc["results"]}
+    rows = {name: dict(spacing_row(same[name], retrieval, ppl, schedules[parse(name)[1] or main]),
+                       same_as=None if same[name] == name else same[name])
+            for name in dict.fromkeys(["kascade", *ppl_names, *needle_names])}
+    summary = dict(provenance=provenance(command, smoke=smoke),
+                   settings=dict(model=MODEL, main_schedule=main, families=list(SPACING_FAMILIES),
+                                 ppl_counts=list(counts), needle_counts=list(needle_counts), seed=SELECTION_SEED,
+                                 cases={"2048": 2 if smoke else cases}, haystacks=HAYSTACKS_HELD_OUT,
+                                 ppl_windows=ppl_windows, ppl_source="last WikiText-2 validation windows",
+                                 budget=0.1, min_keys=128, tile_size=32,
+                                 inputs=[ppl_path.name, *(f"spacing_heldout_{h}.json" for h in retrieval)]),
+                   rows=rows)
+    write_json_atomic(out / "schedule_spacing.json", summary)
+    return summary

@@ -31,7 +31,8 @@ layer              reads                                         who
 dense              :math:`2T`                                    layer 0; TidalDecode's layers 0-1 and selection
                                                                  layers; Quest's layers 0-1; OmniKV's filter layers
 anchor             :math:`T + 2(s(k-1)+1)`: all keys to score,   Kascade anchors (``s = 1``, `cost.attention_cost`);
-                   then the selected keys and values             the oracle's layers (``s = G``), pooled_decode's
+                   then the selected keys and values             the oracle's layers (``s = G``), pooled's and
+                                                                 pooled_decode's (``s = 1``)
 reuse              :math:`2(s(k-1)+1)`                           Kascade reuse layers (``s = 1``); TidalDecode's other
                                                                  layers (``s = G``); sink_window (its window)
 quest              :math:`2c + 2(G(16\min(P-1, c) + r) + 1)`     Quest's other layers: the min and max of the
@@ -136,8 +137,8 @@ def decode_layer_plan(method: str, num_layers: int, schedule: Schedule | None = 
             raise ValueError(f"schedule of {schedule.num_layers} layers for a {num_layers}-layer model")
         dense_anchor = method == "omnikv"  # OmniKV's filter layers attend densely
         return [("dense" if t == "dense" or (t == "anchor" and dense_anchor) else t, 1) for t in schedule.layer_types]
-    if method in ("oracle", "oracle_decode", "pooled_decode"):
-        sets = 1 if method == "pooled_decode" else group
+    if method in ("oracle", "oracle_decode", "pooled", "pooled_decode"):
+        sets = 1 if method.startswith("pooled") else group
         return [("dense", 1)] + [("anchor", sets)] * (num_layers - 1)
     if method == "tidal":
         full = {0, 1, 2, TidalDecode(num_layers, 1, reselect=tidal_reselect(num_layers)).reselect_layer}

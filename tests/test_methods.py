@@ -5,6 +5,8 @@ Kascade."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -57,6 +59,7 @@ def test_retrieval_rules() -> None:
     assert M.attention("kascade_tiles", s).granularity == "tile"
     pooled = M.attention("pooled_tiles_decode", s)
     assert pooled.granularity == "tile" and pooled.schedule.anchors == (0, 1, 2, 3)
+    assert M.attention("pooled", s) == dataclasses.replace(pooled, granularity="position")   # per query tile
     with pytest.raises(ValueError, match="Setting.length"):
         M.retrieval("sink_window", M.Setting(sched()))
 

@@ -153,6 +153,21 @@ def test_accuracy_figures_draw_from_result_rows() -> None:
     fits_the_book(fig)
 
 
+def test_anchor_spacing_draws_every_family() -> None:
+    def cell(found: int) -> dict:
+        return dict(recall=found / 4, recall_ci95=[max(0.0, found / 4 - 0.3), min(1.0, found / 4 + 0.2)])
+
+    rows = {f"kascade+{fam}_k{k}": dict(ppl_delta_pct=10.0 / k + i,
+                                        **({"needles": {"noise": cell(k // 2), "wikitext-valid": cell(1)}}
+                                           if k == 4 else {}))
+            for i, fam in enumerate(("even", "dp", "dpimp")) for k in (2, 3, 4)}
+    fig = plots.anchor_spacing(rows, ["noise", "wikitext-valid"])
+    assert [list(line.get_xdata()) for line in fig.axes[0].get_lines()] == [[2, 3, 4]] * 3
+    assert [list(line.get_ydata()) for line in fig.axes[0].get_lines()][2] == [10.0 / 2 + 2, 10.0 / 3 + 2, 10.0 / 4 + 2]
+    assert len(fig.axes[1].containers) == 6                                # 3 families x 2 haystacks, with bars
+    fits_the_book(fig)
+
+
 def test_survival_maps() -> None:
     needle = np.random.default_rng(0).random((30, 3))
     fig = plots.survival_maps(needle, {"a": needle / 2, "b": needle / 3})

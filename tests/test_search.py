@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from kascade_lite.calibrate import COVERAGE_FRACTIONS, Calibration
 from kascade_lite.schedule import Schedule
-from kascade_lite.search import (anchors_score, dp_anchors, dp_schedule, greedy_anchors, greedy_schedule,
-                                 write_schedules)
+from kascade_lite.search import (anchors_score, dp_anchors, dp_schedule, even_schedule, greedy_anchors,
+                                 greedy_schedule, write_schedules)
 
 
 def fake_calibration(seed: int, layers: int = 6, heads: int = 3) -> Calibration:
@@ -119,11 +119,13 @@ def test_write_schedules_round_trip(tmp_path) -> None:
     calib = fake_calibration(3, layers=10)
     paths = write_schedules(calib, tmp_path, anchor_counts=(2, 3), command="pytest", smoke=True)
     assert [p.name for p in paths] == ["fake_dp_k2.json", "fake_dp_k3.json", "fake_dpimp_k2.json",
-                                       "fake_dpimp_k3.json", "fake_greedy.json", "fake_greedy_t90.json"]
+                                       "fake_dpimp_k3.json", "fake_greedy.json", "fake_greedy_t90.json",
+                                       "fake_even_k2.json", "fake_even_k3.json"]
     for path in paths:
         loaded = Schedule.load(path)
         objective = "importance" if "dpimp" in path.stem else "similarity"
         want = (dp_schedule(calib, int(path.stem[-1]), objective=objective) if "dp" in path.stem
+                else even_schedule(calib, int(path.stem[-1])) if "even" in path.stem
                 else greedy_schedule(calib, threshold=0.9) if path.stem.endswith("_t90") else greedy_schedule(calib))
         assert loaded == want
         prov = json.loads(path.read_text())["meta"]["provenance"]
@@ -141,7 +143,39 @@ def test_schedule_command_line(tmp_path, capsys) -> None:
     written = sorted((tmp_path / "data" / "schedules").iterdir())
     assert [p.name for p in written] == ([f"fake_dp_k{k}.json" for k in range(2, 9)]
                                          + [f"fake_dpimp_k{k}.json" for k in range(2, 9)]
+                                         + [f"fake_even_k{k}.json" for k in range(2, 9)]
                                          + ["fake_greedy.json", "fake_greedy_t90.json"])
     assert "anchors [0" in capsys.readouterr().out
     doc = json.loads(written[0].read_text())
     assert doc["meta"]["provenance"]["smoke"] is True and doc["min_keys"] == SMOKE_MIN_KEYS
+
+
+def test_even_schedule_is_the_dp_control() -> None:
+    """Evenly spaced anchors (layer 0 counted) with the calibration's head maps: only the placement differs from
+    the DP's schedule at the same K."""
+    from kascade_lite.schedule import evenly_spaced
+
+    assert evenly_spaced(30, 6) == (0, 5, 10, 15, 20, 25) and evenly_spaced(30, 1) == (0,)
+    with pytest.raises(ValueError, match="num_anchors"):
+        evenly_spaced(6, 7)
+    calib = fake_calibration(4, layers=12)
+    even, dp = even_schedule(calib, 4), dp_schedule(calib, 4)
+    assert even.anchors == (0, 3, 6, 9) and even.method == "even" and len(dp.anchors) == 4
+    for layer, (kind, anchor) in enumerate(zip(even.layer_types, even.anchor_of)):
+        want = calib.head_map(anchor, layer) if kind == "reuse" else list(range(calib.num_kv_heads))
+        assert list(even.head_map[layer]) == want
+
+
+def test_shipped_greedy_schedule_is_evenly_spaced() -> None:
+    """On SmolLM2's calibration the greedy rule's threshold never fires: its schedule is the evenly spaced one
+    with six anchors (the finding chapter 06 states)."""
+    from kascade_lite.files import shipped_dir
+
+    path = shipped_dir() / "calibration" / "smollm2-135m-2k.safetensors"
+    if not path.is_file():
+        pytest.skip("no shipped calibration")
+    calib = Calibration.load(path)
+    greedy = Schedule.load(shipped_dir() / "schedules" / "smollm2-135m_greedy.json")
+    even = even_schedule(calib, 6)
+    assert (even.layer_types, even.anchor_of, even.head_map) == (greedy.layer_types, greedy.anchor_of,
+                                                                 greedy.head_map)

@@ -29,6 +29,8 @@ def test_choose_schedule_smoke(tmp_path: Path) -> None:
     for name in rows:
         sched = Schedule.load(tmp_path / "schedules" / f"smollm2-135m_{name}.json")
         assert list(sched.anchors) == rows[name]["anchors"]
+    assert (tmp_path / "schedules" / "smollm2-135m_even_k2.json").is_file()       # written, but not a candidate
+    assert not any(n.startswith(("even", "greedy_t")) for n in rows)
     cal = json.loads((tmp_path / "calibration" / "smollm2-135m-2k.json").read_text())
     assert cal["provenance"]["smoke"] is True and cal["settings"]["k_prev"] > 0
 
@@ -164,3 +166,33 @@ def test_choose_tidal_layer_smoke(tmp_path: Path) -> None:
         S.choose_tidal_layer(tmp_path, "test", smoke=True, cases=0, layers=[5, 3], resume=True)
     with pytest.raises(ValueError, match="not in"):
         S.choose_tidal_layer(tmp_path, "test", smoke=True, cases=1, layers=[2])
+
+
+def test_distinct_runs_each_schedule_once() -> None:
+    same = Schedule.from_anchors("test", 6, 3, [3], tile_size=32)
+    schedules = {"main": same, "dp_k2": same, "even_k2": Schedule.from_anchors("test", 6, 3, [2], tile_size=32)}
+    names = ["kascade", "kascade_tiles", "kascade+even_k2", "kascade+dp_k2", "kascade_tiles+dp_k2"]
+    assert S.distinct(names, schedules, "main") == {
+        "kascade": "kascade", "kascade_tiles": "kascade_tiles", "kascade+even_k2": "kascade+even_k2",
+        "kascade+dp_k2": "kascade", "kascade_tiles+dp_k2": "kascade_tiles"}
+
+
+def test_compare_spacing_smoke(tmp_path: Path) -> None:
+    """Evenly spaced anchors beside both DP objectives at smoke size: every row paired with dense on both
+    held-out haystacks, perplexity at every K, a repeated schedule run once and pointed to."""
+    doc = S.compare_spacing(tmp_path, "test", smoke=True)
+    assert json.loads((tmp_path / "schedule_spacing.json").read_text()) == json.loads(json.dumps(doc))
+    assert doc["provenance"]["smoke"] is True
+    rows = doc["rows"]
+    assert set(S.spacing_names(tuple(doc["settings"]["ppl_counts"]))) <= set(rows)
+    for name in S.spacing_names(tuple(doc["settings"]["ppl_counts"])):
+        row = rows[name]
+        assert row["ppl_delta_pct"] is not None and row["anchors"][0] == 0
+        assert len(row["anchors"]) == int(name[-1])
+        if row["same_as"] is not None:
+            assert rows[row["same_as"]]["anchors"] == row["anchors"]
+    for name in ["kascade_tiles", *S.spacing_names(tuple(doc["settings"]["needle_counts"]))]:
+        assert set(rows[name]["needles"]) == set(S.HAYSTACKS_HELD_OUT)
+        assert all(cell["n_cases"] == 2 for cell in rows[name]["needles"].values())
+    runs = json.loads((tmp_path / "spacing_heldout_noise.json").read_text())
+    assert runs["settings"]["seed"] == S.SELECTION_SEED
