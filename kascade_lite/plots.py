@@ -465,7 +465,7 @@ def anchor_spacing(rows: Mapping[str, Mapping[str, Any]], haystacks: Sequence[st
             cells = [(k, c) for k, c in cells if c["recall"] is not None]
             if not cells:
                 continue
-            xs = [k + 0.18 * (j - 1) for k, _ in cells]
+            xs = [k + 0.11 * (2 * j + h - 2.5) for k, _ in cells]        # families side by side, haystacks paired
             ys = [c["recall"] for _, c in cells]
             err = np.clip([[y - c["recall_ci95"][0] for y, (_, c) in zip(ys, cells)],
                            [c["recall_ci95"][1] - y for y, (_, c) in zip(ys, cells)]], 0, None)
@@ -473,7 +473,8 @@ def anchor_spacing(rows: Mapping[str, Mapping[str, Any]], haystacks: Sequence[st
                          mfc=line.get_color() if h == 0 else "white", label=label if h == 0 else None)
     ax1.set(xlabel="anchors K (layer 0 counted)", ylabel="held-out ppl increase (%)")
     ax1.legend(fontsize=8)
-    ax2.set(xlabel="anchors K", ylabel="recall of dense's needles", ylim=(-0.05, 1.05))
+    needle_ks = sorted({int(n.rsplit("_k", 1)[1]) for n, r in rows.items() if r.get("needles")})
+    ax2.set(xlabel="anchors K", ylabel="recall of dense's needles", ylim=(-0.05, 1.05), xticks=needle_ks)
     ax2.set_title("filled: " + HAYSTACK_LABELS.get(haystacks[0], haystacks[0]) + "; open: "
                   + HAYSTACK_LABELS.get(haystacks[-1], haystacks[-1]), fontsize=8)
     fig.tight_layout()

@@ -30,9 +30,15 @@ in both haystacks (the filler, and WikiText-2 validation paragraphs with varied 
 needles summed over both haystacks; a tie goes to the paper's default ``num_layers // 2`` if it is among the best,
 else to the earliest layer. The registry's ``tidal`` (`methods.tidal_reselect`) then runs the chosen layer.
 
+**Anchor spacing** (`compare_spacing`, chapter 06). The control of the schedule choice: evenly spaced anchors
+(`search.even_schedule`) beside the DP with both objectives at each K, on held-out data only (perplexity on the last
+validation windows at K = 2..8; needles with Kascade in prefill and decode at K = 4, 6, 8 on both held-out
+haystacks), with the chosen schedule in key tiles beside it in key positions (the granularity choice, re-validated
+on both haystacks).
+
 Each run rewrites its JSON after every measurement (atomically, with provenance). The scripts
-``benchmarks/select_schedule.py``, ``benchmarks/select_variant.py`` and ``benchmarks/select_tidal.py`` are their
-command lines.
+``benchmarks/select_schedule.py``, ``benchmarks/select_variant.py``, ``benchmarks/select_tidal.py``,
+``benchmarks/select_adaptive.py`` and ``benchmarks/bench_spacing.py`` are their command lines.
 """
 
 from __future__ import annotations
