@@ -23,7 +23,9 @@ the other files in ``data/``, so it can be rebuilt and compared):
 key vectors: reading one key is 1, its value another 1; dense reads :math:`2T` per layer). ``k`` is
 `kascade.keys_read` (own key plus the Top-k, in whole key tiles with ``granularity="tile"``); ``s`` the key sets per
 KV head: 1 when a selection is pooled over the GQA group (or all heads), ``G`` (query heads per KV head) when every
-query head keeps its own, counted as gathered (``s (k - 1) + 1`` keys: the sets' Top-k plus the own key once):
+query head keeps its own, counted as gathered (``s (k - 1) + 1`` keys: the sets' Top-k plus the own key once).
+Under a schedule with head budgets (`schedule.Schedule.head_budgets`) KV head ``h`` of layer ``l`` has its own ``k``
+(at the budget :math:`\min(1, \beta m_{l,h})`) and a layer reads the mean over its KV heads:
 
 =================  ===========================================  =====================================================
 layer              reads                                         who
