@@ -2,9 +2,10 @@
 budgets (diffuse heads more keys, peaked heads fewer, at the fixed budget's K/V read per decode step at 2048).
 
 A dense forward over the schedule choice's calibration set (the first ``--wiki`` WikiText-2 validation windows of
-2048 tokens and ``--prompts`` retrieval prompts of the calibration seed; 16 and 16 by default) measures, at every 64th query from position 512, how many
-keys each layer's KV head needs, in its source set's order, to hold 90 % of its group-pooled attention; the
-multipliers follow that need (`kascade_lite.head_budgets`). Full size on a 2-core CPU: a few minutes::
+2048 tokens and ``--prompts`` retrieval prompts of the calibration seed; 16 and 16 by default) measures, at every
+64th query from position 512, how many keys each layer's KV head needs, in its source set's order, to hold 90 % of
+its group-pooled attention; the multipliers follow that need (`kascade_lite.head_budgets`). About 30 s per sequence
+on a 2-core CPU::
 
     python benchmarks/head_budgets.py --out data/schedules     # writes smollm2-135m_greedy_hb.json
     python benchmarks/head_budgets.py --wiki 4 --prompts 4 --out data/schedules   # the shipped file's subset

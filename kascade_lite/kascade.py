@@ -367,9 +367,8 @@ def tile_topk(scores: jax.Array, start: jax.Array, kv_len: Any, *, q_tile: int, 
 
 def select(q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any, *, q_tile: int, unit: int, pool: Pool,
            budget: float | int | tuple[float, ...], min_keys: int, rolling: bool = False, block_q: int = 256,
-           block_k: int = 512,
-           sinks: int = 0, recent: int = 0, mass: float | None = None, own_key: jax.Array | None = None
-           ) -> Selection:
+           block_k: int = 512, sinks: int = 0, recent: int = 0, mass: float | None = None,
+           own_key: jax.Array | None = None) -> Selection:
     """Anchor scoring: exact post-softmax attention of each query tile, pooled, Top-k per row, never a ``[T, L]``
     tensor.
 
@@ -599,8 +598,8 @@ class KascadeAttention:
         with ``own_key`` when the query's key is not in ``k`` yet)."""
         q_tile = 1 if q.shape[1] == 1 else self.q_tile
         return select(q, k, q_offset, kv_len, q_tile=q_tile, unit=self.q_tile if self.granularity == "tile" else 1,
-                      pool=self.pool, budget=self.layer_budget(layer), min_keys=self.min_keys_value, rolling=self.rolling,
-                      sinks=self.sinks, recent=self.recent, mass=self.mass, own_key=own_key)
+                      pool=self.pool, budget=self.layer_budget(layer), min_keys=self.min_keys_value,
+                      rolling=self.rolling, sinks=self.sinks, recent=self.recent, mass=self.mass, own_key=own_key)
 
     def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
                  kv_len: jax.Array, carry: Any, new: tuple[jax.Array, jax.Array] | None = None
