@@ -155,6 +155,14 @@ def decode_rule_setting(name: str, schedules: dict[str, Schedule], main: str, **
     return dataclasses.replace(s, tile=1) if METHODS[base].decode_only else s
 
 
+def check_same_schedules(path: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """A resumed run may find new schedules (e.g. a schedule with head budgets written since), but the ones its
+    rows were measured with must be unchanged: ``ValueError`` naming them otherwise."""
+    changed = sorted(name for name in set(old) & set(new) if old[name] != new[name])
+    if changed:
+        raise ValueError(f"{path}: --resume found the schedules {changed} changed since the run that wrote it")
+
+
 def run_method_perplexity(out: Path, command: str, names: list[str], *, smoke: bool, split: str = "test",
                           windows: int = 2, seq_len: int = 2048, schedule_dir: Path | None = None,
                           resume: bool = False) -> dict[str, Any]:
@@ -178,7 +186,10 @@ def run_method_perplexity(out: Path, command: str, names: list[str], *, smoke: b
                     schedules={k: v.to_dict() for k, v in schedules.items()}, methods=descriptions(names),
                     rule="decode-only methods: query tiles of one token (each position selects as a decode step); "
                          "the others: their query tiles of 32")
-    log = ResultsLog(out, command, settings, smoke=smoke, resume=resume, free=("methods",))
+    if resume and out.is_file():
+        check_same_schedules(out, json.loads(out.read_text()).get("settings", {}).get("schedules", {}),
+                             json.loads(json.dumps(settings["schedules"])))
+    log = ResultsLog(out, command, settings, smoke=smoke, resume=resume, free=("methods", "schedules"))
     dense_ppl = None
     for name in names:
         base, sched_name, budget = parse(name)

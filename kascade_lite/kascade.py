@@ -8,7 +8,9 @@ always attended and count towards the budget, so Top-k picks :math:`n_{keep} - n
 before* the tile (`topk_count`; rounded up to whole key tiles with ``granularity="tile"``). Calibration
 (`calibrate.topk_keys`) uses the same rule. *Mass-targeted* selection (``mass=p``, our adaptive variant) keeps
 instead the fewest Top units whose pooled attention, with the own tile's, reaches the share ``p`` of the row's, no
-fewer than the floor and no more than :math:`n_{keep}`: the budget becomes a maximum.
+fewer than the floor and no more than :math:`n_{keep}`: the budget becomes a maximum. *Head budgets* (a schedule's
+``head_budgets``, our variant) give each KV head ``h`` of an anchor or dense layer ``l`` its own budget
+:math:`\beta\, m_{l,h}` (`head_budget_values`); the rule is the same with that budget, one row per head.
 
 **Selection** (anchor and dense layers). With the post-softmax attention :math:`P = \mathrm{softmax}(QK^\top/\sqrt d)`
 of every query head, pooled over the ``group`` query heads of each KV head ``h`` (``pool="group"``; ``"all"``: every
@@ -65,11 +67,16 @@ def check_budget(budget: float | int) -> None:
         raise ValueError(f"a fractional budget must be in (0, 1], got {budget}")
 
 
-def keys_kept(context: Any, budget: float | int = 0.1, min_keys: int = 128) -> Any:
+def keys_kept(context: Any, budget: float | int | jax.Array = 0.1, min_keys: int = 128) -> Any:
     """Keys a query tile attends in all, its own tile included: ``min(context, max(min_keys, ceil(budget * context)))``.
 
     ``context``: a Python int (returns an int) or an int array (returns int32 of its shape); ``budget``: a fraction
-    in (0, 1] or, as an int, a fixed count of keys."""
+    in (0, 1], as an int a fixed count of keys, or a float32 array of fractions (per-head budgets, e.g. ``[kv_heads,
+    1]``; checked by the caller) broadcast against ``context`` (returns int32 of the broadcast shape)."""
+    if isinstance(budget, jax.Array):
+        n = jnp.asarray(context, jnp.int32)
+        k = jnp.ceil(budget * n.astype(jnp.float32) - ROUNDING_SLACK).astype(jnp.int32)
+        return jnp.minimum(n, jnp.maximum(k, min_keys))
     check_budget(budget)
     if isinstance(context, int):
         k = budget if isinstance(budget, int) else math.ceil(budget * context - ROUNDING_SLACK)
@@ -78,6 +85,17 @@ def keys_kept(context: Any, budget: float | int = 0.1, min_keys: int = 128) -> A
     k = (jnp.full_like(n, budget) if isinstance(budget, int)
          else jnp.ceil(budget * n.astype(jnp.float32) - ROUNDING_SLACK).astype(jnp.int32))
     return jnp.minimum(n, jnp.maximum(k, min_keys))
+
+
+def head_budget_values(budget: float | int, multipliers: tuple[float, ...] | None) -> float | int | tuple[float, ...]:
+    """The budget of each KV head of a layer with head budgets: ``min(1, budget * m_h)`` per multiplier ``m_h``
+    (a tuple of fractions), or ``budget`` itself without multipliers. Head budgets scale a fractional budget only."""
+    if multipliers is None:
+        return budget
+    check_budget(budget)
+    if isinstance(budget, int):
+        raise ValueError(f"head budgets scale a fractional budget, got a key count {budget}")
+    return tuple(min(1.0, budget * float(m)) for m in multipliers)
 
 
 def topk_count(context: Any, own: Any, *, budget: float | int, min_keys: int, unit: int = 1) -> Any:
@@ -179,11 +197,13 @@ def mass_count(mass: jax.Array, need: jax.Array) -> jax.Array:
 
 
 def topk_units(scores: jax.Array, start: jax.Array, basis: jax.Array, own: jax.Array, *, k_max: int, unit: int,
-               budget: float | int, min_keys: int, need: jax.Array | None = None,
+               budget: float | int | jax.Array, min_keys: int, need: jax.Array | None = None,
                raw: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Top-k of one query tile: ``scores: [batch, kv_heads, sets, n_units]`` -> ``(idx, keep)`` each
     ``[batch, kv_heads, sets, k_max]``. Eligible units start before ``start`` (the tile's first query); the row keeps
-    ``topk_count(basis, own)`` of them (``own``: the tile's own keys), never more than the keys before ``start``.
+    ``topk_count(basis, own)`` of them (``own``: the tile's own keys), never more than the keys before ``start``;
+    ``budget`` may be a float32 ``[kv_heads, 1]`` array (head budgets: one budget per KV head, ``k_max`` covering
+    the largest).
     With ``need`` (``[batch, kv_heads, sets]``, mass-targeted selection) it keeps the fewest top units whose mass
     (``raw``: the scores before sinks and recent units were forced; default ``scores``) sums to ``need``
     (`mass_count`), at least the floor's ``min_keys - own`` keys and at most the budget's count.
@@ -326,7 +346,7 @@ def query_block_scores(qt: jax.Array, first: jax.Array, real: jax.Array, kp: jax
 
 
 def tile_topk(scores: jax.Array, start: jax.Array, kv_len: Any, *, q_tile: int, unit: int, k_max: int,
-              budget: float | int, min_keys: int, rolling: bool = False, sinks: int = 0,
+              budget: float | int | jax.Array, min_keys: int, rolling: bool = False, sinks: int = 0,
               recent: int = 0, mass: float | None = None) -> tuple[jax.Array, jax.Array]:
     """Top-k of the query tile starting at ``start``: pooled ``scores: [batch, kv_heads, sets, n_units]`` -> ``(idx,
     keep)`` each ``[batch, kv_heads, sets, k_max]`` (`topk_units`). The units holding the first ``sinks`` positions
@@ -346,9 +366,9 @@ def tile_topk(scores: jax.Array, start: jax.Array, kv_len: Any, *, q_tile: int, 
 
 
 def select(q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any, *, q_tile: int, unit: int, pool: Pool,
-           budget: float | int, min_keys: int, rolling: bool = False, block_q: int = 256, block_k: int = 512,
-           sinks: int = 0, recent: int = 0, mass: float | None = None, own_key: jax.Array | None = None
-           ) -> Selection:
+           budget: float | int | tuple[float, ...], min_keys: int, rolling: bool = False, block_q: int = 256,
+           block_k: int = 512, sinks: int = 0, recent: int = 0, mass: float | None = None,
+           own_key: jax.Array | None = None) -> Selection:
     """Anchor scoring: exact post-softmax attention of each query tile, pooled, Top-k per row, never a ``[T, L]``
     tensor.
 
@@ -367,7 +387,8 @@ def select(q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any, *, q_tile: in
     `Selection` with ``n_qtiles = ceil(T / q_tile)`` and a static ``k = ceil((keys_kept(L) - own) / unit)`` (at least 1), where ``own`` is the
     smallest own tile (the last one may be partial). A tile's own keys are its causal keys below ``kv_len``:
     ``q_tile`` of them, or fewer in a partial last tile. ``own_key`` (decode only, ``[batch, kv_heads, 1, d]``): the
-    query's own key, not yet written at position ``kv_len - 1`` of ``k``."""
+    query's own key, not yet written at position ``kv_len - 1`` of ``k``. ``budget`` as a tuple: one fraction per
+    KV head (head budgets, `head_budget_values`), ``k`` then covering the largest."""
     if own_key is not None and q.shape[1] != 1:
         raise ValueError(f"own_key is for a single-query decode step, got q{q.shape}")
     kv_heads, _ = check_qkv(q, k, k)
@@ -378,8 +399,16 @@ def select(q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any, *, q_tile: in
     bq = tpb * q_tile
     bk = key_block(length, unit, length if t == 1 else block_k)
     kp = pad_to_tiles(k, bk)
-    k_max = max(1, min(-(-length // unit), topk_count(length, own_min, budget=budget, min_keys=min_keys, unit=unit)))
-    rule = dict(q_tile=q_tile, unit=unit, k_max=k_max, budget=budget, min_keys=min_keys, rolling=rolling,
+    per_head = isinstance(budget, tuple)
+    if per_head:
+        if len(budget) != kv_heads:
+            raise ValueError(f"head budgets {budget} must hold one budget per KV head ({kv_heads})")
+        for b in budget:
+            check_budget(b)
+    widest = max(budget) if per_head else budget
+    k_max = max(1, min(-(-length // unit), topk_count(length, own_min, budget=widest, min_keys=min_keys, unit=unit)))
+    rows = jnp.asarray(budget, jnp.float32)[:, None] if per_head else budget   # [kv_heads, 1] against [b, h, sets]
+    rule = dict(q_tile=q_tile, unit=unit, k_max=k_max, budget=rows, min_keys=min_keys, rolling=rolling,
                 sinks=sinks, recent=recent, mass=mass)                 # the Top-k rule of every tile (`tile_topk`)
 
     def one_block(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -500,7 +529,9 @@ class KascadeAttention:
     ``recent`` latest key positions are always among an anchor's Top-k, inside the same budget (see `select`).
     ``mass`` (our adaptive variant, default off): each anchor row keeps the fewest keys that, with its own tile,
     hold that share of its pooled attention, at least ``min_keys`` and at most the budget's count; reuse layers
-    inherit those sets, so the keys read per step follow how peaked each head's attention is.
+    inherit those sets, so the keys read per step follow how peaked each head's attention is. A schedule with
+    ``head_budgets`` (our variant) gives KV head ``h`` of anchor or dense layer ``l`` the budget ``min(1, budget *
+    head_budgets[l][h])`` (a fractional budget only); reuse layers inherit those sets through the head map.
     """
 
     reads_new_separately: ClassVar[bool] = True  # `model.AttentionFn`: a decode step never copies the cache
@@ -534,6 +565,9 @@ class KascadeAttention:
         if self.tile_size is not None and self.tile_size <= 0:
             raise ValueError(f"tile_size must be positive, got {self.tile_size}")
         check_budget(self.budget_value)
+        if self.schedule.head_budgets is not None and isinstance(self.budget_value, int):
+            raise ValueError(f"schedule {self.schedule.method!r} has head budgets, which scale a fractional budget; "
+                             f"got a key count {self.budget_value}")
         if self.mass is not None and not 0 < self.mass <= 1:
             raise ValueError(f"mass must be a share in (0, 1], got {self.mass}")
 
@@ -552,14 +586,20 @@ class KascadeAttention:
         """The key floor in force: ``min_keys``, else the schedule's."""
         return self.schedule.min_keys if self.min_keys is None else self.min_keys
 
-    def selection(self, q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any,
+    def layer_budget(self, layer: int) -> float | int | tuple[float, ...]:
+        """The budget of anchor or dense layer ``layer``: the budget in force, or with the schedule's head budgets
+        one fraction per KV head (`head_budget_values`)."""
+        hb = self.schedule.head_budgets
+        return head_budget_values(self.budget_value, None if hb is None else hb[layer])
+
+    def selection(self, layer: int, q: jax.Array, k: jax.Array, q_offset: Any, kv_len: Any,
                   own_key: jax.Array | None = None) -> Selection:
-        """The Top-k of an anchor or dense layer for queries ``q: [batch, T, heads, d]`` (decode: ``T == 1``, with
-        ``own_key`` when the query's key is not in ``k`` yet)."""
+        """The Top-k of anchor or dense layer ``layer`` for queries ``q: [batch, T, heads, d]`` (decode: ``T == 1``,
+        with ``own_key`` when the query's key is not in ``k`` yet)."""
         q_tile = 1 if q.shape[1] == 1 else self.q_tile
         return select(q, k, q_offset, kv_len, q_tile=q_tile, unit=self.q_tile if self.granularity == "tile" else 1,
-                      pool=self.pool, budget=self.budget_value, min_keys=self.min_keys_value, rolling=self.rolling,
-                      sinks=self.sinks, recent=self.recent, mass=self.mass, own_key=own_key)
+                      pool=self.pool, budget=self.layer_budget(layer), min_keys=self.min_keys_value,
+                      rolling=self.rolling, sinks=self.sinks, recent=self.recent, mass=self.mass, own_key=own_key)
 
     def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array,
                  kv_len: jax.Array, carry: Any, new: tuple[jax.Array, jax.Array] | None = None
@@ -579,7 +619,7 @@ class KascadeAttention:
             if self.remap:
                 sel = sel.remap(self.schedule.head_map[layer])
             return attend(q, k, v, sel, q_offset, kv_len, own=own), carry
-        carry[layer] = sel = self.selection(q, k, q_offset, kv_len, None if own is None else own[0])
+        carry[layer] = sel = self.selection(layer, q, k, q_offset, kv_len, None if own is None else own[0])
         if kind == "dense" or self.anchor_dense:
             if own is not None:
                 return gqa_attention_with_new(q, k, v, *own, q_offset=q_offset), carry

@@ -59,10 +59,12 @@ per query (as a decode step selects) and per query tile of 32, reuse under the e
 chose and under the DP's at the same K (key tiles: ``accuracy_ppl.json``)."""
 ADAPTIVE = ("kascade_decode@0.1,kascade_decode@0.2,kascade_decode@0.3,kascade_mass90_decode@0.3,"
             "kascade_mass95_decode@0.3,kascade_mass98_decode@0.5,kascade_decode+dpimp_k8@0.1,pooled_decode@0.1,"
-            "kascade_decode+greedy_t90@0.1,kascade_decode+greedy_t90@0.2")
+            "kascade_decode+greedy_t90@0.1,kascade_decode+greedy_t90@0.2,kascade_decode+greedy_hb@0.1,"
+            "kascade_decode+greedy_hb@0.2")
 """Chapter 07's budget rules, all with dense prefill: the paper's Kascade at fixed budgets, our mass-targeted
-variant at three shares, 8 anchors (the DP's), every layer its own pooled anchor, and coverage-triggered refresh
-(the greedy rule at a threshold that fires, `search.REFRESH_THRESHOLDS`). Chosen among on held-out data
+variant at three shares, 8 anchors (the DP's), every layer its own pooled anchor, coverage-triggered refresh
+(the greedy rule at a threshold that fires, `search.REFRESH_THRESHOLDS`) and per-(layer, KV head) budgets from
+calibration (the greedy schedule with head budgets, `head_budgets`). Chosen among on held-out data
 (`selection.choose_adaptive`), then measured on the published cases and test windows."""
 ADAPTIVE_CASES = "2048:16,4096:8,8192:4"
 """Needle cases per length of the budget-rule runs, held-out and published alike (each haystack)."""
@@ -124,6 +126,9 @@ BENCHMARKS: dict[str, Benchmark] = {
                               "--out", "{data}/accuracy_ppl_ladder.json"),
         ("ppl-methods", "--smoke", "--methods", LADDER, "--out", "{data}/accuracy_ppl_ladder.json"),
         ("accuracy_ppl_ladder.json",), reads_schedules=True, modules=ACCURACY),
+    "head-budgets": Benchmark("head_budgets.py", ("--out", "{data}/schedules"),
+                              ("--smoke", "--out", "{data}/schedules"), ("schedules/smollm2-135m_greedy_hb.json",),
+                              reads_schedules=True, modules=("head_budgets", "selection", "tradeoff", "schedule")),
     "adaptive-selection": Benchmark(
         "select_adaptive.py", ("--cases", ADAPTIVE_CASES, "--out", "{data}"), ("--smoke", "--out", "{data}"),
         ("variant_selection_adaptive.json", "adaptive_heldout_noise.json", "adaptive_heldout_wikitext-valid.json",

@@ -8,6 +8,11 @@ A schedule is one validated JSON file::
      "head_map": [[0, 1, 2], [2, 0, 1], ...],               # [layers][kv_heads] -> KV head of anchor_of[layer]
      "tile_size": 32, "budget": 0.1, "min_keys": 128, "method": "dp", "meta": {...}}
 
+An optional ``"head_budgets"`` (``[layers][kv_heads]`` positive multipliers of the budget, our variant) gives the
+key set KV head ``h`` of anchor or dense layer ``l`` selects the budget ``budget * head_budgets[l][h]``; a reuse
+layer's row repeats what it inherits (``head_budgets[anchor_of[l]][head_map[l][h]]``), so row ``l`` is what layer
+``l`` reads. Files without it load as before (``None``) and are written back unchanged.
+
 This module holds the value type only (`Schedule`: construction, validation, JSON) and `default_schedule`, the
 evenly spaced plan used when no calibration is at hand; it sits below `kascade` (which runs a schedule). Choosing the
 anchors from a calibration (Kascade's DP, the greedy rule) is `kascade_lite.search`.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +53,7 @@ class Schedule:
     method: str = "manual"
     meta: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
     version: int = SCHEDULE_VERSION
+    head_budgets: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -113,6 +120,26 @@ class Schedule:
             raise bad(f"budget={self.budget} must be a fraction in (0, 1]")
         if self.min_keys < 0:
             raise bad(f"min_keys={self.min_keys} must be >= 0")
+        if self.head_budgets is not None:
+            self.validate_head_budgets(bad)
+
+    def validate_head_budgets(self, bad: Any) -> None:
+        """``head_budgets``: ``[num_layers][num_kv_heads]`` finite positive multipliers, each reuse row the one it
+        inherits through the head map. ``bad`` makes the error."""
+        hb = self.head_budgets
+        if len(hb) != self.num_layers or any(len(row) != self.num_kv_heads for row in hb):
+            raise bad(f"head_budgets must be [num_layers={self.num_layers}][num_kv_heads={self.num_kv_heads}], got "
+                      f"{len(hb)} rows of lengths {sorted({len(row) for row in hb})}")
+        for layer, row in enumerate(hb):
+            if any(isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m <= 0
+                   for m in row):
+                raise bad(f"head_budgets[{layer}]={list(row)} must be finite positive multipliers")
+            if self.layer_types[layer] == "reuse":
+                inherited = [hb[self.anchor_of[layer]][h] for h in self.head_map[layer]]
+                if list(row) != inherited:
+                    raise bad(f"head_budgets[{layer}]={list(row)} of a reuse layer must repeat what it inherits "
+                              f"through head_map[{layer}]={list(self.head_map[layer])} from layer "
+                              f"{self.anchor_of[layer]}: {inherited}")
 
     # ----------------------------------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:
@@ -120,6 +147,10 @@ class Schedule:
         d["layer_types"], d["anchor_of"] = list(self.layer_types), list(self.anchor_of)
         d["head_map"] = [list(r) for r in self.head_map]
         d["meta"] = dict(self.meta)
+        if self.head_budgets is None:
+            del d["head_budgets"]                       # files without head budgets stay as they were
+        else:
+            d["head_budgets"] = [list(r) for r in self.head_budgets]
         return d
 
     @classmethod
@@ -134,6 +165,11 @@ class Schedule:
         d["anchor_of"] = tuple(int(a) for a in d["anchor_of"])
         d["head_map"] = tuple(tuple(int(h) for h in row) for row in d["head_map"])
         d["meta"] = tuple(sorted(dict(d.get("meta") or {}).items()))
+        if d.get("head_budgets") is not None:
+            try:
+                d["head_budgets"] = tuple(tuple(float(m) for m in row) for row in d["head_budgets"])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{source}: head_budgets must be [layers][kv_heads] numbers ({e})") from e
         try:
             return cls(**d)
         except (TypeError, ValueError) as e:

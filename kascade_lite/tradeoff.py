@@ -23,7 +23,9 @@ the other files in ``data/``, so it can be rebuilt and compared):
 key vectors: reading one key is 1, its value another 1; dense reads :math:`2T` per layer). ``k`` is
 `kascade.keys_read` (own key plus the Top-k, in whole key tiles with ``granularity="tile"``); ``s`` the key sets per
 KV head: 1 when a selection is pooled over the GQA group (or all heads), ``G`` (query heads per KV head) when every
-query head keeps its own, counted as gathered (``s (k - 1) + 1`` keys: the sets' Top-k plus the own key once):
+query head keeps its own, counted as gathered (``s (k - 1) + 1`` keys: the sets' Top-k plus the own key once).
+Under a schedule with head budgets (`schedule.Schedule.head_budgets`) KV head ``h`` of layer ``l`` has its own ``k``
+(at the budget :math:`\min(1, \beta m_{l,h})`) and a layer reads the mean over its KV heads:
 
 =================  ===========================================  =====================================================
 layer              reads                                         who
@@ -66,7 +68,7 @@ from .baselines import QuestAttention, TidalDecode, quest_pages
 from .config import SMOLLM2_135M, LlamaConfig
 from .cost import scaled_anchors, step_weight_bytes
 from .files import is_smoke, provenance, record_provenance, write_json_atomic
-from .kascade import keys_read
+from .kascade import head_budget_values, keys_read
 from .methods import METHODS, tidal_reselect
 from .schedule import Schedule
 from .tasks import mcnemar_p, paired_outcomes, wilson_interval
@@ -171,14 +173,25 @@ def layer_reads(kind: str, sets: int, context: int, keys: int, *, group: int, pa
 
 def decode_reads(method: str, context: int, *, budget: float, granularity: str = "position",
                  schedule: Schedule | None = None, cfg: LlamaConfig = SMOLLM2_135M, tile: int = 32,
-                 min_keys: int = MIN_KEYS) -> list[int]:
+                 min_keys: int = MIN_KEYS) -> list[int] | list[float]:
     """Key vectors each layer of ``method`` reads per KV head in one decode step at ``context`` keys (the rule of
-    the module docstring): ``[num_layers]`` ints."""
+    the module docstring): ``[num_layers]`` ints. A schedule with head budgets (`schedule.Schedule.head_budgets`)
+    gives each KV head of a Kascade layer its own ``k``: the layer's reads are then the mean over its KV heads
+    (floats)."""
     group = cfg.num_heads // cfg.num_kv_heads
-    keys = keys_read(context, phase="decode", granularity=granularity, tile=tile, budget=budget, min_keys=min_keys)
     page = QuestAttention().page_size
-    return [layer_reads(kind, sets, context, keys, group=group, page=page, budget=budget, min_keys=min_keys)
-            for kind, sets in decode_layer_plan(method, cfg.num_layers, schedule, group=group)]
+    plan = decode_layer_plan(method, cfg.num_layers, schedule, group=group)
+
+    def reads(kind: str, sets: int, b: float) -> int:
+        keys = keys_read(context, phase="decode", granularity=granularity, tile=tile, budget=b, min_keys=min_keys)
+        return layer_reads(kind, sets, context, keys, group=group, page=page, budget=b, min_keys=min_keys)
+
+    if not (uses_schedule(method) and schedule.head_budgets is not None):
+        return [reads(kind, sets, budget) for kind, sets in plan]
+    rows = [schedule.head_budgets[schedule.anchor_of[layer]] if method == "kascade_no_remap" else row
+            for layer, row in enumerate(schedule.head_budgets)]         # without the head map, head h reads h
+    return [float(np.mean([reads(kind, sets, b) for b in head_budget_values(budget, tuple(row))]))
+            for (kind, sets), row in zip(plan, rows)]
 
 
 def kv_read_share(method: str, context: int, *, budget: float, granularity: str = "position",

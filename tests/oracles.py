@@ -62,17 +62,19 @@ def brute_topk(scores: np.ndarray, q_len: int, q_offset: int, kv_len: int, *, q_
     """Chosen units, bool ``[batch, kv_heads, sets, n_qtiles, n_units]``, one sorted row at a time: the eligible
     `forced_units` first, then the rest, each by descending score. With ``mass``: the shortest prefix of that order
     whose scores, plus the scores outside the eligible units (the own tile), reach ``mass`` of the row's total,
-    lengthened to the floor's ``min(basis, min_keys)`` keys and cut to the budget's count."""
+    lengthened to the floor's ``min(basis, min_keys)`` keys and cut to the budget's count. ``budget`` as a tuple:
+    one budget per KV head (head budgets), each head's rows counted with its own."""
     scores = np.asarray(scores, np.float64)
     chosen = np.zeros(scores.shape, bool)
     starts = np.asarray(tile_starts(q_len, q_tile, q_offset))
-    counts = np.asarray(units_to_keep(jnp.asarray(starts), q_tile, unit, kv_len, budget=budget, min_keys=min_keys,
-                                      rolling=rolling))
+    per_head = budget if isinstance(budget, tuple) else (budget,) * scores.shape[1]
+    counts = [np.asarray(units_to_keep(jnp.asarray(starts), q_tile, unit, kv_len, budget=b, min_keys=min_keys,
+                                       rolling=rolling)) for b in per_head]
     forced = [forced_units(scores.shape[-1], int(start), unit, sinks, recent) for start in starts]
     for b, h, s, t in np.ndindex(*scores.shape[:4]):
         eligible = np.flatnonzero(np.arange(scores.shape[-1]) * unit < starts[t])
         order = np.lexsort((-scores[b, h, s, t, eligible], ~forced[t][eligible]))   # forced first, then by score
-        count = counts[t]
+        count = counts[h][t]
         if mass is not None:
             row = scores[b, h, s, t]
             own_mass = row.sum() - row[eligible].sum()

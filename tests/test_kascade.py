@@ -147,6 +147,77 @@ def test_mass_one_at_full_budget_is_dense(rng) -> None:
         np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5)
 
 
+# ------------------------------------------------------------------------------------------------ head budgets
+def with_head_budgets(sched: Schedule, sets) -> Schedule:
+    """``sched`` with multipliers ``sets[layer][head]`` on its anchor and dense rows, reuse rows inherited."""
+    rows = [tuple(sets[a][h] for h in (range(KV_HEADS) if t != "reuse" else hm))
+            for t, a, hm in zip(sched.layer_types, sched.anchor_of, sched.head_map)]
+    return dataclasses.replace(sched, head_budgets=tuple(rows))
+
+
+@pytest.mark.parametrize("q_len,past,q_tile,granularity,pool,mass,blocks", [
+    (1, 60, 1, "position", "group", None, (256, 512)),          # a decode step
+    (1, 60, 1, "tile", "head", 0.8, (256, 512)),
+    (37, 20, 4, "position", "group", None, (8, 16)),            # prefill, several query and key blocks
+    (37, 20, 4, "tile", "all", None, (8, 16)),
+])
+def test_head_budget_selection_is_the_brute_force_rule(rng, q_len, past, q_tile, granularity, pool, mass,
+                                                        blocks) -> None:
+    """A per-KV-head budget: each head's rows keep that head's count (`oracles.brute_topk` with a budget tuple)."""
+    q, k, _ = qkv(rng, q_len, past + q_len + 3)
+    unit = q_tile if granularity == "tile" else 1
+    budgets = (0.05, 0.3, 0.6)
+    kw = dict(q_tile=q_tile, unit=unit, budget=budgets, min_keys=6, mass=mass)
+    sel = select(q, k, past, past + q_len, pool=pool, block_q=blocks[0], block_k=blocks[1], **kw)
+    scores = np.asarray(unit_scores(q, k, past, past + q_len, q_tile=q_tile, unit=unit, pool=pool))
+    got = chosen_units(sel, scores.shape[-1])
+    np.testing.assert_array_equal(got, brute_topk(scores, q_len, past, past + q_len, **kw))
+    kept = got.sum(axis=(0, 2, 3, 4))
+    assert kept[0] < kept[1] < kept[2]                                    # more budget, more keys
+    with pytest.raises(ValueError, match="one budget per KV head"):
+        select(q, k, past, past + q_len, pool=pool, **dict(kw, budget=(0.1, 0.2)))
+
+
+def test_head_budgets_of_one_are_the_plain_rule_and_full_budget_is_dense(rng) -> None:
+    """Multipliers all 1 give the plain policy bit for bit (prefill and decode); at budget 1 every head is dense."""
+    base = schedule(num_layers=5, anchors=(2,), head_map=[[0, 1, 2], [2, 2, 0], [0, 1, 2], [1, 0, 0], [2, 2, 2]],
+                    tile_size=4, budget=0.25, min_keys=2)
+    ones = with_head_budgets(base, [[1.0] * KV_HEADS] * 5)
+    for q_len, past in ((12, 28), (1, 39)):
+        q, k, v = qkv(rng, q_len, 40)
+        (plain, pc), (hb, hc) = (run_layers(KascadeAttention(s), q, k, v, past, past + q_len, 5) for s in (base, ones))
+        for a, b in zip(plain, hb):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        for layer in pc:
+            np.testing.assert_array_equal(np.asarray(pc[layer].idx), np.asarray(hc[layer].idx))
+            np.testing.assert_array_equal(np.asarray(pc[layer].keep), np.asarray(hc[layer].keep))
+    full = with_head_budgets(dataclasses.replace(base, budget=1.0, min_keys=0), [[1.0, 2.0, 3.0]] * 5)
+    q, k, v = qkv(rng, 12, 40)
+    outs, _ = run_layers(KascadeAttention(full), q, k, v, 28, 40, 5)   # every head's budget clipped to all keys
+    dense = gqa_attention(q, k, v, q_offset=28, kv_len=40)
+    for out in outs:
+        np.testing.assert_allclose(np.asarray(out), np.asarray(dense), atol=1e-5)
+
+
+def test_anchor_heads_keep_their_own_budgets_and_reuse_inherits(rng) -> None:
+    """With head budgets each anchor KV head keeps ``min(1, budget * m)`` of the keys (`select` with a budget
+    tuple); a reuse layer's head reads its source head's set through the head map."""
+    sched = with_head_budgets(schedule(num_layers=4, anchors=(2,), head_map=[[0, 1, 2]] * 3 + [[2, 2, 0]],
+                                       tile_size=1, budget=0.2, min_keys=2), [[1.0] * 3, [1.0] * 3,
+                                                                             [0.25, 1.0, 4.0], [1.0] * 3])
+    q, k, _ = qkv(rng, 1, 100)
+    policy = KascadeAttention(sched)
+    _, carry = run_layers(policy, q, k, k, 99, 100, 4)
+    want = select(q, k, 99, 100, q_tile=1, unit=1, pool="group", budget=(0.05, 0.2, 0.8), min_keys=2)
+    np.testing.assert_array_equal(np.asarray(carry[2].keep), np.asarray(want.keep))
+    kept = np.asarray(carry[2].keep).sum(-1)[0, :, 0, 0] + 1              # with the query's own key
+    assert kept.tolist() == [keys_kept(100, b, 2) for b in (0.05, 0.2, 0.8)]
+    assert policy.layer_budget(2) == (0.05, 0.2, 0.8) and policy.layer_budget(1) == (0.2, 0.2, 0.2)
+    assert KascadeAttention(dataclasses.replace(sched, budget=0.5)).layer_budget(2) == (0.125, 0.5, 1.0)  # clipped
+    with pytest.raises(ValueError, match="fractional budget"):
+        KascadeAttention(sched, budget=16)
+
+
 # ------------------------------------------------------------------------------------------------ selection
 @pytest.mark.slow
 @settings(max_examples=12, phases=NO_SHRINK)

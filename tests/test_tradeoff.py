@@ -3,6 +3,7 @@ synthetic files (two haystacks, a stale and a fresh rerun), and the shipped data
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from kascade_lite.baselines import (QuestAttention, SinkWindowAttention, TidalDe
 from kascade_lite.config import SMOLLM2_135M
 from kascade_lite.cost import attention_cost
 from kascade_lite.files import load_results, results_file
-from kascade_lite.kascade import KascadeAttention, Selection, select
+from kascade_lite.kascade import KascadeAttention, Selection, keys_read, select
 from kascade_lite.schedule import Schedule
 from kascade_lite.tasks import mcnemar_p, wilson_interval
 
@@ -300,3 +301,32 @@ def test_measured_read_share_of_a_fixed_budget_is_the_rule(granularity: str) -> 
                            tile=16, min_keys=16)
     assert shares["fixed"] == pytest.approx(rule, rel=1e-9)
     assert shares["floor"] <= shares["mass"] <= shares["fixed"]
+
+
+def test_measured_read_share_of_head_budgets_is_the_rule() -> None:
+    """One real decode step of Kascade under a schedule with head budgets: the keys its selections kept (each anchor
+    KV head its own count, reuse layers through a head map that is not a permutation) give `kv_read_share`'s
+    number, and the rule's per-layer reads are the mean over the heads' counts."""
+    from kascade_lite.model import KVCache, forward
+    from kascade_lite.models import smollm2_or_tiny
+
+    model = smollm2_or_tiny(True, num_layers=6)
+    plain = Schedule.from_anchors("test", 6, model.cfg.num_kv_heads, [2, 4], head_map=[[0, 1, 2], [2, 2, 0]] * 3,
+                                  tile_size=16, budget=0.2, min_keys=16)
+    sets = {0: (0.5, 1.0, 2.5), 2: (0.25, 1.5, 1.0), 4: (3.0, 0.75, 1.0)}
+    rows = tuple(sets[a] if t != "reuse" else tuple(sets[a][h] for h in hm)
+                 for t, a, hm in zip(plain.layer_types, plain.anchor_of, plain.head_map))
+    sched = dataclasses.replace(plain, head_budgets=rows)
+    prompt = jnp.asarray(np.random.default_rng(0).integers(0, model.cfg.vocab_size, (1, 300)), jnp.int32)
+    cache = KVCache.empty(model.cfg, 1, 320, model.dtype)
+    logits, cache, _ = forward(model, prompt, cache, last_only=True)
+    token = jnp.argmax(logits[:, -1], axis=-1)[:, None].astype(jnp.int32)
+    _, _, carry = forward(model, token, cache.copy(), KascadeAttention(sched))
+    kw = dict(budget=0.2, schedule=sched, cfg=model.cfg, tile=16, min_keys=16)
+    rule = T.kv_read_share("kascade", 301, **kw)
+    assert T.selection_read_share(carry, sched, 301) == pytest.approx(rule, rel=1e-9)
+    assert rule != T.kv_read_share("kascade", 301, **dict(kw, schedule=plain))
+    reads = T.decode_reads("kascade", 301, **kw)
+    keys = [keys_read(301, phase="decode", granularity="position", tile=16, budget=min(1.0, 0.2 * m), min_keys=16)
+            for m in rows[1]]                                                  # layer 1 reuses [2.5, 2.5, 0.5]
+    assert reads[1] == pytest.approx(np.mean([2 * k for k in keys]))
