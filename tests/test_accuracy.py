@@ -70,6 +70,14 @@ def test_perplexity_smoke_run_and_resume(tmp_path: Path) -> None:
     assert again["results"] == rows
     with pytest.raises(ValueError, match="same settings"):
         A.run_perplexity(out, "test", smoke=True, resume=True, batch_size=1)
+    stored = json.loads(out.read_text())
+    (name, sched), = stored["settings"]["schedules"].items()
+    out.write_text(json.dumps({**stored, "settings": {**stored["settings"], "schedules": {}}}))
+    assert A.run_perplexity(out, "test", smoke=True, resume=True)["results"] == rows     # a schedule written since
+    changed = {name: {**sched, "budget": sched["budget"] / 2}}
+    out.write_text(json.dumps({**stored, "settings": {**stored["settings"], "schedules": changed}}))
+    with pytest.raises(ValueError, match=rf"--resume found the schedules \['{name}'\] changed"):
+        A.run_perplexity(out, "test", smoke=True, resume=True)
 
 
 def test_parse_options() -> None:
