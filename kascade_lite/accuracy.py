@@ -99,20 +99,12 @@ def perplexity_configs(schedules: dict[str, Schedule], main: str, lengths: list[
     return [c for tier in tiers for c in tier]
 
 
-def check_same_schedules(path: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
-    """A resumed run may find new schedules (e.g. a schedule with head budgets written since), but the ones its
-    rows were measured with must be unchanged: ``ValueError`` naming them otherwise."""
-    changed = sorted(name for name in set(old) & set(new) if old[name] != new[name])
-    if changed:
-        raise ValueError(f"{path}: --resume found the schedules {changed} changed since the run that wrote it")
-
-
 def run_perplexity(out: Path, command: str, *, smoke: bool, windows_512: int = 8, windows_2048: int = 2,
                    batch_size: int = 2, schedule_dir: Path | None = None, time_budget: float = 1200,
                    resume: bool = False, note: str | None = None, redo: tuple[str, ...] = ()) -> dict[str, Any]:
     """Measure `perplexity_configs` into ``out`` (``accuracy_ppl.json``); smoke: a tiny random model, 128-token
     windows, the first four dense / Kascade / Quest rows. A resumed run may find schedule files written since (their
-    rows are then measured), never changed ones (`check_same_schedules`). Returns the document."""
+    rows are then measured), never changed ones (`files.ResultsLog`'s ``grow``). Returns the document."""
     model = smollm2_or_tiny(smoke)
     schedules = kascade_schedules(model, schedule_dir)
     main = main_schedule(schedules)
@@ -129,11 +121,8 @@ def run_perplexity(out: Path, command: str, *, smoke: bool, windows_512: int = 8
                     main_schedule=main, schedules={k: v.to_dict() for k, v in schedules.items()},
                     methods=descriptions(dict.fromkeys(c["method"] for c in perplexity_configs(schedules, main,
                                                                                                 list(lengths)))))
-    if resume and out.is_file():
-        check_same_schedules(out, json.loads(out.read_text()).get("settings", {}).get("schedules", {}),
-                             json.loads(json.dumps(settings["schedules"])))
     log = ResultsLog(out, command, settings, smoke=smoke, time_budget=time_budget, resume=resume, redo=redo,
-                     why=note, free=("schedules",))
+                     why=note, grow=("schedules",))
     log.note(note)
     dense_ppl: dict[int, float] = {}
     for cfg in configs:
@@ -190,10 +179,7 @@ def run_method_perplexity(out: Path, command: str, names: list[str], *, smoke: b
                     schedules={k: v.to_dict() for k, v in schedules.items()}, methods=descriptions(names),
                     rule="decode-only methods: query tiles of one token (each position selects as a decode step); "
                          "the others: their query tiles of 32")
-    if resume and out.is_file():
-        check_same_schedules(out, json.loads(out.read_text()).get("settings", {}).get("schedules", {}),
-                             json.loads(json.dumps(settings["schedules"])))
-    log = ResultsLog(out, command, settings, smoke=smoke, resume=resume, free=("methods", "schedules"))
+    log = ResultsLog(out, command, settings, smoke=smoke, resume=resume, free=("methods",), grow=("schedules",))
     dense_ppl = None
     for name in names:
         base, sched_name, budget = parse(name)

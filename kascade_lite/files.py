@@ -105,14 +105,17 @@ class ResultsLog:
     last two, e.g. ``{"variants": {}}``); every `add` (or `save`) rewrites it atomically with the elapsed seconds.
     A row is keyed by its settings: `done` finds the earlier row whose fields include the given ones. ``resume``
     keeps an earlier file's rows if its ``settings`` equal these (but for the ``free`` keys, mappings that are
-    merged, e.g. more cases or methods) and records this run's provenance in its ``resumed_by`` list. ``redo``
+    merged, e.g. more cases or methods, and the ``grow`` keys, mappings that may gain entries but whose shared
+    entries must be unchanged, e.g. schedule files written since) and records this run's provenance in its
+    ``resumed_by`` list. ``redo``
     (with ``resume``): methods whose earlier rows are dropped and measured again, e.g. after a fix of that method
     (their descriptions in ``settings["methods"]`` may change), with ``why`` in the notes.
     ``time_budget`` seconds (0: none) after the start, `out_of_time` turns True."""
 
     def __init__(self, path: str | os.PathLike, command: str, settings: dict[str, Any], *, smoke: bool,
                  time_budget: float = 0, resume: bool = False, free: tuple[str, ...] = (),
-                 fields: dict[str, Any] | None = None, redo: tuple[str, ...] = (), why: str | None = None):
+                 grow: tuple[str, ...] = (), fields: dict[str, Any] | None = None, redo: tuple[str, ...] = (),
+                 why: str | None = None):
         self.path, self.start, self.time_budget = Path(path), time.monotonic(), time_budget
         self.doc: dict[str, Any] = {"provenance": provenance(command, smoke=smoke), "settings": settings,
                                     **({"results": [], "skipped": []} if fields is None else fields)}
@@ -121,17 +124,23 @@ class ResultsLog:
         if resume and self.path.is_file():
             old = json.loads(self.path.read_text())
             new = json.loads(json.dumps(settings))
+            for key in grow:
+                before = old.get("settings", {}).get(key, {})
+                changed = sorted(n for n in set(before) & set(new[key]) if before[n] != new[key][n])
+                if changed:
+                    raise ValueError(f"{self.path}: --resume found the {key} {changed} changed since the run that "
+                                     f"wrote it")
 
             def fixed(d: dict[str, Any]) -> dict[str, Any]:
-                kept = {k: v for k, v in d.items() if k not in free}
+                kept = {k: v for k, v in d.items() if k not in free + grow}
                 if isinstance(kept.get("methods"), dict):
                     kept["methods"] = {m: t for m, t in kept["methods"].items() if m not in redo}
                 return kept
 
             if fixed(old.get("settings", {})) != fixed(new):
                 raise ValueError(f"{self.path}: --resume needs the same settings as the run that wrote it")
-            for key in free:
-                old["settings"][key] = {**old["settings"][key], **new[key]}
+            for key in free + grow:
+                old["settings"][key] = {**old["settings"].get(key, {}), **new[key]}
             if isinstance(new.get("methods"), dict):
                 old["settings"]["methods"].update({m: new["methods"][m] for m in redo if m in new["methods"]})
             old["resumed_by"] = old.get("resumed_by", []) + [self.doc["provenance"]]

@@ -97,3 +97,23 @@ def test_provenance_records_list_every_shipped_result_with_its_continuations(tmp
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="bad.json"):
         files.provenance_records(tmp_path)
+
+
+def test_resume_accepts_new_schedules_but_not_changed_ones(tmp_path: Path) -> None:
+    """A schedule written since the run (e.g. one with head budgets) may join on resume (``grow``); a changed one
+    may not, and the other settings must still match."""
+    path = tmp_path / "x.json"
+    old = {"a": {"budget": 0.1}, "b": {"budget": 0.1}}
+    files.ResultsLog(path, "test", {"n": 1, "schedules": old}, smoke=True).save()
+
+    def resume(schedules: dict, n: int = 1) -> files.ResultsLog:
+        return files.ResultsLog(path, "test", {"n": n, "schedules": schedules}, smoke=True, resume=True,
+                                grow=("schedules",))
+
+    grown = {**old, "c_hb": {"budget": 0.1}}
+    assert resume(grown).doc["settings"]["schedules"] == grown                          # no error
+    with pytest.raises(ValueError, match=r"x.json: --resume found the schedules \['b'\] changed"):
+        resume({**old, "b": {"budget": 0.2}})
+    with pytest.raises(ValueError, match="same settings"):
+        resume(old, n=2)
+
