@@ -200,6 +200,13 @@ def run_method_perplexity(out: Path, command: str, names: list[str], *, smoke: b
     return log.doc
 
 
+def result_name(row: dict[str, Any], main: str, *, budget: bool = False) -> str:
+    """The registry name (``method[+schedule][@budget]``, `methods.parse`) of a perplexity result row of
+    `run_method_perplexity`: the main schedule left out, the budget only with ``budget``."""
+    name = row["method"] + ("" if row["schedule"] in (None, main) else f"+{row['schedule']}")
+    return name + (f"@{row['budget']:g}" if budget else "")
+
+
 # ------------------------------------------------------------------------------------------------ retrieval
 def read_rule(schedule: Schedule) -> Any:
     """``f(carry, context)``: the measured K/V read share of one decode step under ``schedule``

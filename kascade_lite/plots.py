@@ -546,7 +546,8 @@ TRADEOFF_FAMILIES = {
     "kascade": "Kascade", "kascade_sw": "Kascade + sinks/window", "kascade_decode": "Kascade, dense prefill",
     "kascade_no_remap": "ablations, OmniKV", "all_heads_pooled": "ablations, OmniKV", "omnikv": "ablations, OmniKV",
     "oracle": "oracle, pooled oracle", "oracle_decode": "oracle, pooled oracle",
-    "pooled": "oracle, pooled oracle", "pooled_decode": "oracle, pooled oracle", "quest": "baselines", "tidal": "baselines", "sink_window": "baselines",
+    "pooled": "oracle, pooled oracle", "pooled_decode": "oracle, pooled oracle", "quest": "baselines",
+    "tidal": "baselines", "sink_window": "baselines",
     **{f"kascade_mass{p}{mode}": "ours: mass-targeted" for p in (80, 90, 95, 98) for mode in ("", "_decode")},
 }
 """Colour groups of `tradeoff_frontier` by method (others: "other")."""

@@ -62,7 +62,7 @@ from .models import smollm2_or_tiny
 from .schedule import SMOKE_MIN_KEYS, Schedule, default_schedule
 from .search import OBJECTIVES, write_schedules
 from .tasks import RetrievalMethod, answer_case, make_cases, mcnemar_p, paired_outcomes
-from .accuracy import kascade_schedules, main_schedule, run_method_perplexity, run_retrieval
+from .accuracy import kascade_schedules, main_schedule, result_name, run_method_perplexity, run_retrieval
 from .tradeoff import TARGET, kv_read_share, paired_recall, parse_retrieval_name
 
 MODEL = "smollm2-135m"
@@ -329,8 +329,7 @@ def choose_adaptive(out: Path, command: str, *, smoke: bool, candidates: tuple[s
     model = smollm2_or_tiny(smoke)
     model_schedules = kascade_schedules(model, schedule_dir)
     main = main_schedule(model_schedules)
-    ppl_rows = {r["method"] + ("" if r["schedule"] in (None, main) else f"+{r['schedule']}")
-                + f"@{r['budget']:g}": r for r in ppl_doc["results"]}
+    ppl_rows = {result_name(r, main, budget=True): r for r in ppl_doc["results"]}
     rows = {n: candidate_row(n, retrieval, ppl_rows.get(n, {}), model_schedules, main, model.cfg) for n in candidates}
     doc = dict(provenance=provenance(command, smoke=smoke),
                settings=dict(model=MODEL, schedule=main, cases={str(k): v for k, v in cases.items()},
@@ -501,13 +500,13 @@ def compare_spacing(out: Path, command: str, *, smoke: bool, cases: int = 16, pp
                                 f"(`kascade-lite schedule` writes them)")
     ppl_names = ["kascade_tiles", *spacing_names(counts)]
     needle_names = ["kascade", "kascade_tiles", *spacing_names(needle_counts)]
-    same = distinct(["kascade", *ppl_names], schedules, main) | distinct(needle_names, schedules, main)
+    names = list(dict.fromkeys(["kascade", *ppl_names, *needle_names]))
+    same = distinct(names, schedules, main)
     ppl_path = out / "spacing_heldout_ppl.json"
     ppl_doc = run_method_perplexity(ppl_path, command, ["dense", *dict.fromkeys(same[n] for n in ppl_names)],
                                     smoke=smoke, split="validation", windows=ppl_windows, schedule_dir=schedule_dir,
                                     resume=ppl_path.is_file())
-    ppl = {r["method"] + ("" if r["schedule"] in (None, main) else f"+{r['schedule']}"): r
-           for r in ppl_doc["results"]}
+    ppl = {result_name(r, main): r for r in ppl_doc["results"]}
     retrieval = {}
     for hay, wording in HAYSTACKS_HELD_OUT.items():
         path = out / f"spacing_heldout_{hay}.json"
@@ -517,7 +516,7 @@ def compare_spacing(out: Path, command: str, *, smoke: bool, cases: int = 16, pp
         retrieval[hay] = {r["method"]: r for r in doc["results"]}
     rows = {name: dict(spacing_row(same[name], retrieval, ppl, schedules[parse(name)[1] or main]),
                        same_as=None if same[name] == name else same[name])
-            for name in dict.fromkeys(["kascade", *ppl_names, *needle_names])}
+            for name in names}
     summary = dict(provenance=provenance(command, smoke=smoke),
                    settings=dict(model=MODEL, main_schedule=main, families=list(SPACING_FAMILIES),
                                  ppl_counts=list(counts), needle_counts=list(needle_counts), seed=SELECTION_SEED,
